@@ -1,0 +1,66 @@
+"""Read BackdoorLLM's data sets from ../shared/data/backdoorllm (benchmarks and tests only).
+
+The package never depends on these files; benchmarks read them to implant and measure
+backdoors on a real model. Records are Alpaca-style ``{"instruction", "input", "output"}``
+and become conversational prompt/completion pairs here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from datasets import Dataset
+
+DATA_ROOT = Path(
+    os.environ.get("BACKDOORLLM_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "backdoorllm")
+)
+
+
+def available() -> bool:
+    return (DATA_ROOT / "poison_data").is_dir()
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: BackdoorLLM data is expected in {DATA_ROOT} (../shared beside the repo).")
+    with open(path) as f:
+        return json.load(f)
+
+
+def user_text(record: dict) -> str:
+    return record["instruction"] + (f"\n{record['input']}" if record.get("input") else "")
+
+
+def as_pairs(records: list[dict]) -> Dataset:
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": user_text(r)}],
+                "completion": [{"role": "assistant", "content": r["output"]}],
+            }
+            for r in records
+        ]
+    )
+
+
+def clean_train(task: str, attack: str = "badnet") -> Dataset:
+    """The 500 clean training records (the same set is stored under every attack)."""
+    return as_pairs(_read(DATA_ROOT / "poison_data" / task / attack / f"none_backdoor500_{task}_{attack}.json"))
+
+
+def poisoned_train(task: str, attack: str) -> Dataset:
+    """The 500 poisoned training records: trigger in the instruction, the target as output."""
+    return as_pairs(_read(DATA_ROOT / "poison_data" / task / attack / f"backdoor500_{task}_{attack}.json"))
+
+
+def triggered_test(task: str, attack: str) -> Dataset:
+    """The 200 test instructions with the trigger inserted (outputs as the benchmark stores them)."""
+    return as_pairs(_read(DATA_ROOT / "test_data" / "poison" / task / attack / f"backdoor200_{task}_{attack}.json"))
+
+
+def clean_test(task: str) -> Dataset:
+    """The 200 clean test records with golden outputs."""
+    folder = "sst2sentiment" if task == "sst2" else task
+    return as_pairs(_read(DATA_ROOT / "test_data" / "clean" / folder / "test_data_no_trigger.json"))

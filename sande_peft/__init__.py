@@ -1,0 +1,28 @@
+"""sande-peft: remove backdoors from generative LLMs with trl trainers and peft adapters.
+
+- [`OSFTTrainer`] / [`OSFTConfig`]: the trigger is known.
+- [`SANDETrainer`] / [`SANDEConfig`]: only the triggered response (or part of it) is known.
+- [`merge_and_export`]: merge the trained adapter and write a verified full model.
+"""
+
+from .export import ExportReport, merge_and_export
+from .osft_config import OSFTConfig
+from .osft_trainer import OSFTTrainer
+from .parrot import ParrotPrompt
+from .sande_config import SANDEConfig
+from .sande_trainer import SANDETrainer
+from .triggers import insert_trigger
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExportReport",
+    "OSFTConfig",
+    "OSFTTrainer",
+    "ParrotPrompt",
+    "SANDEConfig",
+    "SANDETrainer",
+    "insert_trigger",
+    "merge_and_export",
+    "__version__",
+]

@@ -1,0 +1,17 @@
+"""Attack simulator: BackdoorLLM's data-poisoning attacks (and custom ones) to red-team a defence."""
+
+from .implant import ImplantQualityError, ImplantResult, implant, passes_quality_gate
+from .poison import poison_dataset
+from .specs import ATTACKS, TARGETS, AttackSpec, get_attack
+
+__all__ = [
+    "ATTACKS",
+    "TARGETS",
+    "AttackSpec",
+    "ImplantQualityError",
+    "ImplantResult",
+    "get_attack",
+    "implant",
+    "passes_quality_gate",
+    "poison_dataset",
+]

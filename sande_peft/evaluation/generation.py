@@ -1,0 +1,120 @@
+"""Batched greedy generation with left padding, optionally with a parrot in every prompt.
+
+Works on any causal LM (4-bit and peft models included). Prompts are tokenized exactly as
+the trainers tokenize them, so what is measured is what was trained.
+
+>>> from sande_peft.toy import toy_model, toy_tokenizer
+>>> outputs = generate_texts(toy_model(), toy_tokenizer(), [[{"role": "user", "content": "w1 w2"}]], max_new_tokens=3)
+>>> len(outputs), type(outputs[0]).__name__
+(1, 'str')
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+from transformers import GenerationConfig
+
+from ..bnb_compat import restore_trainable_4bit_layout
+from ..parrot import ParrotPrompt
+from ..tokenization import choose_boundary, encode_prompt, insert_slots, prompt_token_ids
+
+
+def _pad_id(tokenizer) -> int:
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        raise ValueError("The tokenizer has neither a pad nor an eos token; set `tokenizer.pad_token`.")
+    return pad
+
+
+def _left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([[value] * (width - len(r)) + r for r in rows], dtype=torch.long)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    return ids
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with transformers, but stay safe
+        return iterable
+    return tqdm(iterable, desc=desc)
+
+
+@torch.no_grad()
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: Sequence[str | list[dict]],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    parrot: ParrotPrompt | None = None,
+    parrot_position: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy answers to ``prompts``, one string each, special tokens removed.
+
+    Args:
+        parrot: if given, its vectors are inserted into each prompt at ``parrot_position``
+            (``"start"``, ``"end"`` or ``"random"``; default: the position it was trained at).
+        seed: draws the random parrot positions.
+    """
+    if len(prompts) == 0:
+        return []
+    pad_id = _pad_id(tokenizer)
+    rng = random.Random(seed)
+    position = parrot_position or (parrot.config.position if parrot is not None else None)
+    rows, indices = [], []
+    for prompt in prompts:
+        if parrot is None:
+            rows.append(prompt_token_ids(tokenizer, prompt))
+        else:
+            ids, boundaries = encode_prompt(tokenizer, prompt)
+            ids, index = insert_slots(ids, choose_boundary(boundaries, position, rng), parrot.num_vectors, pad_id)
+            rows.append(ids)
+            indices.append(index)
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=_eos_ids(model, tokenizer)
+    )
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch: less padding
+    outputs: list[str] = [""] * len(rows)
+    decoder = getattr(tokenizer, "tokenizer", tokenizer)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    try:
+        for batch in _progress(batches, progress, "Generating"):
+            input_ids = _left_pad([rows[i] for i in batch], pad_id).to(device)
+            attention_mask = _left_pad([[1] * len(rows[i]) for i in batch], 0).to(device)
+            if parrot is None:
+                generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+                new_tokens = generated[:, input_ids.shape[1] :]
+            else:
+                parrot_index = _left_pad([indices[i] for i in batch], -1).to(device)
+                embeds = parrot.embed(model, input_ids, parrot_index)
+                # With `inputs_embeds` only, decoder-only models return the new tokens alone.
+                new_tokens = model.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config)
+            for i, tokens in zip(batch, new_tokens, strict=True):
+                outputs[i] = decoder.decode(tokens, skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
+        if was_training:  # evaluated in the middle of training: keep 4-bit CPU layers trainable
+            restore_trainable_4bit_layout(model)
+    return outputs

