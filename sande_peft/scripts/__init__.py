@@ -1,0 +1,1 @@
+"""trl-style training scripts, shared by `examples/*.py` and the `sande-peft` command."""

