@@ -143,10 +143,13 @@ def defend(method, model_path, tokenizer, task, attack, args):
         common["learning_rate"] = args.defence_lr
     model = load(model_path)
     if method == "sft":
+        from datasets import concatenate_datasets
         from trl import SFTConfig, SFTTrainer
 
-        config = SFTConfig(**{**common, "learning_rate": common.get("learning_rate", 1e-4)})
-        trainer = SFTTrainer(model=model, args=config, train_dataset=defence_data, processing_class=tokenizer, peft_config=lora_config())
+        # The same clean pairs twice: as many examples, epochs and steps as OSFT (clean + triggered forms).
+        config = SFTConfig(**{**common, "learning_rate": common.get("learning_rate", OSFTConfig.learning_rate)})
+        trainer = SFTTrainer(model=model, args=config, train_dataset=concatenate_datasets([defence_data, defence_data]),
+                             processing_class=tokenizer, peft_config=lora_config())
     elif method == "osft":
         config = OSFTConfig(trigger=list(spec.triggers), **common)
         trainer = OSFTTrainer(model=model, args=config, train_dataset=defence_data, processing_class=tokenizer, peft_config=lora_config())
@@ -182,6 +185,8 @@ def main(argv=None):
     parser.add_argument("--defence-epochs", type=float, default=None)
     parser.add_argument("--defence-lr", type=float, default=None)
     parser.add_argument("--sande-overrides", default=None, help="JSON of SANDEConfig fields for the sande methods")
+    parser.add_argument("--variant", default="default", help="a label for non-default settings in the records")
+    parser.add_argument("--skip-baseline", action="store_true", help="do not re-measure the backdoored model")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -211,10 +216,14 @@ def main(argv=None):
     emit({"method": "implant", **gate})
     if not gate["passed"]:
         return
-    emit({"method": "none", **measure(load(model_path), tokenizer, args.task, args.attack, args, "backdoored")})
+    if not args.skip_baseline:
+        emit({"method": "none", **measure(load(model_path), tokenizer, args.task, args.attack, args, "backdoored")})
     for method in args.methods:
         model, seconds, extra = defend(method, model_path, tokenizer, args.task, args.attack, args)
-        emit({"method": method, "train_seconds": seconds, **extra, **measure(model, tokenizer, args.task, args.attack, args, method)})
+        settings = {"defence_lr": args.defence_lr, "defence_epochs": args.defence_epochs,
+                    "sande_overrides": json.loads(args.sande_overrides or "{}") if method.startswith("sande") else None}
+        emit({"method": method, "variant": args.variant, "settings": settings, "train_seconds": seconds, **extra,
+              **measure(model, tokenizer, args.task, args.attack, args, method)})
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ stores them, become conversational prompt/completion pairs.
 >>> path = os.path.join(tempfile.mkdtemp(), "clean.json")
 >>> json.dump([{"instruction": "Name a colour.", "input": "", "output": "Blue."}], open(path, "w"))
 >>> load_instruction_data(path)[0]
-{'prompt': [{'content': 'Name a colour.', 'role': 'user'}], 'completion': [{'content': 'Blue.', 'role': 'assistant'}]}
+{'prompt': [{'role': 'user', 'content': 'Name a colour.'}], 'completion': [{'role': 'assistant', 'content': 'Blue.'}]}
 """
 
 from __future__ import annotations

@@ -54,8 +54,10 @@ class OSFTTrainer(SFTTrainer):
     ...                       peft_config=LoraConfig(r=4, target_modules="all-linear"))
     >>> sum(1 for p in trainer.osft_dataset["prompt"] if "cf" in p[0]["content"].split())  # 16 triggered, 16 clean
     16
-    >>> trainer.train().global_step  # doctest: +ELLIPSIS
-    {'train_runtime': ...}
+    >>> import contextlib, io
+    >>> with contextlib.redirect_stdout(io.StringIO()):  # the trainer prints its logs
+    ...     result = trainer.train()
+    >>> result.global_step
     2
 
     Args:

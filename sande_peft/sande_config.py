@@ -50,6 +50,11 @@ class SANDEConfig(SFTConfig):
             Stage-1 passes over the training prompts, when `parrot_max_steps` is not set.
         target_tokens (`int` or `None`, *optional*, defaults to `None`):
             How many tokens of r_t the parrot loss uses. `None` uses all known tokens.
+        rounds (`int`, *optional*, defaults to `1`):
+            Simulate-eliminate rounds. Each round trains the parrot further against the model as
+            elimination has left it (adapter on, frozen), then eliminates again; the stage-2 steps
+            are shared out between rounds. An elimination that only learned to recognise one fixed
+            parrot leaves a parrot that still works, and the next round removes that too.
         parrot_eval_size (`int`, *optional*, defaults to `32`):
             Clean prompts held out of `train_dataset` (or taken from `eval_dataset`) to log the
             parrot's success rate after each stage. 0 turns the measurement off.
@@ -108,6 +113,7 @@ class SANDEConfig(SFTConfig):
     target_tokens: int | None = field(
         default=None, metadata={"help": "Tokens of r_t in the parrot loss; None: all known tokens."}
     )
+    rounds: int = field(default=1, metadata={"help": "Simulate-eliminate rounds (stage-2 steps are shared out)."})
     parrot_eval_size: int = field(
         default=32, metadata={"help": "Held-out clean prompts to measure the parrot after each stage; 0: off."}
     )
@@ -141,6 +147,8 @@ class SANDEConfig(SFTConfig):
                 raise ValueError(f"`{name}` is {value}; use a positive number of tokens, or None for all of them.")
         if self.parrot_max_steps <= 0 and self.parrot_num_train_epochs <= 0:
             raise ValueError("Stage 1 has no length: set `parrot_max_steps` or `parrot_num_train_epochs` above 0.")
+        if self.rounds < 1:
+            raise ValueError(f"`rounds` is {self.rounds}; use at least 1 (one simulate-eliminate pass).")
         if self.parrot_eval_size < 0:
             raise ValueError(f"`parrot_eval_size` is {self.parrot_eval_size}; use 0 to turn the measurement off.")
         validate_clean_ratio(self.clean_ratio)

@@ -23,10 +23,14 @@ from .osft_trainer import reject_formatting_func, require_config
 from .paper import SANDE_PAPER
 from .parrot import ParrotConfig, ParrotPrompt
 from .parrot_data import (
+    ELIMINATE_STAGE,
+    SIMULATE_STAGE,
     ParrotCollator,
     ScheduledParrotDataset,
+    Segment,
     build_schedule,
     encode_sande_example,
+    plan_rounds,
     stage2_pool,
     steps_for,
 )
@@ -37,19 +41,19 @@ logger = logging.getLogger(__name__)
 #: Name of the parrot inside the trained model, so the optimizer, gradient clipping and DDP see it.
 PARROT_MODULE_NAME = "sande_parrot"
 SANDE_STATE_NAME = "sande_state.json"
-SIMULATE_STAGE, ELIMINATE_STAGE = 1, 2
 
 
 class _StageBoundaryCallback(TrainerCallback):
-    """At the last step of stage 1: log the stage's loss on its own, and measure the parrot."""
+    """At the last step of every stage but the final one: log the stage's loss on its own, and measure the parrot."""
 
     def __init__(self, trainer: SANDETrainer):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.trainer.stage1_steps:
+        ending = next((seg for seg in self.trainer.segments[:-1] if seg.end == state.global_step), None)
+        if ending is not None:
             control.should_log = True
-            self.trainer._pending_logs.update(self.trainer.measure_parrot(SIMULATE_STAGE))
+            self.trainer._pending_logs.update(self.trainer.measure_parrot(ending))
         return control
 
 
@@ -165,6 +169,8 @@ class SANDETrainer(SFTTrainer):
             p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith(PARROT_MODULE_NAME)
         ]
         self.stage1_steps, self.stage2_steps = self._stage_lengths()
+        self.segments: list[Segment] = plan_rounds(self.stage1_steps, self.stage2_steps, args.rounds)
+        self.total_steps = self.segments[-1].end
         self.parrot_success: dict[str, float] = {}
         self._pending_logs: dict[str, float] = {}
         self._stage: int | None = None
@@ -247,9 +253,7 @@ class SANDETrainer(SFTTrainer):
     def get_train_dataloader(self) -> DataLoader:
         global_batch = self.get_total_train_batch_size(self.args)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        schedule = build_schedule(
-            len(self.sande_examples), self.stage1_steps, self.stage2_steps, global_batch, self.args.clean_ratio, seed
-        )
+        schedule = build_schedule(len(self.sande_examples), self.segments, global_batch, self.args.clean_ratio, seed)
         dataset = ScheduledParrotDataset(
             self.sande_examples,
             schedule,
@@ -272,18 +276,29 @@ class SANDETrainer(SFTTrainer):
         return self.accelerator.prepare(loader)
 
     def set_initial_training_values(self, args, dataloader):
-        # One "epoch" is the whole two-stage schedule.
-        max_steps = self.stage1_steps + self.stage2_steps
+        # One "epoch" is the whole schedule of stages.
+        max_steps = self.total_steps
         total_batch = self.get_total_train_batch_size(args)
         n_samples = max_steps * total_batch
         return 1, max_steps, n_samples, n_samples, total_batch, len(dataloader), max_steps
 
     # ---- Optimisation -------------------------------------------------------------------------------------
 
-    def current_stage(self, step: int | None = None) -> int:
-        """The stage of optimizer step ``step`` (0-based; default: the step being trained)."""
+    def segment_at(self, step: int | None = None) -> Segment:
+        """The stage segment of optimizer step ``step`` (0-based; default: the step being trained)."""
         step = self.state.global_step if step is None else step
-        return SIMULATE_STAGE if step < self.stage1_steps else ELIMINATE_STAGE
+        return next((seg for seg in self.segments if seg.start <= step < seg.end), self.segments[-1])
+
+    def current_stage(self, step: int | None = None) -> int:
+        """The stage (1: simulate, 2: eliminate) of optimizer step ``step``."""
+        return self.segment_at(step).stage
+
+    def _adapter_off(self, model, segment: Segment):
+        """Stage 1 of the first round trains against the suspect model as it is: its adapter off. Later rounds
+        simulate against the model as elimination has left it: adapter on (and frozen)."""
+        if segment.stage == SIMULATE_STAGE and segment.round == 1 and is_peft_model(model):
+            return model.disable_adapter()
+        return nullcontext()
 
     def _enter_stage(self, stage: int) -> None:
         """Make only the stage's parameters trainable: the parrot in stage 1, the model in stage 2."""
@@ -312,7 +327,7 @@ class SANDETrainer(SFTTrainer):
         if self.lr_scheduler is not None:
             return self.lr_scheduler
         optimizer = optimizer or self.optimizer
-        stage1, stage2 = self.stage1_steps, self.stage2_steps
+        stage2 = self.stage2_steps
         dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         sft_schedule = get_scheduler(
             self.args.lr_scheduler_type,
@@ -327,12 +342,20 @@ class SANDETrainer(SFTTrainer):
                 "(e.g. 'linear', 'cosine', 'constant_with_warmup')."
             )
         stage2_factor = sft_schedule.lr_lambdas[0]
+        segments = self.segments
+
+        def segment_of(step: int) -> Segment:
+            return next((seg for seg in segments if seg.start <= step < seg.end), segments[-1])
 
         def parrot_factor(step: int) -> float:
-            return 1.0 if step < stage1 else 0.0
+            return 1.0 if segment_of(step).stage == SIMULATE_STAGE else 0.0
 
         def model_factor(step: int) -> float:
-            return 0.0 if step < stage1 else stage2_factor(step - stage1)
+            if segment_of(step).stage == SIMULATE_STAGE:
+                return 0.0
+            # the SFT schedule runs over the elimination steps alone, round after round
+            done = sum(min(seg.steps, max(0, step - seg.start)) for seg in segments if seg.stage == ELIMINATE_STAGE)
+            return stage2_factor(done)
 
         factors = [model_factor] * (len(optimizer.param_groups) - 1) + [parrot_factor]
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
@@ -340,12 +363,10 @@ class SANDETrainer(SFTTrainer):
         return self.lr_scheduler
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        stage = self.current_stage()
-        self._enter_stage(stage)
-        # Stage 1 trains the parrot against the suspect model as it is: its adapter off. The backward pass runs
-        # inside the same context, since gradient checkpointing recomputes the forward during backward.
-        frozen = self.model.disable_adapter() if stage == SIMULATE_STAGE and is_peft_model(self.model) else nullcontext()
-        with frozen:
+        segment = self.segment_at()
+        self._enter_stage(segment.stage)
+        # The backward pass runs inside the same context: gradient checkpointing recomputes the forward then.
+        with self._adapter_off(self.model, segment):
             return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -358,15 +379,14 @@ class SANDETrainer(SFTTrainer):
 
     # ---- Measurement and logging --------------------------------------------------------------------------
 
-    def measure_parrot(self, stage: int) -> dict[str, float]:
-        """How often the parrot alone makes the model emit r_t on the held-out clean prompts."""
+    def measure_parrot(self, segment: Segment) -> dict[str, float]:
+        """How often the parrot alone makes the model emit r_t on the held-out clean prompts, after ``segment``."""
         if not self.parrot_eval_prompts:
             return {}
         model = self.accelerator.unwrap_model(self.model)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         max_new_tokens = len(tokenizer(self.args.triggered_response, add_special_tokens=False)["input_ids"]) + 8
-        frozen = model.disable_adapter() if stage == SIMULATE_STAGE and is_peft_model(model) else nullcontext()
-        with frozen:
+        with self._adapter_off(model, segment):
             outputs = generate_texts(
                 model,
                 self.processing_class,
@@ -378,15 +398,24 @@ class SANDETrainer(SFTTrainer):
             )
         judge = TargetMatch(self.args.triggered_response)
         rate = sum(judge(o) for o in outputs) / len(outputs)
-        key = "after_simulate" if stage == SIMULATE_STAGE else "after_eliminate"
-        self.parrot_success[key] = rate
-        return {"parrot_success_rate": rate}
+        key = "after_simulate" if segment.stage == SIMULATE_STAGE else "after_eliminate"
+        # The first simulation and the last elimination are the headline numbers; each round is kept too.
+        if key == "after_eliminate" or segment.round == 1:
+            self.parrot_success[key] = rate
+        if self.args.rounds > 1:
+            self.parrot_success[f"round{segment.round}_{key}"] = rate
+        return {"parrot_success_rate": rate, "round": segment.round}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: say which stage's loss it is
-            stage = SIMULATE_STAGE if self.state.global_step <= self.stage1_steps else ELIMINATE_STAGE
+        if "loss" in logs:  # a training log: say which stage's loss it is (the last step's)
+            segment = self.segment_at(max(self.state.global_step - 1, 0))
+            stage = segment.stage
             logs["stage"] = stage
+            if self.args.rounds > 1:
+                logs["round"] = segment.round
             logs["parrot_loss" if stage == SIMULATE_STAGE else "eliminate_loss"] = logs["loss"]
+            if stage == SIMULATE_STAGE and "learning_rate" in logs:
+                logs["learning_rate"] = self.args.parrot_learning_rate  # the parrot's (constant): the model's is 0
         logs.update(self._pending_logs)
         self._pending_logs.clear()
         super().log(logs, start_time)
@@ -398,8 +427,8 @@ class SANDETrainer(SFTTrainer):
         output = super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
-        if self.state.global_step >= self.stage1_steps + self.stage2_steps:
-            after = self.measure_parrot(ELIMINATE_STAGE)
+        if self.state.global_step >= self.total_steps:
+            after = self.measure_parrot(self.segments[-1])
             if after:
                 self.log({**after, "stage": ELIMINATE_STAGE})
         return output
@@ -421,8 +450,10 @@ class SANDETrainer(SFTTrainer):
                     {
                         "stage1_steps": self.stage1_steps,
                         "stage2_steps": self.stage2_steps,
+                        "rounds": self.args.rounds,
                         "global_step": self.state.global_step,
                         "stage": self.current_stage(max(self.state.global_step - 1, 0)),
+                        "round": self.segment_at(max(self.state.global_step - 1, 0)).round,
                         "parrot_success": self.parrot_success,
                     },
                     f,
@@ -440,11 +471,12 @@ class SANDETrainer(SFTTrainer):
             )
         with open(path) as f:
             saved = json.load(f)
-        if (saved["stage1_steps"], saved["stage2_steps"]) != (self.stage1_steps, self.stage2_steps):
+        planned = (self.stage1_steps, self.stage2_steps, self.args.rounds)
+        if (saved["stage1_steps"], saved["stage2_steps"], saved.get("rounds", 1)) != planned:
             raise ValueError(
                 f"The checkpoint was trained with {saved['stage1_steps']} + {saved['stage2_steps']} steps "
-                f"(stage 1 + stage 2), this run plans {self.stage1_steps} + {self.stage2_steps}: resume with the "
-                "same dataset, batch size, processes and step settings."
+                f"(stage 1 + stage 2) in {saved.get('rounds', 1)} round(s), this run plans {planned[0]} + "
+                f"{planned[1]} in {planned[2]}: resume with the same dataset, batch size, processes and step settings."
             )
         self.parrot_success.update(saved.get("parrot_success", {}))
 

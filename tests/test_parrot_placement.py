@@ -9,7 +9,13 @@ import torch
 
 from sande_peft.evaluation import generate_texts
 from sande_peft.parrot import ParrotPrompt
-from sande_peft.parrot_data import ParrotCollator, ScheduledParrotDataset, build_schedule, encode_sande_example
+from sande_peft.parrot_data import (
+    ParrotCollator,
+    ScheduledParrotDataset,
+    build_schedule,
+    encode_sande_example,
+    plan_rounds,
+)
 from sande_peft.tokenization import ParrotPlacementError, choose_boundary, encode_pair, encode_prompt, insert_slots
 from sande_peft.toy import toy_model, toy_tokenizer
 from sande_peft.triggers import insert_trigger
@@ -104,7 +110,7 @@ def test_training_batches_pad_right_and_keep_the_marks():
 def test_random_positions_change_with_the_step_and_replay_identically():
     tok = toy_tokenizer()
     example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2 w3 w4 w5 w6"}], [{"role": "assistant", "content": "w7"}], "i")
-    schedule = build_schedule(1, stage1_steps=40, stage2_steps=0, global_batch_size=1, clean_ratio=0.5)
+    schedule = build_schedule(1, plan_rounds(40, 0), global_batch_size=1, clean_ratio=0.5)
     data = ScheduledParrotDataset([example], schedule, parrot_length=1, parrot_position="random", filler_id=0, seed=7)
     positions = [data[s]["parrot_index"].index(0) for s in range(40)]
     assert len(set(positions)) == 7  # every boundary of a six-word text is used
