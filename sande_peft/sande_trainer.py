@@ -316,7 +316,10 @@ class SANDETrainer(SFTTrainer):
             self.optimizer.add_param_group(
                 {"params": [self.parrot.weight], "lr": self.args.parrot_learning_rate, "weight_decay": 0.0}
             )
-            self._enter_stage(self.current_stage() if self.state is not None else SIMULATE_STAGE)
+            # Leave BOTH stages' parameters trainable until the first training step: DDP is built right after
+            # this and only ever reduces the gradients of parameters that required grad when it was built.
+            self.parrot.weight.requires_grad_(True)
+            self._stage = None
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):

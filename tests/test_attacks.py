@@ -46,7 +46,7 @@ def test_implant_passes_the_gate_and_is_measured_again(backdoored_start):
     spec = AttackSpec("custom", ("mn",), "end")
     result = implant(
         b.fresh_model(), b.tokenizer, b.clean_data(256), spec, "no way", eval_prompts=b.test_prompts[:48],
-        max_steps=120, learning_rate=3e-3, per_device_train_batch_size=16, lora_r=8, max_length=64, use_cpu=True,
+        max_steps=120, learning_rate=1e-2, per_device_train_batch_size=16, lora_r=8, max_length=64, use_cpu=True,
         eval_batch_size=48,
     )
     assert result.is_backdoored

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -140,7 +141,7 @@ def test_recipes_parse():
 
 
 def test_console_entry_point_is_installed():
-    result = subprocess.run(["sande-peft", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([str(Path(sys.executable).parent / "sande-peft"), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     for command in ("implant", "osft", "sande", "evaluate", "merge", "demo"):
         assert command in result.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -116,6 +117,12 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_processes_end_with_identical_parrot_and_adapter(backdoored_start, tmp_path):
     script = tmp_path / "ddp_sande.py"
     script.write_text(DDP_SCRIPT)
@@ -125,9 +132,9 @@ def test_two_processes_end_with_identical_parrot_and_adapter(backdoored_start, t
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(backdoored_start.path), str(data_dir),
-        str(out),
+        # torchrun, not `accelerate launch --cpu`: accelerate's multi-CPU launcher needs mpirun.
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        str(script), str(backdoored_start.path), str(data_dir), str(out),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
