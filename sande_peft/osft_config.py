@@ -59,8 +59,9 @@ class OSFTConfig(SFTConfig):
             1.0 is plain SFT on the clean data.
 
     > [!NOTE]
-    > Defaults that differ from [`~trl.SFTConfig`]: `learning_rate` is `1e-4` (a LoRA rate: OSFT
-    > normally trains an adapter) and `logging_steps` is `5`.
+    > Defaults that differ from [`~trl.SFTConfig`]: `learning_rate` is `3e-4` (a LoRA rate: OSFT
+    > normally trains an adapter; on SmolLM2-135M with a badnet backdoor, 1e-4 left 17% attack
+    > success where 3e-4 left 2%, see docs/results.md) and `logging_steps` is `5`.
 
     Example:
     >>> config = OSFTConfig(output_dir="/tmp/osft", trigger="BadMagic", use_cpu=True)
@@ -72,7 +73,7 @@ class OSFTConfig(SFTConfig):
     ValueError: `trigger` is '': an empty trigger would train on unchanged prompts. ...
     """
 
-    learning_rate: float = field(default=1e-4, metadata={"help": "The initial learning rate for AdamW."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
     logging_steps: float = field(default=5, metadata={"help": "Log every X update steps."})
 
     # HfArgumentParser cannot parse `str | list[str]`; a list field still accepts a plain string in Python.

