@@ -112,7 +112,8 @@ def build(shape: str, n_examples: int):
         path = smollm2_path()
         tokenizer = AutoTokenizer.from_pretrained(path)
         if backdoorllm.available():
-            data = backdoorllm.clean_train("refusal").select(range(n_examples))
+            clean = backdoorllm.clean_train("refusal")
+            data = clean.select(range(min(n_examples, len(clean))))
         else:
             data = synthetic_pairs(n_examples, 40, 80, tokenizer.vocab_size)
         return path, tokenizer, data, dict(batch=8, max_length=128, quantized=False, gradient_checkpointing=False)

