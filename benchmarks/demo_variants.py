@@ -32,6 +32,10 @@ VARIANTS = {
     "rounds4": {"rounds": 4, "parrot_max_steps": 8},
     "rounds4-lr3e-4": {"rounds": 4, "parrot_max_steps": 8, "learning_rate": 3e-4},
     "lr3e-4": {"learning_rate": 3e-4},
+    "lr1e-3": {"learning_rate": 1e-3},
+    "start-lr1e-3": {"parrot_position": "start", "learning_rate": 1e-3},
+    "norm1": {"parrot_norm_bound": 1.0},
+    "norm1-lr1e-3": {"parrot_norm_bound": 1.0, "learning_rate": 1e-3},
 }
 
 

@@ -42,6 +42,11 @@ class SANDEConfig(SFTConfig):
             needs no knowledge of where the attacker put the trigger; see docs/concepts.md.
         parrot_init (`str`, *optional*, defaults to `"zeros"`):
             Starting vectors: `"zeros"` (as the reference), `"normal"` or `"vocab"`.
+        parrot_norm_bound (`float` or `None`, *optional*, defaults to `None`):
+            Largest norm of a parrot vector, as a multiple of the mean norm of the model's token
+            embeddings; vectors are projected back after every stage-1 step. Keeps the parrot
+            near the token-embedding region, where a real trigger lives. `None`: unbounded (as
+            the reference).
         parrot_learning_rate (`float`, *optional*, defaults to `1e-2`):
             Learning rate of the parrot in stage 1 (AdamW, constant after warm-up).
         parrot_max_steps (`int`, *optional*, defaults to `-1`):
@@ -105,6 +110,10 @@ class SANDEConfig(SFTConfig):
     parrot_init: str = field(
         default="zeros", metadata={"help": "Starting parrot vectors.", "choices": list(PARROT_INITS)}
     )
+    parrot_norm_bound: float | None = field(
+        default=None,
+        metadata={"help": "Largest parrot-vector norm, as a multiple of the mean token-embedding norm (None: unbounded)."},
+    )
     parrot_learning_rate: float = field(default=1e-2, metadata={"help": "Stage-1 learning rate of the parrot."})
     parrot_max_steps: int = field(
         default=-1, metadata={"help": "Stage-1 steps; when not positive, parrot_num_train_epochs decides."}
@@ -147,6 +156,11 @@ class SANDEConfig(SFTConfig):
                 raise ValueError(f"`{name}` is {value}; use a positive number of tokens, or None for all of them.")
         if self.parrot_max_steps <= 0 and self.parrot_num_train_epochs <= 0:
             raise ValueError("Stage 1 has no length: set `parrot_max_steps` or `parrot_num_train_epochs` above 0.")
+        if self.parrot_norm_bound is not None and self.parrot_norm_bound <= 0:
+            raise ValueError(
+                f"`parrot_norm_bound` is {self.parrot_norm_bound}; use a positive multiple of the mean token-embedding "
+                "norm (1.0 keeps the parrot at a typical token's scale), or None for no bound."
+            )
         if self.rounds < 1:
             raise ValueError(f"`rounds` is {self.rounds}; use at least 1 (one simulate-eliminate pass).")
         if self.parrot_eval_size < 0:

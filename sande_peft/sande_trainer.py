@@ -50,6 +50,8 @@ class _StageBoundaryCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.segment_at(state.global_step - 1).stage == 1:
+            self.trainer.bound_parrot()
         ending = next((seg for seg in self.trainer.segments[:-1] if seg.end == state.global_step), None)
         if ending is not None:
             control.should_log = True
@@ -164,6 +166,7 @@ class SANDETrainer(SFTTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        self._parrot_max_norm: float | None = None  # set from the embeddings on first use (bound_parrot)
         self.parrot = self._create_parrot()
         self._model_params = [
             p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith(PARROT_MODULE_NAME)
@@ -239,6 +242,18 @@ class SANDETrainer(SFTTrainer):
         parrot.to(embedding.weight.device)
         model.add_module(PARROT_MODULE_NAME, parrot)
         return parrot
+
+    def bound_parrot(self) -> None:
+        """Project the parrot's vectors back within `args.parrot_norm_bound` (a no-op when it is None)."""
+        if self.args.parrot_norm_bound is None:
+            return
+        if self._parrot_max_norm is None:
+            table = self.accelerator.unwrap_model(self.model).get_input_embeddings().weight.detach().float()
+            self._parrot_max_norm = self.args.parrot_norm_bound * table.norm(dim=-1).mean().item()
+        with torch.no_grad():
+            weight = self.parrot.weight
+            scale = (self._parrot_max_norm / weight.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
+            weight.mul_(scale)
 
     def _stage_lengths(self) -> tuple[int, int]:
         global_batch = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps

