@@ -46,7 +46,8 @@ class SANDEConfig(SFTConfig):
             Largest norm of a parrot vector, as a multiple of the mean norm of the model's token
             embeddings; vectors are projected back after every stage-1 step. Keeps the parrot
             near the token-embedding region, where a real trigger lives. `None`: unbounded (as
-            the reference).
+            the reference). Experimental: on SmolLM2-135M it did not change how much of a real
+            trigger survives (docs/results.md).
         parrot_learning_rate (`float`, *optional*, defaults to `1e-2`):
             Learning rate of the parrot in stage 1 (AdamW, constant after warm-up).
         parrot_max_steps (`int`, *optional*, defaults to `-1`):
