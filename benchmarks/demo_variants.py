@@ -24,18 +24,25 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 # SANDEConfig overrides per variant (the rest is the demo's configuration).
+# The soft prompt of the paper (a fixed input-space parrot), which was the default before the latent parrot.
+INPUT = {"parrot_space": "input", "parrot_refresh_steps": 0}
 VARIANTS = {
     "default": {},
-    "start": {"parrot_position": "start"},
-    "length1": {"parrot_length": 1},
-    "length2-vocab": {"parrot_length": 2, "parrot_init": "vocab"},
-    "rounds4": {"rounds": 4, "parrot_max_steps": 8},
-    "rounds4-lr3e-4": {"rounds": 4, "parrot_max_steps": 8, "learning_rate": 3e-4},
-    "lr3e-4": {"learning_rate": 3e-4},
-    "lr1e-3": {"learning_rate": 1e-3},
-    "start-lr1e-3": {"parrot_position": "start", "learning_rate": 1e-3},
-    "norm1": {"parrot_norm_bound": 1.0},
-    "norm1-lr1e-3": {"parrot_norm_bound": 1.0, "learning_rate": 1e-3},
+    "latent-fixed": {"parrot_refresh_steps": 0},
+    "latent-layer8": {"parrot_layer": 8},
+    "latent-layer22": {"parrot_layer": 22},
+    "input": INPUT,
+    "input-refresh": {"parrot_space": "input"},
+    "start": {**INPUT, "parrot_position": "start"},
+    "length1": {**INPUT, "parrot_length": 1},
+    "length2-vocab": {**INPUT, "parrot_length": 2, "parrot_init": "vocab"},
+    "rounds4": {**INPUT, "rounds": 4, "parrot_max_steps": 8},
+    "rounds4-lr3e-4": {**INPUT, "rounds": 4, "parrot_max_steps": 8, "learning_rate": 3e-4},
+    "lr3e-4": {**INPUT, "learning_rate": 3e-4},
+    "lr1e-3": {**INPUT, "learning_rate": 1e-3},
+    "start-lr1e-3": {**INPUT, "parrot_position": "start", "learning_rate": 1e-3},
+    "norm1": {**INPUT, "parrot_norm_bound": 1.0},
+    "norm1-lr1e-3": {**INPUT, "parrot_norm_bound": 1.0, "learning_rate": 1e-3},
 }
 
 
@@ -82,19 +89,53 @@ def prepare(args):
     return info
 
 
-def run_variant(name, args):
+def load_cached(cache: Path):
+    """The cached backdoored model, its tokenizer, the defender's clean data and the evaluation prompts."""
     from datasets import load_dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cache / "backdoored")
+    model = AutoModelForCausalLM.from_pretrained(cache / "backdoored", dtype=torch.float32)
+    data = load_dataset("json", data_files=str(cache / "defender.jsonl"), split="train")
+    eval_prompts = load_dataset("json", data_files=str(cache / "eval.jsonl"), split="train")["prompt"]
+    return model, tokenizer, data, eval_prompts
+
+
+def run_osft(args):
+    """The upper bound: OSFT, told the trigger, with the same data, steps per epoch and learning rate."""
+    from peft import LoraConfig
+
+    from sande_peft import OSFTConfig, OSFTTrainer
+    from sande_peft.evaluation import evaluate_backdoor
+
+    cache = Path(args.cache)
+    model, tokenizer, data, eval_prompts = load_cached(cache)
+    config = OSFTConfig(
+        output_dir=str(cache / "runs" / "osft"), trigger=[args.trigger], trigger_position=args.trigger_position,
+        num_train_epochs=2.0, learning_rate=2e-4, per_device_train_batch_size=8, max_length=args.max_length,
+        seed=args.seed, use_cpu=True, bf16=False, save_strategy="no", report_to="none", disable_tqdm=True,
+    )
+    trainer = OSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    t = time.time()
+    trainer.train()
+    seconds = round(time.time() - t, 1)
+    report = evaluate_backdoor(trainer.model, tokenizer, eval_prompts, trigger=args.trigger,
+                               trigger_position=args.trigger_position, triggered_response=args.target, batch_size=40,
+                               max_new_tokens=12, seed=args.seed + 1)
+    return {"variant": "osft", "overrides": {"learning_rate": 2e-4}, "train_seconds": seconds,
+            "steps": trainer.state.global_step, "attack_success_rate": report.attack_success_rate,
+            "false_trigger_rate": report.false_trigger_rate}
+
+
+def run_variant(name, args):
+    from peft import LoraConfig
 
     from sande_peft import SANDEConfig, SANDETrainer
     from sande_peft.evaluation import evaluate_backdoor
 
     cache = Path(args.cache)
-    tokenizer = AutoTokenizer.from_pretrained(cache / "backdoored")
-    model = AutoModelForCausalLM.from_pretrained(cache / "backdoored", dtype=torch.float32)
-    data = load_dataset("json", data_files=str(cache / "defender.jsonl"), split="train")
-    eval_prompts = load_dataset("json", data_files=str(cache / "eval.jsonl"), split="train")["prompt"]
+    model, tokenizer, data, eval_prompts = load_cached(cache)
     settings = dict(
         output_dir=str(cache / "runs" / name), triggered_response=args.target, parrot_num_train_epochs=2.0,
         num_train_epochs=2.0, learning_rate=2e-4, per_device_train_batch_size=8, max_length=args.max_length,
@@ -116,7 +157,8 @@ def run_variant(name, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS) + ["osft"],
+                        help="SANDE variants; 'osft' runs OSFT (told the trigger) as the upper bound")
     parser.add_argument("--n-eval", type=int, default=40)
     parser.add_argument("--n-train", type=int, default=96)
     parser.add_argument("--answer-tokens", type=int, default=24)
@@ -143,7 +185,7 @@ def main(argv=None):
     case = {"trigger_position": args.trigger_position}
     emit({**case, "variant": "implant", **prepare(args)})
     for name in args.variants:
-        emit({**case, **run_variant(name, args)})
+        emit({**case, **(run_osft(args) if name == "osft" else run_variant(name, args))})
 
 
 if __name__ == "__main__":

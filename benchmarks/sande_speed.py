@@ -3,8 +3,10 @@
     python benchmarks/sande_speed.py --shape smollm2           # CPU
     python benchmarks/sande_speed.py --shape llama7b-4bit      # GPU: QLoRA on a 7B-shape model
 
-Goals: stage 2 <= 1.05x an SFT step, stage 1 <= 0.7x. Also reports the cost of the
-position-robust default (`parrot_position="random"`) against start-only SANDE.
+Goals: stage 2 <= 1.05x an SFT step, stage 1 <= 0.7x. Stage-1 steps include the default's
+parrot refresh steps (one before every elimination step), so the report also gives the cost
+of one elimination step with its refresh, and the run time of the default (latent parrot,
+refreshed) against the paper's setting (a fixed start-only soft prompt), as ratios.
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ def worker(kind: str, shape: str, steps: int, warmup: int) -> dict:
                                  peft_config=lora(), quantization_config=quantization)
             timer = StepTimer()
         else:
-            position = "start" if kind == "sande-start" else "random"
+            paper = {"parrot_space": "input", "parrot_position": "start", "parrot_refresh_steps": 0}
             config = SANDEConfig(triggered_response="I'm sorry, but as an AI assistant, I do not have the capability "
-                                 "to follow the given instruction.", parrot_max_steps=steps, parrot_position=position,
-                                 parrot_eval_size=0, **args)
+                                 "to follow the given instruction.", parrot_max_steps=steps, parrot_eval_size=0,
+                                 **(paper if kind == "sande-paper" else {}), **args)
             trainer = SANDETrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                                    peft_config=lora(), quantization_config=quantization)
             timer = StepTimer(trainer)
@@ -62,14 +64,14 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="steps per stage (and for SFT)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--skip-start-only", action="store_true", help="do not measure start-only SANDE")
+    parser.add_argument("--skip-paper", action="store_true", help="do not measure the paper's setting")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--kind", choices=["sft", "sande", "sande-start"], help=argparse.SUPPRESS)
+    parser.add_argument("--kind", choices=["sft", "sande", "sande-paper"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.kind, args.shape, args.steps, args.warmup)))
         return
-    kinds = ["sft", "sande"] + ([] if args.skip_start_only else ["sande-start"])
+    kinds = ["sft", "sande"] + ([] if args.skip_paper else ["sande-paper"])
     runs = {k: [] for k in kinds}
     for _ in range(args.repeats):
         for kind in kinds:
@@ -88,14 +90,16 @@ def main(argv=None):
         "stage2_step_s": stage2,
         "stage1_ratio": stage1 / sft,
         "stage2_ratio": stage2 / sft,
+        # the default runs one parrot refresh step before every elimination step
+        "stage2_with_refresh_ratio": (stage2 + stage1) / sft,
         "sft_peak_memory_mb": max(r["peak_memory_mb"] for r in runs["sft"]),
         "sande_peak_memory_mb": max(r["peak_memory_mb"] for r in runs["sande"]),
     }
     out["peak_memory_ratio"] = out["sande_peak_memory_mb"] / out["sft_peak_memory_mb"]
-    if "sande-start" in runs:
-        random_total = min(r["train_seconds"] for r in runs["sande"])
-        start_total = min(r["train_seconds"] for r in runs["sande-start"])
-        out["random_vs_start_only_runtime_ratio"] = random_total / start_total
+    if "sande-paper" in runs:
+        default_total = min(r["train_seconds"] for r in runs["sande"])
+        paper_total = min(r["train_seconds"] for r in runs["sande-paper"])
+        out["default_vs_paper_runtime_ratio"] = default_total / paper_total
     out["runs"] = runs
     print(json.dumps(out, indent=2))
 

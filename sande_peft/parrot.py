@@ -1,10 +1,16 @@
-"""The parrot: a soft prompt that imitates an unknown trigger.
+"""The parrot: learnable vectors that imitate an unknown trigger.
 
-One small module with one job: hold ``n`` vectors in the model's input-embedding space and
-put them into a batch of embeddings at marked positions. Positions are marked by a
-``parrot_index`` tensor of the batch's shape: ``k`` where the k-th parrot vector goes,
-``-1`` elsewhere. Where the marks come from (the chat template, a word boundary) is the
-data preparation's business (see [`sande_peft.tokenization`]).
+One small module with one job: hold ``n`` vectors and put them into a batch at marked
+positions. Positions are marked by a ``parrot_index`` tensor of the batch's shape: ``k`` where
+the k-th parrot vector goes, ``-1`` elsewhere. Where the marks come from (the chat template,
+a word boundary, the whole prompt) is the data preparation's business (see
+[`sande_peft.tokenization`]). A parrot lives in one of two spaces:
+
+- **input** (``layer=None``, the paper's soft prompt): its vectors REPLACE the input
+  embeddings of placeholder tokens inserted into the prompt ([`ParrotPrompt.embed`]);
+- **latent** (``layer=L``): its vector is ADDED to the hidden states entering decoder layer
+  ``L`` at every marked (prompt) token, like a steering vector ([`ParrotPrompt.steer`]). No tokens are
+  inserted.
 
 Save and load are plain safetensors plus a JSON config, like a peft adapter.
 
@@ -15,12 +21,16 @@ Save and load are plain safetensors plus a JSON config, like a peft adapter.
 >>> embeds = torch.zeros(1, 4, 4)
 >>> parrot(embeds, torch.tensor([[-1, 0, 1, -1]]))[0, :, 0].tolist()
 [0.0, 1.0, 1.0, 0.0]
+>>> parrot.add_to(embeds, torch.tensor([[-1, 0, 1, -1]]))[0, :, 0].tolist()
+[0.0, 1.0, 1.0, 0.0]
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,7 +54,23 @@ class ParrotConfig:
     triggered_response: str | None = None
     response_mode: str | None = None
     target_tokens: int | None = None
+    layer: int | None = None  # None: input space (a soft prompt); L: added to the input of decoder layer L
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a causal LM (plain, peft-wrapped or DDP-unwrapped), in order."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    if decoder is not None and isinstance(getattr(decoder, "layers", None), nn.ModuleList):
+        return decoder.layers
+    lists = [m for name, m in inner.named_modules() if isinstance(m, nn.ModuleList) and name.split(".")[-1] in ("layers", "h")]
+    if not lists:
+        raise ValueError(
+            f"Cannot find the decoder layers of {type(inner).__name__}: a latent parrot needs them. Use "
+            "`parrot_space='input'` (a soft prompt) for this architecture."
+        )
+    return lists[0]
 
 
 class ParrotPrompt(nn.Module):
@@ -66,6 +92,15 @@ class ParrotPrompt(nn.Module):
     def num_vectors(self) -> int:
         return self.weight.shape[0]
 
+    @property
+    def layer(self) -> int | None:
+        """The decoder layer whose input receives a latent parrot; ``None`` for an input-space parrot."""
+        return self.config.layer
+
+    @property
+    def is_latent(self) -> bool:
+        return self.config.layer is not None
+
     def forward(self, inputs_embeds: torch.Tensor, parrot_index: torch.Tensor) -> torch.Tensor:
         """Return ``inputs_embeds`` with parrot vector ``parrot_index[b, t]`` wherever it is >= 0."""
         mask = (parrot_index >= 0).unsqueeze(-1)
@@ -75,6 +110,42 @@ class ParrotPrompt(nn.Module):
     def embed(self, model: nn.Module, input_ids: torch.Tensor, parrot_index: torch.Tensor) -> torch.Tensor:
         """The model's input embeddings for ``input_ids``, with the parrot inserted."""
         return self(model.get_input_embeddings()(input_ids), parrot_index.to(input_ids.device))
+
+    def add_to(self, hidden_states: torch.Tensor, parrot_index: torch.Tensor) -> torch.Tensor:
+        """Return ``hidden_states`` plus parrot vector ``parrot_index[b, t]`` wherever it is >= 0."""
+        mask = (parrot_index >= 0).unsqueeze(-1).to(hidden_states.dtype)
+        vectors = self.weight.to(device=hidden_states.device, dtype=hidden_states.dtype)[parrot_index.clamp(min=0)]
+        return hidden_states + mask * vectors
+
+    @contextmanager
+    def steer(self, model: nn.Module, parrot_index: torch.Tensor) -> Iterator[None]:
+        """While inside, a latent parrot is added to the input of decoder layer ``self.layer`` at the marks.
+
+        Only full-width passes are steered: a forward over ``parrot_index.shape[1]`` tokens (the
+        training forward, its recomputation under gradient checkpointing, the prompt pass of
+        ``generate``); the one-token decoding steps of ``generate`` are not, since the marks
+        cover prompt tokens only. Under gradient checkpointing the backward pass must run
+        inside the context too, since the recomputed forward needs the parrot again.
+        """
+        if not self.is_latent:
+            raise ValueError("`steer` is for a latent parrot (config.layer set); insert an input parrot with `embed`.")
+        layers = decoder_layers(model)
+        if not 1 <= self.layer <= len(layers):
+            raise ValueError(f"The parrot's layer is {self.layer}; this model has decoder layers 1..{len(layers)}.")
+
+        def add_parrot(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.dim() != 3 or hidden.shape[1] != parrot_index.shape[1]:
+                return output
+            hidden = self.add_to(hidden, parrot_index.to(hidden.device))
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        # The output of layer L-1 is the input of layer L (`hidden_states[L]` of `output_hidden_states`).
+        handle = layers[self.layer - 1].register_forward_hook(add_parrot)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def initialize(self, method: str, embedding: nn.Embedding | None = None, seed: int = 0) -> ParrotPrompt:
         """Set the starting vectors: ``"zeros"`` (the reference), ``"normal"`` (noise at the

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import mix_counts
-from .tokenization import EncodedPair, choose_boundary, encode_pair, insert_slots
+from .tokenization import EncodedPair, choose_boundary, encode_pair, insert_slots, mark_whole_prompt
 
 SIMULATE, ELIMINATE, CLEAN = "simulate", "eliminate", "clean"
 SIMULATE_STAGE, ELIMINATE_STAGE = 1, 2
@@ -127,28 +127,46 @@ class Segment:
     round: int  # 1-based
     start: int  # first optimizer step, 0-based
     steps: int
+    refresh: bool = False  # a few parrot steps between elimination steps, against the model as it is now
+    measure: bool = True  # the parrot is measured when the segment ends (not after every refresh)
 
     @property
     def end(self) -> int:
         return self.start + self.steps
 
 
-def plan_rounds(stage1_steps: int, stage2_steps: int, rounds: int = 1) -> list[Segment]:
+def plan_rounds(stage1_steps: int, stage2_steps: int, rounds: int = 1, refresh_steps: int = 0) -> list[Segment]:
     """Stage 1 then stage 2, ``rounds`` times: each round simulates for ``stage1_steps``, and the
     ``stage2_steps`` of elimination are shared out between the rounds.
 
+    With ``refresh_steps``, every elimination step is preceded by that many parrot steps
+    (adversarial training: the parrot keeps up with the model that elimination changes).
+
     >>> [(s.stage, s.round, s.start, s.steps) for s in plan_rounds(4, 10, rounds=2)]
     [(1, 1, 0, 4), (2, 1, 4, 5), (1, 2, 9, 4), (2, 2, 13, 5)]
+    >>> [(s.stage, s.start, s.steps, s.refresh) for s in plan_rounds(4, 2, refresh_steps=1)]
+    [(1, 0, 4, False), (1, 4, 1, True), (2, 5, 1, False), (1, 6, 1, True), (2, 7, 1, False)]
     """
     if rounds < 1:
         raise ValueError(f"`rounds` is {rounds}; use at least 1.")
+    if refresh_steps < 0:
+        raise ValueError(f"`refresh_steps` is {refresh_steps}; use 0 (a fixed parrot) or more.")
     segments, step = [], 0
-    for r in range(rounds):
-        share = stage2_steps // rounds + (1 if r < stage2_steps % rounds else 0)
-        for stage, steps in ((SIMULATE_STAGE, stage1_steps), (ELIMINATE_STAGE, share)):
-            if steps > 0:
-                segments.append(Segment(stage, r + 1, step, steps))
-                step += steps
+
+    def add(stage, r, steps, **kwargs):
+        nonlocal step
+        segments.append(Segment(stage, r, step, steps, **kwargs))
+        step += steps
+
+    for r in range(1, rounds + 1):
+        share = stage2_steps // rounds + (1 if r <= stage2_steps % rounds else 0)
+        if stage1_steps > 0:
+            add(SIMULATE_STAGE, r, stage1_steps)
+        if share > 0 and refresh_steps == 0:
+            add(ELIMINATE_STAGE, r, share)
+        for i in range(share if refresh_steps else 0):
+            add(SIMULATE_STAGE, r, refresh_steps, refresh=True, measure=False)
+            add(ELIMINATE_STAGE, r, 1, measure=i == share - 1)
     return segments
 
 
@@ -177,6 +195,9 @@ def build_schedule(
 class ScheduledParrotDataset(torch.utils.data.Dataset):
     """Slot ``s`` of the schedule as a training sequence: ``input_ids``, ``labels`` and ``parrot_index``.
 
+    An input-space parrot gets ``parrot_length`` placeholder tokens at a word boundary of the
+    user's text; a ``latent`` one marks every prompt token instead.
+
     Sequences end at their last labelled token: later tokens cannot change the loss of a
     causal model, so computing them would be wasted work (stage 1 labels only a few tokens).
     """
@@ -191,8 +212,10 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         eliminate_target_tokens: int | None = None,
         max_length: int | None = None,
         seed: int = 0,
+        latent: bool = False,
     ):
         self.examples = examples
+        self.latent = latent
         self.schedule = schedule
         self.parrot_length = parrot_length
         self.parrot_position = parrot_position
@@ -211,6 +234,8 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         n_labels = pair.target_length if kind == SIMULATE else (self.eliminate_target_tokens or len(pair.completion_ids))
         if kind == CLEAN:
             ids, parrot_index = list(pair.prompt_ids), [-1] * len(pair.prompt_ids)
+        elif self.latent:  # added to the hidden states of every prompt token: nothing to insert, no place to draw
+            ids, parrot_index = list(pair.prompt_ids), mark_whole_prompt(pair.prompt_ids)
         else:
             rng = random.Random(self.seed * 1_000_003 + slot)
             at = choose_boundary(pair.boundaries, self.parrot_position, rng)

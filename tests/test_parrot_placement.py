@@ -151,3 +151,40 @@ def test_the_completion_split_matches_trl_for_plain_text():
     pair = encode_pair(tok, "w1 w2", " w3 w4 </s>")
     assert tokens(tok, pair.prompt_ids) == ["w1", "w2"]
     assert tokens(tok, pair.completion_ids) == ["w3", "w4", "</s>"]
+
+
+def test_latent_parrot_steers_the_marked_tokens_only_while_inside_the_context():
+    model = toy_model().eval()
+    parrot = ParrotPrompt(1, model.config.hidden_size)
+    parrot.config.layer = 1
+    with torch.no_grad():
+        parrot.weight.fill_(3.0)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    marks = torch.tensor([[-1, 0, 0, -1]])
+    with torch.no_grad():
+        plain = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+        with parrot.steer(model, marks):
+            steered = model(input_ids=ids, output_hidden_states=True).hidden_states
+        after = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+    # hidden_states[1] is the output of layer 0, before the hook adds the parrot; layer 1's output shows it
+    assert torch.equal(after, plain)  # the hook is gone after the context
+    delta = steered[2] - model(input_ids=ids, output_hidden_states=True).hidden_states[2]
+    assert delta[0, 0].abs().max() < 1e-5  # an unmarked token before the marks is untouched
+    assert delta[0, 1:3].abs().max() > 0.1  # the marked tokens carry the parrot into layer 1
+    with pytest.raises(ValueError, match="layer"):
+        parrot.config.layer = 5
+        with parrot.steer(model, marks):
+            pass
+
+
+def test_latent_parrot_in_generate_matches_a_manual_forward_with_left_padding():
+    tok, model = toy_tokenizer(), toy_model().eval()
+    parrot = ParrotPrompt(1, model.config.hidden_size)
+    parrot.config.layer = 1
+    with torch.no_grad():
+        parrot.weight.normal_(0, 2.0, generator=torch.Generator().manual_seed(0))
+    prompts = [[{"role": "user", "content": "w1 w2"}], [{"role": "user", "content": "w1 w2 w3 w4 w5"}]]
+    together = generate_texts(model, tok, prompts, parrot=parrot, max_new_tokens=4)
+    alone = [generate_texts(model, tok, [p], parrot=parrot, max_new_tokens=4)[0] for p in prompts]
+    assert together == alone  # padding does not move the parrot
+    assert together != generate_texts(model, tok, prompts, max_new_tokens=4)  # and it does change the answers

