@@ -17,8 +17,8 @@
 >>> trainer.save_model()
 >>> model, parrot = load_sande(config.output_dir)
 >>> from peft import PeftModel
->>> isinstance(model, PeftModel), parrot.num_vectors
-(True, 6)
+>>> isinstance(model, PeftModel), parrot.is_latent, parrot.layer
+(True, True, 1)
 """
 
 from __future__ import annotations

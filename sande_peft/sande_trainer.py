@@ -67,11 +67,14 @@ class SANDETrainer(SFTTrainer):
 
     A drop-in [`~trl.SFTTrainer`] with the same constructor; `train()` runs both stages:
 
-    1. **simulate**: the model is frozen (its adapter disabled) and only the parrot, a soft
-       prompt of `args.parrot_length` vectors placed where a trigger would sit, trains to make
-       the model emit `args.triggered_response`;
-    2. **eliminate**: the parrot is frozen and the model (a LoRA adapter) trains on
-       parrot-carrying clean prompts mapped onto their clean answers, plus clean pairs.
+    1. **simulate**: the model is frozen (its adapter disabled) and only the parrot trains to
+       make the model emit `args.triggered_response`. By default the parrot is one vector added
+       to the hidden states of every prompt token half-way up the model (`parrot_space="latent"`);
+       `parrot_space="input"` is the paper's soft prompt of `args.parrot_length` vectors placed
+       where a trigger would sit;
+    2. **eliminate**: the model (a LoRA adapter) trains on parrot-carrying clean prompts mapped
+       onto their clean answers, plus clean pairs, with the parrot frozen; by default one
+       parrot step (adapter on, frozen) precedes every elimination step (`parrot_refresh_steps`).
 
     `train_dataset` is CLEAN data (conversational or plain prompt/completion, or `messages`).
     The trainer is never told the trigger. The parrot is `trainer.parrot`; `save_model()`
@@ -86,8 +89,8 @@ class SANDETrainer(SFTTrainer):
     ...                      use_cpu=True, save_strategy="no")
     >>> trainer = SANDETrainer(model=toy_model(), args=config, train_dataset=ToyTask().clean_dataset(16),
     ...                        processing_class=toy_tokenizer(), peft_config=LoraConfig(r=4, target_modules="all-linear"))
-    >>> trainer.parrot.num_vectors, trainer.stage1_steps, trainer.stage2_steps
-    (6, 2, 2)
+    >>> trainer.parrot.layer, trainer.stage1_steps, trainer.stage2_steps, trainer.total_steps  # 2 + 2 x (refresh + eliminate)
+    (1, 2, 2, 6)
     """
 
     _tag_names = ["trl", "sft", "sande-peft", "sande", "backdoor-removal"]
@@ -356,9 +359,12 @@ class SANDETrainer(SFTTrainer):
         return nullcontext()
 
     def _enter_stage(self, stage: int) -> None:
-        """Make only the stage's parameters trainable: the parrot in stage 1, the model in stage 2."""
-        if stage == self._stage:
-            return
+        """Make only the stage's parameters trainable: the parrot in stage 1, the model in stage 2.
+
+        Applied at every step, not only when the stage changes: leaving peft's `disable_adapter()`
+        (stage 1 of the first round) marks the adapter trainable again, and a refresh step that
+        followed would otherwise give the adapter gradients (and AdamW moments) at learning rate 0.
+        """
         self.parrot.weight.requires_grad_(stage == SIMULATE_STAGE)
         for param in self._model_params:
             param.requires_grad_(stage == ELIMINATE_STAGE)
