@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import LoraConfig, get_peft_model
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from sande_peft.tokenization import encode_pair, user_text_span, prompt_token_ids
+from sande_peft.tokenization import encode_pair, encode_prompt
 from sande_peft.evaluation import evaluate_backdoor
 
 p = argparse.ArgumentParser()
@@ -59,10 +59,8 @@ held, train = data[:16], data[16:]
 def enc(prompt, completion):
     e = encode_pair(tok, prompt, completion)
     n = len(e.prompt_ids)
-    if args.span == "user":
-        s, t = user_text_span(tok, prompt)
-    else:
-        s, t = 0, n
+    # token indices of the user's text (its first and last word boundaries), or the whole prompt
+    s, t = (e.boundaries[0], e.boundaries[-1]) if args.span == "user" else (0, n)
     return e.prompt_ids + e.completion_ids, n, (s, t)
 
 def batch(rows):  # rows: (ids, n_prompt, span) ; right pad
@@ -122,8 +120,8 @@ def loss_on(rows, m):
 def parrot_success(mdl, prompts):
     rows = []
     for pr in prompts:
-        ids = prompt_token_ids(tok, pr)
-        s, t = user_text_span(tok, pr) if args.span == "user" else (0, len(ids))
+        ids, bounds = encode_prompt(tok, pr)
+        s, t = (bounds[0], bounds[-1]) if args.span == "user" else (0, len(ids))
         rows.append((ids, s, t))
     w = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), w), tok.pad_token_id); att = torch.zeros_like(ids); pm = torch.zeros((len(rows), w), dtype=torch.bool)

@@ -162,9 +162,11 @@ def plan_rounds(stage1_steps: int, stage2_steps: int, rounds: int = 1, refresh_s
         share = stage2_steps // rounds + (1 if r <= stage2_steps % rounds else 0)
         if stage1_steps > 0:
             add(SIMULATE_STAGE, r, stage1_steps)
-        if share > 0 and refresh_steps == 0:
-            add(ELIMINATE_STAGE, r, share)
-        for i in range(share if refresh_steps else 0):
+        if refresh_steps == 0:
+            if share > 0:
+                add(ELIMINATE_STAGE, r, share)
+            continue
+        for i in range(share):
             add(SIMULATE_STAGE, r, refresh_steps, refresh=True, measure=False)
             add(ELIMINATE_STAGE, r, 1, measure=i == share - 1)
     return segments

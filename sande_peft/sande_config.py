@@ -82,7 +82,7 @@ class SANDEConfig(SFTConfig):
             Parrot steps before every elimination step, against the model as elimination leaves it
             (adapter on, frozen): the parrot keeps chasing the backdoor while the model unlearns it,
             as in adversarial training. `0` keeps the parrot fixed during stage 2, as the paper does.
-            Each refresh step costs about one elimination step.
+            Each refresh step costs about 0.6 of an elimination step (docs/benchmarks.md).
         parrot_eval_size (`int`, *optional*, defaults to `32`):
             Clean prompts held out of `train_dataset` (or taken from `eval_dataset`) to log the
             parrot's success rate after each stage. 0 turns the measurement off.

@@ -184,7 +184,6 @@ class SANDETrainer(SFTTrainer):
         self.total_steps = self.segments[-1].end
         self.parrot_success: dict[str, float] = {}
         self._pending_logs: dict[str, float] = {}
-        self._stage: int | None = None
         self.add_callback(_StageBoundaryCallback(self))
 
     # ---- Set-up -------------------------------------------------------------------------------------------
@@ -222,11 +221,12 @@ class SANDETrainer(SFTTrainer):
                     "has no default layer: set `parrot_layer`, or use `parrot_space='input'`."
                 )
             return args.parrot_layer
-        layer = args.parrot_layer if args.parrot_layer is not None else max(1, n_layers // 2)
+        half_way = max(1, n_layers // 2)
+        layer = args.parrot_layer if args.parrot_layer is not None else half_way
         if not 1 <= layer <= n_layers:
             raise ValueError(
                 f"`parrot_layer` is {layer} but the model has {n_layers} decoder layers: use 1 to {n_layers} "
-                f"(None: half-way up, layer {max(1, n_layers // 2)})."
+                f"(None: half-way up, layer {half_way})."
             )
         return layer
 
@@ -294,7 +294,8 @@ class SANDETrainer(SFTTrainer):
             self._parrot_max_norm = self.args.parrot_norm_bound * table.norm(dim=-1).mean().item()
         with torch.no_grad():
             weight = self.parrot.weight
-            weight.mul_((self._parrot_max_norm / weight.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+            scale = (self._parrot_max_norm / weight.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
+            weight.mul_(scale)
 
     def _stage_lengths(self) -> tuple[int, int]:
         global_batch = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
@@ -368,7 +369,6 @@ class SANDETrainer(SFTTrainer):
         self.parrot.weight.requires_grad_(stage == SIMULATE_STAGE)
         for param in self._model_params:
             param.requires_grad_(stage == ELIMINATE_STAGE)
-        self._stage = stage
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -380,7 +380,6 @@ class SANDETrainer(SFTTrainer):
             # Leave BOTH stages' parameters trainable until the first training step: DDP is built right after
             # this and only ever reduces the gradients of parameters that required grad when it was built.
             self.parrot.weight.requires_grad_(True)
-            self._stage = None
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -415,10 +414,10 @@ class SANDETrainer(SFTTrainer):
             return 1.0 if segment_of(step).stage == SIMULATE_STAGE else 0.0
 
         def model_factor(step: int) -> float:
-            if segment_of(step).stage == SIMULATE_STAGE:
+            seg = segment_of(step)
+            if seg.stage == SIMULATE_STAGE:
                 return 0.0
             # the SFT schedule runs over the elimination steps alone, round after round
-            seg = segment_of(step)
             finished = bisect.bisect_right(eliminate_ends, step)  # elimination segments that ended by this step
             return stage2_factor(sum(eliminate_steps[:finished]) + (step - seg.start))
 

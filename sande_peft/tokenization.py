@@ -219,14 +219,12 @@ def insert_slots(ids: list[int], at: int, num_slots: int, filler_id: int) -> tup
     return new_ids, index
 
 
-
 def mark_whole_prompt(ids: list[int]) -> list[int]:
     """The parrot index of a latent parrot: vector 0 on every prompt token (template included).
 
     Nothing is inserted: a latent parrot is added to hidden states. It covers the whole
-    prompt, not only the user's text: by the middle of the model a trigger's effect has
-    reached the last prompt tokens, where the answer is decided, and a parrot on the user's
-    text alone was measured to miss it (docs/results.md).
+    prompt, the last tokens included, where the answer is decided; a parrot on the user's
+    text alone has not been measured validly on a real model (docs/results.md).
 
     >>> mark_whole_prompt([10, 11, 12])
     [0, 0, 0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from transformers import GenerationConfig
@@ -107,12 +108,11 @@ def generate_texts(
         for batch in _progress(batches, progress, "Generating"):
             input_ids = _left_pad([rows[i] for i in batch], pad_id).to(device)
             attention_mask = _left_pad([[1] * len(rows[i]) for i in batch], 0).to(device)
-            if parrot is None:
-                generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-                new_tokens = generated[:, input_ids.shape[1] :]
-            elif parrot.is_latent:
-                parrot_index = _left_pad([indices[i] for i in batch], -1).to(device)
-                with parrot.steer(model, parrot_index):
+            if parrot is None or parrot.is_latent:
+                steering = nullcontext()
+                if parrot is not None:  # latent: added to the hidden states by a hook, the ids stay as they are
+                    steering = parrot.steer(model, _left_pad([indices[i] for i in batch], -1).to(device))
+                with steering:
                     generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
                 new_tokens = generated[:, input_ids.shape[1] :]
             else:
