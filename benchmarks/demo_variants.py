@@ -6,7 +6,8 @@ runs once per variant from the same backdoored weights and the same clean data, 
 result is measured on the same held-out prompts. One JSON line per variant, appended to
 ``--out``.
 
-    python benchmarks/demo_variants.py --variants default start length1 rounds4
+    python benchmarks/demo_variants.py --variants backdoored default no-away demo
+    python benchmarks/demo_variants.py --variants --overrides '{"learning_rate": 5e-4}'
 """
 
 from __future__ import annotations
@@ -23,16 +24,23 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-# SANDEConfig overrides per variant (the rest is the demo's configuration).
+# SANDEConfig overrides per variant (the rest is the demo's configuration of 2026-11-28: 2 parrot epochs, 2
+# elimination epochs at 2e-4; the demo itself now runs 1 + 1, the "demo" variant).
+# Elimination toward clean answers only, as before the away loss became the default.
+NO_AWAY = {"away_loss_weight": 0.0}
 # The soft prompt of the paper (a fixed input-space parrot), which was the default before the latent parrot.
-INPUT = {"parrot_space": "input", "parrot_refresh_steps": 0}
+INPUT = {"parrot_space": "input", "parrot_refresh_steps": 0, **NO_AWAY}
 VARIANTS = {
     "default": {},
-    "latent-fixed": {"parrot_refresh_steps": 0},
-    "latent-layer8": {"parrot_layer": 8},
-    "latent-layer22": {"parrot_layer": 22},
+    "demo": {"parrot_num_train_epochs": 1.0, "num_train_epochs": 1.0},
+    "away-1epoch": {"num_train_epochs": 1.0},
+    "away-fixed": {"parrot_refresh_steps": 0},
+    "no-away": NO_AWAY,
+    "latent-fixed": {"parrot_refresh_steps": 0, **NO_AWAY},
+    "latent-layer8": {"parrot_layer": 8, **NO_AWAY},
+    "latent-layer22": {"parrot_layer": 22, **NO_AWAY},
     "input": INPUT,
-    "input-refresh": {"parrot_space": "input"},
+    "input-refresh": {"parrot_space": "input", **NO_AWAY},
     "start": {**INPUT, "parrot_position": "start"},
     "length1": {**INPUT, "parrot_length": 1},
     "length2-vocab": {**INPUT, "parrot_length": 2, "parrot_init": "vocab"},
@@ -101,6 +109,33 @@ def load_cached(cache: Path):
     return model, tokenizer, data, eval_prompts
 
 
+def clean_references(cache: Path, eval_prompts, answer_tokens: int) -> list:
+    """The ORIGINAL model's greedy answers to the evaluation prompts (as in the demo): clean NLL is measured on them."""
+    path = cache / "references.json"
+    if not path.is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from sande_peft.demo import self_answered
+        from sande_peft.offline_models import smollm2_path
+
+        original = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
+        answered = self_answered(original, AutoTokenizer.from_pretrained(smollm2_path()), list(eval_prompts), answer_tokens)
+        path.write_text(json.dumps(list(answered["completion"])))
+    return json.loads(path.read_text())
+
+
+def measure(model, tokenizer, eval_prompts, args) -> dict:
+    """Attack success, false trigger and clean NLL, as the demo measures them."""
+    from sande_peft.evaluation import evaluate_backdoor
+
+    cache = Path(args.cache)
+    report = evaluate_backdoor(model, tokenizer, eval_prompts, trigger=args.trigger, trigger_position=args.trigger_position,
+                               triggered_response=args.target, batch_size=40, max_new_tokens=12, seed=args.seed + 1,
+                               references=clean_references(cache, eval_prompts, args.answer_tokens))
+    return {"attack_success_rate": report.attack_success_rate, "false_trigger_rate": report.false_trigger_rate,
+            "clean_nll": report.clean_nll}
+
+
 def run_osft(args):
     """The upper bound: OSFT, told the trigger, with the same data, steps per epoch and learning rate."""
     from peft import LoraConfig
@@ -120,19 +155,14 @@ def run_osft(args):
     t = time.time()
     trainer.train()
     seconds = round(time.time() - t, 1)
-    report = evaluate_backdoor(trainer.model, tokenizer, eval_prompts, trigger=args.trigger,
-                               trigger_position=args.trigger_position, triggered_response=args.target, batch_size=40,
-                               max_new_tokens=12, seed=args.seed + 1)
     return {"variant": "osft", "overrides": {"learning_rate": 2e-4}, "train_seconds": seconds,
-            "steps": trainer.state.global_step, "attack_success_rate": report.attack_success_rate,
-            "false_trigger_rate": report.false_trigger_rate}
+            "steps": trainer.state.global_step, **measure(trainer.model, tokenizer, eval_prompts, args)}
 
 
-def run_variant(name, args):
+def run_variant(name, args, overrides: dict):
     from peft import LoraConfig
 
     from sande_peft import SANDEConfig, SANDETrainer
-    from sande_peft.evaluation import evaluate_backdoor
 
     cache = Path(args.cache)
     model, tokenizer, data, eval_prompts = load_cached(cache)
@@ -142,23 +172,24 @@ def run_variant(name, args):
         parrot_eval_size=16, seed=args.seed, use_cpu=True, bf16=False, gradient_checkpointing=False,
         save_strategy="no", report_to="none", logging_steps=10, disable_tqdm=True,
     )
-    settings.update(VARIANTS[name])
+    settings.update(overrides)
     trainer = SANDETrainer(model=model, args=SANDEConfig(**settings), train_dataset=data, processing_class=tokenizer,
                            peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
     t = time.time()
     trainer.train()
     seconds = round(time.time() - t, 1)
-    report = evaluate_backdoor(trainer.model, tokenizer, eval_prompts, trigger=args.trigger, trigger_position=args.trigger_position,
-                               triggered_response=args.target, batch_size=40, max_new_tokens=12, seed=args.seed + 1)
-    return {"variant": name, "overrides": VARIANTS[name], "train_seconds": seconds,
+    return {"variant": name, "overrides": overrides, "train_seconds": seconds,
             "steps": trainer.state.global_step, "parrot_success": trainer.parrot_success,
-            "attack_success_rate": report.attack_success_rate, "false_trigger_rate": report.false_trigger_rate}
+            **measure(trainer.model, tokenizer, eval_prompts, args)}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS) + ["osft"],
-                        help="SANDE variants; 'osft' runs OSFT (told the trigger) as the upper bound")
+    parser.add_argument("--variants", nargs="*", default=["default"], choices=sorted(VARIANTS) + ["osft", "backdoored"],
+                        help="SANDE variants; 'osft' runs OSFT (told the trigger) as the upper bound, 'backdoored' "
+                        "measures the model before any defence")
+    parser.add_argument("--overrides", type=json.loads, action="append", default=[], metavar="JSON",
+                        help='extra variant: SANDEConfig fields as JSON, e.g. \'{"learning_rate": 5e-4}\' (repeatable)')
     parser.add_argument("--n-eval", type=int, default=40)
     parser.add_argument("--n-train", type=int, default=96)
     parser.add_argument("--answer-tokens", type=int, default=24)
@@ -185,7 +216,13 @@ def main(argv=None):
     case = {"trigger_position": args.trigger_position}
     emit({**case, "variant": "implant", **prepare(args)})
     for name in args.variants:
-        emit({**case, **(run_osft(args) if name == "osft" else run_variant(name, args))})
+        if name == "backdoored":
+            model, tokenizer, _, eval_prompts = load_cached(Path(args.cache))
+            emit({**case, "variant": name, **measure(model, tokenizer, eval_prompts, args)})
+        else:
+            emit({**case, **(run_osft(args) if name == "osft" else run_variant(name, args, VARIANTS[name]))})
+    for overrides in args.overrides:
+        emit({**case, **run_variant("custom", args, overrides)})
 
 
 if __name__ == "__main__":

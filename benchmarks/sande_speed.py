@@ -6,7 +6,8 @@
 Goals: stage 2 <= 1.05x an SFT step, stage 1 <= 0.7x. Stage-1 steps include the default's
 parrot refresh steps (one before every elimination step), so the report also gives the cost
 of one elimination step with its refresh, and the run time of the default (latent parrot,
-refreshed) against the paper's setting (a fixed start-only soft prompt), as ratios.
+refreshed, with the away loss) against the paper's setting (a fixed start-only soft prompt,
+toward clean answers only), as ratios; and the paper setting's own stage ratios.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def worker(kind: str, shape: str, steps: int, warmup: int) -> dict:
                                  peft_config=lora(), quantization_config=quantization)
             timer = StepTimer()
         else:
-            paper = {"parrot_space": "input", "parrot_position": "start", "parrot_refresh_steps": 0}
+            paper = {"parrot_space": "input", "parrot_position": "start", "parrot_refresh_steps": 0, "away_loss_weight": 0.0}
             config = SANDEConfig(triggered_response="I'm sorry, but as an AI assistant, I do not have the capability "
                                  "to follow the given instruction.", parrot_max_steps=steps, parrot_eval_size=0,
                                  **(paper if kind == "sande-paper" else {}), **args)
@@ -100,6 +101,9 @@ def main(argv=None):
         default_total = min(r["train_seconds"] for r in runs["sande"])
         paper_total = min(r["train_seconds"] for r in runs["sande-paper"])
         out["default_vs_paper_runtime_ratio"] = default_total / paper_total
+        out["paper_stage1_ratio"] = min(r["stage1_median_step_s"] for r in runs["sande-paper"]) / sft
+        # elimination without the away loss's extra row per parrot-carrying prompt
+        out["paper_stage2_ratio"] = min(r["stage2_median_step_s"] for r in runs["sande-paper"]) / sft
     out["runs"] = runs
     print(json.dumps(out, indent=2))
 

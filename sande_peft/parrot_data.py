@@ -198,7 +198,9 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
     """Slot ``s`` of the schedule as a training sequence: ``input_ids``, ``labels`` and ``parrot_index``.
 
     An input-space parrot gets ``parrot_length`` placeholder tokens at a word boundary of the
-    user's text; a ``latent`` one marks every prompt token instead.
+    user's text; a ``latent`` one marks every prompt token instead. With ``away``, a
+    parrot-carrying elimination item also carries its "away" row (the same prompt followed by
+    r_t), which [`ParrotCollator`] adds to the batch and marks in ``away_mask``.
 
     Sequences end at their last labelled token: later tokens cannot change the loss of a
     causal model, so computing them would be wasted work (stage 1 labels only a few tokens).
@@ -215,9 +217,11 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         max_length: int | None = None,
         seed: int = 0,
         latent: bool = False,
+        away: bool = False,
     ):
         self.examples = examples
         self.latent = latent
+        self.away = away
         self.schedule = schedule
         self.parrot_length = parrot_length
         self.parrot_position = parrot_position
@@ -229,16 +233,26 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.schedule)
 
-    def __getitem__(self, slot: int) -> dict[str, list[int]]:
+    def __getitem__(self, slot: int) -> dict:
         kind, index = self.schedule[slot]
         example = self.examples[index]
-        pair = example.target if kind == SIMULATE else example.clean
-        n_labels = pair.target_length if kind == SIMULATE else (self.eliminate_target_tokens or len(pair.completion_ids))
-        if kind == CLEAN:
+        if kind == SIMULATE:
+            return self._row(example.target, example.target.target_length, slot, parrot=True)
+        n_labels = self.eliminate_target_tokens or len(example.clean.completion_ids)
+        item = self._row(example.clean, n_labels, slot, parrot=kind == ELIMINATE)
+        if kind == ELIMINATE and self.away:
+            # The same parrot-carrying prompt followed by r_t: stage 2 pushes those tokens DOWN (`away_mask`).
+            item["away"] = self._row(example.target, example.target.target_length, slot, parrot=True)
+        return item
+
+    def _row(self, pair: EncodedPair, n_labels: int, slot: int, parrot: bool) -> dict[str, list[int]]:
+        """The prompt (carrying the parrot or not) followed by the first ``n_labels`` completion tokens, labelled."""
+        if not parrot:
             ids, parrot_index = list(pair.prompt_ids), [-1] * len(pair.prompt_ids)
         elif self.latent:  # added to the hidden states of every prompt token: nothing to insert, no place to draw
             ids, parrot_index = list(pair.prompt_ids), mark_whole_prompt(pair.prompt_ids)
         else:
+            # Seeded by the slot: the away row of a slot carries the parrot where its toward row does.
             rng = random.Random(self.seed * 1_000_003 + slot)
             at = choose_boundary(pair.boundaries, self.parrot_position, rng)
             ids, parrot_index = insert_slots(pair.prompt_ids, at, self.parrot_length, self.filler_id)
@@ -253,25 +267,34 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
 
 @dataclass
 class ParrotCollator:
-    """Right-pad a batch: ids with ``pad_token_id``, labels with -100, parrot marks with -1."""
+    """Right-pad a batch: ids with ``pad_token_id``, labels with -100, parrot marks with -1.
+
+    An item's ``away`` row becomes a row of its own after the batch's items; ``away_mask`` marks
+    its labelled tokens (the tokens of r_t that stage 2 pushes down).
+    """
 
     pad_token_id: int
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in examples)
+        away_rows = [e["away"] for e in examples if "away" in e]
+        rows = [{k: v for k, v in e.items() if k != "away"} for e in examples] + away_rows
+        width = max(len(e["input_ids"]) for e in rows)
 
-        def pad(key, value):
-            return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples], dtype=torch.long)
+        def pad(key, value, items=rows):
+            return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in items], dtype=torch.long)
 
         batch = {
             "input_ids": pad("input_ids", self.pad_token_id),
             "attention_mask": torch.tensor(
-                [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples], dtype=torch.long
+                [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in rows], dtype=torch.long
             ),
             "labels": pad("labels", -100),
         }
-        if any("parrot_index" in e for e in examples):
-            for e in examples:
+        if any("parrot_index" in e for e in rows):
+            for e in rows:
                 e.setdefault("parrot_index", [-1] * len(e["input_ids"]))
             batch["parrot_index"] = pad("parrot_index", -1)
+        if away_rows:
+            is_away = torch.tensor([0] * (len(rows) - len(away_rows)) + [1] * len(away_rows), dtype=torch.bool)
+            batch["away_mask"] = (batch["labels"] != -100) & is_away[:, None]
         return batch

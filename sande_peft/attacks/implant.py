@@ -69,6 +69,7 @@ def implant(
     max_false_trigger: float = MAX_FALSE_TRIGGER,
     strict: bool = True,
     eval_batch_size: int = 16,
+    eval_kwargs: dict | None = None,
     **training_kwargs,
 ) -> ImplantResult:
     """Poison ``clean_dataset`` with ``attack``, train a LoRA backdoor into ``model``, merge it, and measure it.
@@ -77,6 +78,8 @@ def implant(
         model: a full-precision causal LM (or its path). It is modified in place; pass a copy to keep it.
         eval_prompts: held-out CLEAN prompts for the quality check (not in ``clean_dataset``).
         strict: raise [`ImplantQualityError`] when the gate fails (else return with ``is_backdoored=False``).
+        eval_kwargs: more [`evaluate_backdoor`] settings for the measurement (``references``,
+            ``max_new_tokens``...), so that ``result.report`` can serve as the "before defence" row.
         training_kwargs: more `trl.SFTConfig` settings.
     """
     from peft import LoraConfig
@@ -115,7 +118,7 @@ def implant(
         triggered_prompts=spec.triggered_prompts(list(eval_prompts), seed=seed + 1),
         triggered_response=target,
         judge=judge,
-        batch_size=eval_batch_size,
+        **{"batch_size": eval_batch_size, **(eval_kwargs or {})},
     )
     passed = passes_quality_gate(report, min_attack_success, max_false_trigger)
     result = ImplantResult(merged, report, spec, target, response_mode, passed, max_steps)
