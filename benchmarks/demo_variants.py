@@ -6,7 +6,7 @@ runs once per variant from the same backdoored weights and the same clean data, 
 result is measured on the same held-out prompts. One JSON line per variant, appended to
 ``--out``.
 
-    python benchmarks/demo_variants.py --variants backdoored default no-away demo
+    python benchmarks/demo_variants.py --variants backdoored default away demo
     python benchmarks/demo_variants.py --variants --overrides '{"learning_rate": 5e-4}'
 """
 
@@ -26,16 +26,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 # SANDEConfig overrides per variant (the rest is the demo's configuration of 2026-11-28: 2 parrot epochs, 2
 # elimination epochs at 2e-4; the demo itself now runs 1 + 1, the "demo" variant).
-# Elimination toward clean answers only, as before the away loss became the default.
-NO_AWAY = {"away_loss_weight": 0.0}
+NO_AWAY = {"away_loss_weight": 0.0}  # the default; explicit where a recorded row predates the option
+AWAY = {"away_loss_weight": 1.0}  # experimental: removes r_t verbatim, not the backdoor (docs/results.md)
 # The soft prompt of the paper (a fixed input-space parrot), which was the default before the latent parrot.
 INPUT = {"parrot_space": "input", "parrot_refresh_steps": 0, **NO_AWAY}
 VARIANTS = {
     "default": {},
     "demo": {"parrot_num_train_epochs": 1.0, "num_train_epochs": 1.0},
-    "away-1epoch": {"num_train_epochs": 1.0},
-    "away-fixed": {"parrot_refresh_steps": 0},
-    "no-away": NO_AWAY,
+    "away": AWAY,
+    "away-demo": {**AWAY, "parrot_num_train_epochs": 1.0, "num_train_epochs": 1.0},
+    "away-1epoch": {**AWAY, "num_train_epochs": 1.0},
+    "away-fixed": {**AWAY, "parrot_refresh_steps": 0},
     "latent-fixed": {"parrot_refresh_steps": 0, **NO_AWAY},
     "latent-layer8": {"parrot_layer": 8, **NO_AWAY},
     "latent-layer22": {"parrot_layer": 22, **NO_AWAY},

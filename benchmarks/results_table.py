@@ -14,7 +14,7 @@ METHOD_NAMES = OrderedDict(
         ("none", "backdoored (no defence)"),
         ("sft", "plain SFT"),
         ("osft", "OSFT (told the trigger)"),
-        ("sande", "SANDE (default: random parrot position)"),
+        ("sande", "SANDE"),
         ("sande-start", "SANDE, start-only parrot"),
         ("sande-p", "SANDE-P (first 2 words of r_t)"),
     ]

@@ -6,8 +6,8 @@
 Goals: stage 2 <= 1.05x an SFT step, stage 1 <= 0.7x. Stage-1 steps include the default's
 parrot refresh steps (one before every elimination step), so the report also gives the cost
 of one elimination step with its refresh, and the run time of the default (latent parrot,
-refreshed, with the away loss) against the paper's setting (a fixed start-only soft prompt,
-toward clean answers only), as ratios; and the paper setting's own stage ratios.
+refreshed) against the paper's setting (a fixed start-only soft prompt), as ratios; and the
+paper setting's own stage ratios.
 """
 
 from __future__ import annotations

