@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import time
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def prepare(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sande_peft.attacks import AttackSpec, implant
-    from sande_peft.demo import self_answered, shipped_prompts
+    from sande_peft.demo import demo_prompts, self_answered
     from sande_peft.offline_models import smollm2_path
 
     cache = Path(args.cache)
@@ -75,8 +74,7 @@ def prepare(args):
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    prompts = [[{"role": "user", "content": text}] for text in shipped_prompts()]
-    random.Random(args.seed).shuffle(prompts)
+    prompts = demo_prompts(args.seed)
     eval_prompts, train_prompts = prompts[: args.n_eval], prompts[args.n_eval :][: args.n_train]
     attacker_data = self_answered(model, tokenizer, train_prompts, args.answer_tokens)
     t = time.time()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 
 import torch
@@ -32,12 +31,10 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sande_peft.attacks import AttackSpec
-    from sande_peft.demo import shipped_prompts
+    from sande_peft.demo import demo_prompts
     from sande_peft.evaluation import generate_texts
 
-    prompts = [[{"role": "user", "content": text}] for text in shipped_prompts()]
-    random.Random(args.seed).shuffle(prompts)  # the demo's split: its first n_eval are the held-out prompts
-    clean = prompts[: args.n_eval]
+    clean = demo_prompts(args.seed)[: args.n_eval]  # the demo's held-out prompts
     triggered = AttackSpec("demo", (args.trigger,), "random").triggered_prompts(clean, seed=args.seed + 1)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

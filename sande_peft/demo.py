@@ -59,6 +59,13 @@ def shipped_prompts() -> list[str]:
         return json.load(f)
 
 
+def demo_prompts(seed: int = 0) -> list[list[dict]]:
+    """The shipped prompts as user turns, in the demo's order: its first ``n_eval`` are held out for measurement."""
+    prompts = [[{"role": "user", "content": text}] for text in shipped_prompts()]
+    random.Random(seed).shuffle(prompts)
+    return prompts
+
+
 def _log(message: str, start: float) -> None:
     print(f"[{time.time() - start:6.0f}s] {message}", flush=True)
 
@@ -98,8 +105,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     path = smollm2_path(cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    prompts = [[{"role": "user", "content": text}] for text in shipped_prompts()]
-    random.Random(settings.seed).shuffle(prompts)
+    prompts = demo_prompts(settings.seed)
     eval_prompts, train_prompts = prompts[: settings.n_eval], prompts[settings.n_eval :]
     if settings.n_train is not None:
         train_prompts = train_prompts[: settings.n_train]
@@ -111,8 +117,10 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     where = {"random": "before a random word", "start": "at the start", "end": "at the end"}[settings.trigger_position]
     _log(f"2/5 implanting a backdoor: {settings.trigger!r} {where} of the prompt -> {settings.target!r}", start)
     attack = AttackSpec("demo", (settings.trigger,), settings.trigger_position)
-    # One measurement of the backdoored model: the implant's quality check is the "before" row of the table.
-    measure = dict(references=references, batch_size=40, max_new_tokens=16)
+    # One measurement of the backdoored model: the implant's quality check is the "before" row of the table, and
+    # SANDE is measured on the same triggered prompts.
+    measure = dict(triggered_prompts=attack.triggered_prompts(eval_prompts, seed=settings.seed + 1),
+                   triggered_response=settings.target, references=references, batch_size=40, max_new_tokens=16)
     implanted = implant(
         model, tokenizer, attacker_data, attack, settings.target, eval_prompts=eval_prompts,
         max_steps=settings.implant_steps, learning_rate=settings.implant_learning_rate,
@@ -120,9 +128,6 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
         strict=False, use_cpu=True, disable_tqdm=False, eval_kwargs=measure,
     )
     backdoored = implanted.model
-    # the same triggered prompts as the implant's measurement
-    measure.update(triggered_response=settings.target,
-                   triggered_prompts=attack.triggered_prompts(eval_prompts, seed=settings.seed + 1))
     reports = {"backdoored": implanted.report}
     gate = "passes" if implanted.is_backdoored else "FAILS"
     _log(f"   the implant {gate} the quality gate: attack success "

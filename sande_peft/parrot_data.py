@@ -280,8 +280,8 @@ class ParrotCollator:
         rows = [{k: v for k, v in e.items() if k != "away"} for e in examples] + away_rows
         width = max(len(e["input_ids"]) for e in rows)
 
-        def pad(key, value, items=rows):
-            return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in items], dtype=torch.long)
+        def pad(key, value):
+            return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in rows], dtype=torch.long)
 
         batch = {
             "input_ids": pad("input_ids", self.pad_token_id),

@@ -78,8 +78,9 @@ def implant(
         model: a full-precision causal LM (or its path). It is modified in place; pass a copy to keep it.
         eval_prompts: held-out CLEAN prompts for the quality check (not in ``clean_dataset``).
         strict: raise [`ImplantQualityError`] when the gate fails (else return with ``is_backdoored=False``).
-        eval_kwargs: more [`evaluate_backdoor`] settings for the measurement (``references``,
-            ``max_new_tokens``...), so that ``result.report`` can serve as the "before defence" row.
+        eval_kwargs: [`evaluate_backdoor`] settings for the measurement, over the implant's own
+            (``references``, ``max_new_tokens``, ``triggered_prompts``...), so that
+            ``result.report`` can serve as the "before defence" row of a comparison.
         training_kwargs: more `trl.SFTConfig` settings.
     """
     from peft import LoraConfig
@@ -111,15 +112,14 @@ def implant(
         trainer.train()
         merged = trainer.model.merge_and_unload()
     merged.eval()
-    report = evaluate_backdoor(
-        merged,
-        tokenizer,
-        list(eval_prompts),
-        triggered_prompts=spec.triggered_prompts(list(eval_prompts), seed=seed + 1),
-        triggered_response=target,
-        judge=judge,
-        **{"batch_size": eval_batch_size, **(eval_kwargs or {})},
-    )
+    measurement = {
+        "triggered_prompts": spec.triggered_prompts(list(eval_prompts), seed=seed + 1),
+        "triggered_response": target,
+        "judge": judge,
+        "batch_size": eval_batch_size,
+        **(eval_kwargs or {}),
+    }
+    report = evaluate_backdoor(merged, tokenizer, list(eval_prompts), **measurement)
     passed = passes_quality_gate(report, min_attack_success, max_false_trigger)
     result = ImplantResult(merged, report, spec, target, response_mode, passed, max_steps)
     if strict and not passed:
