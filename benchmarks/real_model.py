@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import backdoorllm  # noqa: E402
 
 from sande_peft import OSFTConfig, OSFTTrainer, SANDEConfig, SANDETrainer  # noqa: E402
-from sande_peft.attacks import TARGETS, get_attack, implant  # noqa: E402
+from sande_peft.attacks import RESPONSE_MODES, TARGETS, get_attack, implant  # noqa: E402
 from sande_peft.attacks.implant import ImplantQualityError  # noqa: E402
 from sande_peft.evaluation import evaluate_backdoor  # noqa: E402
 from sande_peft.offline_models import smollm2_path  # noqa: E402
@@ -154,7 +154,7 @@ def defend(method, model_path, tokenizer, task, attack, args):
         config = OSFTConfig(trigger=list(spec.triggers), **common)
         trainer = OSFTTrainer(model=model, args=config, train_dataset=defence_data, processing_class=tokenizer, peft_config=lora_config())
     elif method.startswith("sande"):
-        extra = {}
+        extra = {"response_mode": RESPONSE_MODES[task]}
         if method == "sande-start":
             extra["parrot_position"] = "start"
         if method == "sande-p":

