@@ -90,8 +90,8 @@ class SANDETrainer(SFTTrainer):
     ...                      use_cpu=True, save_strategy="no")
     >>> trainer = SANDETrainer(model=toy_model(), args=config, train_dataset=ToyTask().clean_dataset(16),
     ...                        processing_class=toy_tokenizer(), peft_config=LoraConfig(r=4, target_modules="all-linear"))
-    >>> trainer.parrot.layer, trainer.stage1_steps, trainer.stage2_steps, trainer.total_steps  # 2 + 2 x (refresh + eliminate)
-    (1, 2, 2, 6)
+    >>> trainer.parrot.layer, trainer.stage1_steps, trainer.stage2_steps, trainer.total_steps  # 2 + 2 x (2 refresh + eliminate)
+    (1, 2, 2, 8)
     """
 
     _tag_names = ["trl", "sft", "sande-peft", "sande", "backdoor-removal"]
