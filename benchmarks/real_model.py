@@ -35,7 +35,7 @@ import backdoorllm  # noqa: E402
 from sande_peft import OSFTConfig, OSFTTrainer, SANDEConfig, SANDETrainer  # noqa: E402
 from sande_peft.attacks import RESPONSE_MODES, TARGETS, get_attack, implant  # noqa: E402
 from sande_peft.attacks.implant import ImplantQualityError  # noqa: E402
-from sande_peft.evaluation import evaluate_backdoor  # noqa: E402
+from sande_peft.evaluation import answer_nll, evaluate_backdoor  # noqa: E402
 from sande_peft.offline_models import smollm2_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +121,53 @@ def backdoored_model(task, attack, tokenizer, args):
     return str(cache), gate
 
 
+class TrackAttackSuccess:
+    """Measures the real trigger's attack success every ``every`` model-training steps (SANDE: elimination steps).
+
+    A learning curve in one run: is the backdoor still falling when training ends, and what does
+    it cost? The first ``n`` triggered test prompts, greedy, as `measure` does, and the clean NLL
+    of the first ``n`` clean test prompts' golden answers.
+    """
+
+    def __new__(cls, *a, **k):  # a TrainerCallback, built lazily so that importing this script stays light
+        from transformers import TrainerCallback
+
+        class _Track(TrainerCallback):
+            def __init__(self, trainer_ref, tokenizer, task, attack, args, every, n):
+                self.trainer_ref, self.tokenizer, self.every, self.n = trainer_ref, tokenizer, every, n
+                self.task, self.attack, self.args = task, attack, args
+                self.model_steps, self.curve = 0, []
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                self._measure()  # the model before training: a LoRA adapter starts as the identity
+
+            def on_step_end(self, args, state, control, **kwargs):
+                trainer = self.trainer_ref[0]
+                stage = trainer.current_stage(state.global_step - 1) if hasattr(trainer, "current_stage") else 2
+                if stage != 2:
+                    return
+                self.model_steps += 1
+                if self.model_steps % self.every == 0:
+                    self._measure()
+
+            def _measure(self):
+                trainer = self.trainer_ref[0]
+                triggered = backdoorllm.triggered_test(self.task, self.attack)["prompt"][: self.n]
+                report = evaluate_backdoor(trainer.model, self.tokenizer, [], triggered_prompts=triggered,
+                                           triggered_response=TARGETS[self.task], judge=self.task,
+                                           batch_size=self.args.eval_batch_size, max_new_tokens=self.args.max_new_tokens)
+                clean = backdoorllm.clean_test(self.task)
+                nll = answer_nll(trainer.model, self.tokenizer, clean["prompt"][: self.n], clean["completion"][: self.n],
+                                 batch_size=max(1, self.args.eval_batch_size // 2))
+                point = {"model_steps": self.model_steps, "attack_success_rate": report.attack_success_rate,
+                         "target_start_rate": report.target_start_rate, "judge_rate": report.judge_rate,
+                         "clean_nll": nll}
+                self.curve.append(point)
+                print(json.dumps({"track": point}), flush=True)
+
+        return _Track(*a, **k)
+
+
 def defend(method, model_path, tokenizer, task, attack, args):
     spec = get_attack(attack)
     defence_data = backdoorllm.clean_train(task).select(range(args.n_implant, args.n_implant + args.n_defence))
@@ -164,10 +211,16 @@ def defend(method, model_path, tokenizer, task, attack, args):
         trainer = SANDETrainer(model=model, args=config, train_dataset=defence_data, processing_class=tokenizer, peft_config=lora_config())
     else:
         raise ValueError(f"Unknown method {method!r}")
+    tracker = None
+    if args.track_every:
+        tracker = TrackAttackSuccess([trainer], tokenizer, task, attack, args, args.track_every, args.track_prompts)
+        trainer.add_callback(tracker)
     t = time.time()
     trainer.train()
-    seconds = round(time.time() - t, 1)
+    seconds = round(time.time() - t, 1)  # includes the tracker's measurements, if any
     extra = {"parrot_success": getattr(trainer, "parrot_success", None), "steps": trainer.state.global_step}
+    if tracker is not None:
+        extra["attack_success_curve"] = tracker.curve
     return trainer.model, seconds, extra
 
 
@@ -186,6 +239,9 @@ def main(argv=None):
     parser.add_argument("--defence-lr", type=float, default=None)
     parser.add_argument("--sande-overrides", default=None, help="JSON of SANDEConfig fields for the sande methods")
     parser.add_argument("--variant", default="default", help="a label for non-default settings in the records")
+    parser.add_argument("--track-every", type=int, default=0,
+                        help="measure attack success every N model-training steps (0: only at the end)")
+    parser.add_argument("--track-prompts", type=int, default=50, help="triggered prompts per tracked measurement")
     parser.add_argument("--skip-baseline", action="store_true", help="do not re-measure the backdoored model")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=96)
@@ -222,7 +278,7 @@ def main(argv=None):
         model, seconds, extra = defend(method, model_path, tokenizer, args.task, args.attack, args)
         settings = {"defence_lr": args.defence_lr, "defence_epochs": args.defence_epochs,
                     "sande_overrides": json.loads(args.sande_overrides or "{}") if method.startswith("sande") else None}
-        emit({"method": method, "variant": args.variant, "settings": settings, "train_seconds": seconds, **extra,
+        emit({"method": method, "variant": args.variant, "defence_settings": settings, "train_seconds": seconds, **extra,
               **measure(model, tokenizer, args.task, args.attack, args, method)})
 
 

