@@ -54,9 +54,12 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        """A reduced run for tests: fewer prompts and steps. Its numbers are not the demo's."""
-        return cls(n_eval=16, n_train=48, answer_tokens=12, implant_steps=24, parrot_epochs=1.0, eliminate_epochs=1.0,
-                   max_length=64)
+        """A reduced run for tests: fewer prompts and steps. Its numbers are not the demo's.
+
+        One refresh step and 32 training prompts keep it near 3.5 minutes of the suite's 15 on 2 cores.
+        """
+        return cls(n_eval=16, n_train=32, answer_tokens=12, implant_steps=24, parrot_epochs=1.0, eliminate_epochs=1.0,
+                   parrot_refresh_steps=1, max_length=64)
 
 
 def shipped_prompts() -> list[str]:
