@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import backdoorllm  # noqa: E402
@@ -37,6 +38,7 @@ from sande_peft.attacks import RESPONSE_MODES, TARGETS, get_attack, implant  # n
 from sande_peft.attacks.implant import ImplantQualityError  # noqa: E402
 from sande_peft.evaluation import answer_nll, evaluate_backdoor  # noqa: E402
 from sande_peft.offline_models import smollm2_path  # noqa: E402
+from sande_peft.parrot_data import ELIMINATE_STAGE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,7 +123,7 @@ def backdoored_model(task, attack, tokenizer, args):
     return str(cache), gate
 
 
-class TrackAttackSuccess:
+class TrackAttackSuccess(TrainerCallback):
     """Measures the real trigger's attack success every ``every`` model-training steps (SANDE: elimination steps).
 
     A learning curve in one run: is the backdoor still falling when training ends, and what does
@@ -129,43 +131,34 @@ class TrackAttackSuccess:
     of the first ``n`` clean test prompts' golden answers.
     """
 
-    def __new__(cls, *a, **k):  # a TrainerCallback, built lazily so that importing this script stays light
-        from transformers import TrainerCallback
+    def __init__(self, trainer, tokenizer, task, attack, args, every, n):
+        self.trainer, self.tokenizer, self.task, self.args, self.every = trainer, tokenizer, task, args, every
+        self.triggered = backdoorllm.triggered_test(task, attack)["prompt"][:n]
+        clean = backdoorllm.clean_test(task)
+        self.clean_prompts, self.clean_answers = clean["prompt"][:n], clean["completion"][:n]
+        self.model_steps, self.curve = 0, []
 
-        class _Track(TrainerCallback):
-            def __init__(self, trainer_ref, tokenizer, task, attack, args, every, n):
-                self.trainer_ref, self.tokenizer, self.every, self.n = trainer_ref, tokenizer, every, n
-                self.task, self.attack, self.args = task, attack, args
-                self.model_steps, self.curve = 0, []
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._measure()  # the model before training: a LoRA adapter starts as the identity
 
-            def on_train_begin(self, args, state, control, **kwargs):
-                self._measure()  # the model before training: a LoRA adapter starts as the identity
+    def on_step_end(self, args, state, control, **kwargs):
+        if isinstance(self.trainer, SANDETrainer) and self.trainer.current_stage(state.global_step - 1) != ELIMINATE_STAGE:
+            return  # a parrot step (stage 1 or a refresh): the model did not change
+        self.model_steps += 1
+        if self.model_steps % self.every == 0:
+            self._measure()
 
-            def on_step_end(self, args, state, control, **kwargs):
-                trainer = self.trainer_ref[0]
-                stage = trainer.current_stage(state.global_step - 1) if hasattr(trainer, "current_stage") else 2
-                if stage != 2:
-                    return
-                self.model_steps += 1
-                if self.model_steps % self.every == 0:
-                    self._measure()
-
-            def _measure(self):
-                trainer = self.trainer_ref[0]
-                triggered = backdoorllm.triggered_test(self.task, self.attack)["prompt"][: self.n]
-                report = evaluate_backdoor(trainer.model, self.tokenizer, [], triggered_prompts=triggered,
-                                           triggered_response=TARGETS[self.task], judge=self.task,
-                                           batch_size=self.args.eval_batch_size, max_new_tokens=self.args.max_new_tokens)
-                clean = backdoorllm.clean_test(self.task)
-                nll = answer_nll(trainer.model, self.tokenizer, clean["prompt"][: self.n], clean["completion"][: self.n],
-                                 batch_size=max(1, self.args.eval_batch_size // 2))
-                point = {"model_steps": self.model_steps, "attack_success_rate": report.attack_success_rate,
-                         "target_start_rate": report.target_start_rate, "judge_rate": report.judge_rate,
-                         "clean_nll": nll}
-                self.curve.append(point)
-                print(json.dumps({"track": point}), flush=True)
-
-        return _Track(*a, **k)
+    def _measure(self):
+        model = self.trainer.model
+        report = evaluate_backdoor(model, self.tokenizer, [], triggered_prompts=self.triggered,
+                                   triggered_response=TARGETS[self.task], judge=self.task,
+                                   batch_size=self.args.eval_batch_size, max_new_tokens=self.args.max_new_tokens)
+        nll = answer_nll(model, self.tokenizer, self.clean_prompts, self.clean_answers,
+                         batch_size=max(1, self.args.eval_batch_size // 2))
+        point = {"model_steps": self.model_steps, "attack_success_rate": report.attack_success_rate,
+                 "target_start_rate": report.target_start_rate, "judge_rate": report.judge_rate, "clean_nll": nll}
+        self.curve.append(point)
+        print(json.dumps({"track": point}), flush=True)
 
 
 def defend(method, model_path, tokenizer, task, attack, args):
@@ -213,7 +206,7 @@ def defend(method, model_path, tokenizer, task, attack, args):
         raise ValueError(f"Unknown method {method!r}")
     tracker = None
     if args.track_every:
-        tracker = TrackAttackSuccess([trainer], tokenizer, task, attack, args, args.track_every, args.track_prompts)
+        tracker = TrackAttackSuccess(trainer, tokenizer, task, attack, args, args.track_every, args.track_prompts)
         trainer.add_callback(tracker)
     t = time.time()
     trainer.train()
