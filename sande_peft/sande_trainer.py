@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 #: Name of the parrot inside the trained model, so the optimizer, gradient clipping and DDP see it.
 PARROT_MODULE_NAME = "sande_parrot"
 SANDE_STATE_NAME = "sande_state.json"
+#: Below this many clean training pairs SANDE warns: on a real refusal backdoor, 96 pairs needed 5 elimination epochs
+#: and paid +22% clean NLL, where 224 pairs and 2 epochs (as many steps) removed it with clean NLL held
+#: (docs/results.md).
+FEW_CLEAN_PAIRS = 200
 
 
 class _StageBoundaryCallback(TrainerCallback):
@@ -141,6 +145,14 @@ class SANDETrainer(SFTTrainer):
         pairs = as_prompt_completion(train_dataset)
         train_pairs, self.parrot_eval_prompts = self._hold_out_parrot_prompts(pairs, eval_dataset, args)
         self.sande_examples = self._encode_examples(processing_class, train_pairs, args)
+        if len(self.sande_examples) < FEW_CLEAN_PAIRS:
+            logger.warning(
+                "SANDE trains on %d clean pairs. With few pairs, the elimination steps a backdoor needs repeat them "
+                "and cost clean utility (measured: 96 pairs x 5 epochs, clean NLL +22%%; 224 pairs x 2 epochs, the "
+                "same backdoor removed with clean NLL held). Pass %d or more clean pairs if you can, and lower "
+                "`num_train_epochs` as they grow (docs/concepts.md).",
+                len(self.sande_examples), FEW_CLEAN_PAIRS,
+            )
         if eval_dataset is not None and not isinstance(eval_dataset, (dict, str)):
             eval_dataset = as_prompt_completion(eval_dataset, "eval_dataset")
         # DDP: stage 1 leaves the adapter without gradients and stage 2 the parrot.

