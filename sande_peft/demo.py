@@ -149,9 +149,10 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
         output_dir=str(out / "sande-adapter"), triggered_response=settings.target,
         parrot_num_train_epochs=settings.parrot_epochs, num_train_epochs=settings.eliminate_epochs,
         learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
-        parrot_learning_rate=settings.parrot_learning_rate, parrot_refresh_steps=settings.parrot_refresh_steps, per_device_train_batch_size=settings.batch_size,
-        max_length=settings.max_length, parrot_eval_size=16, seed=settings.seed, use_cpu=True, bf16=False,
-        gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=10,
+        parrot_learning_rate=settings.parrot_learning_rate, parrot_refresh_steps=settings.parrot_refresh_steps,
+        per_device_train_batch_size=settings.batch_size, max_length=settings.max_length, parrot_eval_size=16,
+        seed=settings.seed, use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no",
+        report_to="none", logging_steps=10,
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
     trainer = SANDETrainer(model=backdoored, args=config, train_dataset=defender_data, processing_class=tokenizer,

@@ -12,8 +12,8 @@ from trl import SFTConfig, SFTTrainer
 from sande_peft import SANDEConfig, SANDETrainer
 from sande_peft.data import DatasetFormatError
 from sande_peft.loading import load_sande
-from sande_peft.sande_trainer import FEW_CLEAN_PAIRS
 from sande_peft.evaluation import generate_texts
+from sande_peft.sande_trainer import FEW_CLEAN_PAIRS
 
 from .conftest import bnb_4bit_config, lora
 
