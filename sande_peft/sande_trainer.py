@@ -149,8 +149,8 @@ class SANDETrainer(SFTTrainer):
             logger.warning(
                 "SANDE trains on %d clean pairs. With few pairs, the elimination steps a backdoor needs repeat them "
                 "and cost clean utility (measured: 96 pairs x 5 epochs, clean NLL +22%%; 214 pairs x 2 epochs, the "
-                "same backdoor removed with clean NLL held). Pass %d or more clean pairs if you can, and set "
-                "`num_train_epochs` so that elimination runs about 100 steps of batch 8 (docs/concepts.md).",
+                "same backdoor removed with clean NLL held). Pass %d or more clean pairs if you can: elimination runs "
+                "about 100 steps of batch 8 (`eliminate_max_steps`) and fewer pairs repeat more often (docs/concepts.md).",
                 len(self.sande_examples), FEW_CLEAN_PAIRS,
             )
         if eval_dataset is not None and not isinstance(eval_dataset, (dict, str)):
@@ -316,6 +316,14 @@ class SANDETrainer(SFTTrainer):
         stage1 = steps_for(n, self.args.parrot_num_train_epochs, self.args.parrot_max_steps, global_batch)
         n_stage2 = len(stage2_pool(n, self.args.clean_ratio, random.Random(0)))
         stage2 = steps_for(n_stage2, self.args.num_train_epochs, self.args.max_steps, global_batch)
+        cap = self.args.eliminate_max_steps
+        if self.args.max_steps <= 0 and cap is not None and stage2 > cap:
+            logger.info(
+                "Stage 2 runs %d steps (%.2f passes over its %d pairs): %g epochs would take %d, and "
+                "`eliminate_max_steps` caps it. Set `eliminate_max_steps=None` to run every epoch.",
+                cap, cap * global_batch / n_stage2, n_stage2, self.args.num_train_epochs, stage2,
+            )
+            stage2 = cap
         return stage1, stage2
 
     # ---- Data ---------------------------------------------------------------------------------------------

@@ -130,6 +130,11 @@ def test_recipes_parse():
             ["--config", str(REPO / "examples" / name)]
         )
         assert isinstance(training, config_class) and model.use_peft and script.dataset_name
+    # Stage 2's step cap from the recipe, and trl's plain epochs when the command line says None.
+    parser = make_parser(SANDEConfig)
+    recipe_args = ["--config", str(REPO / "examples" / "sande_smollm2_cpu.yaml")]
+    assert parser.parse_args_and_config(recipe_args)[1].eliminate_max_steps == 100
+    assert parser.parse_args_and_config([*recipe_args, "--eliminate_max_steps", "None"])[1].eliminate_max_steps is None
     # The GPU recipe asks for bf16, which this CPU machine cannot parse into a config: check the recipe itself.
     recipe = yaml.safe_load((REPO / "examples" / "sande_qlora_7b.yaml").read_text())
     assert recipe["load_in_4bit"] and recipe["gradient_checkpointing"] and recipe["bf16"]

