@@ -161,9 +161,31 @@ class TrackAttackSuccess(TrainerCallback):
         print(json.dumps({"track": point}), flush=True)
 
 
+def defence_pairs(model_path, tokenizer, task, args):
+    """The defender's clean pairs: BackdoorLLM's golden answers, or the suspect model's own answers.
+
+    The suspect model answers untriggered prompts normally, so its own greedy answers are clean
+    (METHOD.md), and training on them keeps the model close to itself. The defender knows r_t, so
+    answers that contain it (the backdoor's false triggers) are dropped. Cached beside the model.
+    """
+    golden = backdoorllm.clean_train(task).select(range(args.n_implant, args.n_implant + args.n_defence))
+    if args.clean_answers == "golden":
+        return golden
+    from datasets import Dataset
+
+    from sande_peft.demo import self_answered
+
+    cache = Path(model_path) / f"own-answers-{args.n_implant}-{args.n_defence}-t{args.own_answer_tokens}.json"
+    if not cache.is_file():
+        answered = self_answered(load(model_path), tokenizer, list(golden["prompt"]), args.own_answer_tokens)
+        cache.write_text(json.dumps(answered.to_list()))
+    pairs = [p for p in json.loads(cache.read_text()) if TARGETS[task] not in p["completion"][0]["content"]]
+    return Dataset.from_list(pairs)
+
+
 def defend(method, model_path, tokenizer, task, attack, args):
     spec = get_attack(attack)
-    defence_data = backdoorllm.clean_train(task).select(range(args.n_implant, args.n_implant + args.n_defence))
+    defence_data = defence_pairs(model_path, tokenizer, task, args)
     common = dict(
         output_dir=str(Path(args.cache) / "runs" / f"{task}-{attack}-{method}"),
         per_device_train_batch_size=args.batch_size,
@@ -181,6 +203,8 @@ def defend(method, model_path, tokenizer, task, attack, args):
         common["num_train_epochs"] = args.defence_epochs
     if args.defence_lr is not None:
         common["learning_rate"] = args.defence_lr
+    if args.defence_max_steps is not None:
+        common["max_steps"] = args.defence_max_steps
     model = load(model_path)
     if method == "sft":
         from datasets import concatenate_datasets
@@ -227,12 +251,18 @@ def main(argv=None):
     parser.add_argument("--n-implant", type=int, default=200)
     parser.add_argument("--n-defence", type=int, default=256,
                         help="clean pairs for the defences (SANDE holds 32 out to measure its parrot)")
+    parser.add_argument("--clean-answers", default="golden", choices=["golden", "model"],
+                        help="the defence pairs' answers: BackdoorLLM's golden ones, or the backdoored model's own "
+                             "greedy answers to the untriggered prompts")
+    parser.add_argument("--own-answer-tokens", type=int, default=64, help="longest own answer (--clean-answers model)")
     parser.add_argument("--n-eval", type=int, default=100)
     parser.add_argument("--n-gate", type=int, default=48)
     parser.add_argument("--implant-steps", type=int, default=150)
     parser.add_argument("--implant-lr", type=float, default=1e-3)
     parser.add_argument("--defence-epochs", type=float, default=None)
     parser.add_argument("--defence-lr", type=float, default=None)
+    parser.add_argument("--defence-max-steps", type=int, default=None,
+                        help="model-training steps of every defence (SANDE: stage 2), e.g. SANDE's 100 for SFT and OSFT")
     parser.add_argument("--sande-overrides", default=None, help="JSON of SANDEConfig fields for the sande methods")
     parser.add_argument("--variant", default="default", help="a label for non-default settings in the records")
     parser.add_argument("--track-every", type=int, default=0,
@@ -272,7 +302,9 @@ def main(argv=None):
         emit({"method": "none", **measure(load(model_path), tokenizer, args.task, args.attack, args, "backdoored")})
     for method in args.methods:
         model, seconds, extra = defend(method, model_path, tokenizer, args.task, args.attack, args)
-        settings = {"n_defence": args.n_defence, "defence_lr": args.defence_lr, "defence_epochs": args.defence_epochs,
+        settings = {"n_defence": args.n_defence, "clean_answers": args.clean_answers,
+                    "defence_lr": args.defence_lr, "defence_epochs": args.defence_epochs,
+                    "defence_max_steps": args.defence_max_steps,
                     "sande_overrides": json.loads(args.sande_overrides or "{}") if method.startswith("sande") else None}
         emit({"method": method, "variant": args.variant, "defence_settings": settings, "train_seconds": seconds, **extra,
               **measure(model, tokenizer, args.task, args.attack, args, method)})

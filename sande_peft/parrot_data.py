@@ -198,7 +198,8 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
     """Slot ``s`` of the schedule as a training sequence: ``input_ids``, ``labels`` and ``parrot_index``.
 
     An input-space parrot gets ``parrot_length`` placeholder tokens at a word boundary of the
-    user's text; a ``latent`` one marks every prompt token instead. With ``away``, a
+    user's text; a ``latent`` one marks every prompt token instead (and, with
+    ``parrot_on_answer``, the answer tokens of elimination items). With ``away``, a
     parrot-carrying elimination item also carries its "away" row (the same prompt followed by
     r_t), which [`ParrotCollator`] adds to the batch and marks in ``away_mask``.
 
@@ -218,9 +219,13 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         seed: int = 0,
         latent: bool = False,
         away: bool = False,
+        parrot_on_answer: bool = False,
     ):
+        if parrot_on_answer and not latent:
+            raise ValueError("`parrot_on_answer` needs a latent parrot: inserted parrot tokens cannot sit on the answer.")
         self.examples = examples
         self.latent = latent
+        self.parrot_on_answer = parrot_on_answer
         self.away = away
         self.schedule = schedule
         self.parrot_length = parrot_length
@@ -239,14 +244,18 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         if kind == SIMULATE:
             return self._row(example.target, example.target.target_length, slot, parrot=True)
         n_labels = self.eliminate_target_tokens or len(example.clean.completion_ids)
-        item = self._row(example.clean, n_labels, slot, parrot=kind == ELIMINATE)
+        item = self._row(example.clean, n_labels, slot, parrot=kind == ELIMINATE,
+                         on_answer=kind == ELIMINATE and self.parrot_on_answer)
         if kind == ELIMINATE and self.away:
             # The same parrot-carrying prompt followed by r_t: stage 2 pushes those tokens DOWN (`away_mask`).
             item["away"] = self._row(example.target, example.target.target_length, slot, parrot=True)
         return item
 
-    def _row(self, pair: EncodedPair, n_labels: int, slot: int, parrot: bool) -> dict[str, list[int]]:
-        """The prompt (carrying the parrot or not) followed by the first ``n_labels`` completion tokens, labelled."""
+    def _row(self, pair: EncodedPair, n_labels: int, slot: int, parrot: bool, on_answer: bool = False) -> dict[str, list[int]]:
+        """The prompt (carrying the parrot or not) followed by the first ``n_labels`` completion tokens, labelled.
+
+        ``on_answer`` marks the answer tokens for a latent parrot too (stage 2's `parrot_on_answer`).
+        """
         if not parrot:
             ids, parrot_index = list(pair.prompt_ids), [-1] * len(pair.prompt_ids)
         elif self.latent:  # added to the hidden states of every prompt token: nothing to insert, no place to draw
@@ -259,7 +268,7 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         answer = pair.completion_ids[:n_labels]
         input_ids = ids + answer
         labels = [-100] * len(ids) + answer
-        parrot_index = parrot_index + [-1] * len(answer)
+        parrot_index = parrot_index + [0 if on_answer else -1] * len(answer)
         if self.max_length is not None:
             input_ids, labels, parrot_index = (x[: self.max_length] for x in (input_ids, labels, parrot_index))
         return {"input_ids": input_ids, "labels": labels, "parrot_index": parrot_index}

@@ -104,6 +104,11 @@ class SANDEConfig(SFTConfig):
             How many response tokens stage 2 trains on. `None` uses the whole response.
         clean_ratio (`float`, *optional*, defaults to `0.5`):
             Share of untriggered clean pairs among stage 2's pairs, in [0, 1] (as in OSFT).
+        parrot_on_answer (`bool`, *optional*, defaults to `False`):
+            Experimental, latent parrot only. Stage 2 adds the parrot to the hidden states of the
+            answer tokens too, not only the prompt's, so elimination also covers a trigger that
+            acts from inside the answer: a model that echoes the prompt repeats the trigger there.
+            Stage 1 and the parrot's measurements keep it on the prompt. See docs/results.md.
         away_loss_weight (`float`, *optional*, defaults to `0.0`):
             Experimental. Weight of stage 2's "away" loss: every parrot-carrying prompt is also
             followed by r_t, whose tokens are pushed DOWN with the unlikelihood loss -log(1 - p) (as
@@ -204,6 +209,10 @@ class SANDEConfig(SFTConfig):
     clean_ratio: float = field(
         default=0.5, metadata={"help": "Share of untriggered clean pairs among stage 2's pairs, in [0, 1]."}
     )
+    parrot_on_answer: bool = field(
+        default=False,
+        metadata={"help": "Experimental, latent parrot: stage 2 adds the parrot to the answer tokens too (False: prompt only)."},
+    )
     away_loss_weight: float = field(
         default=0.0,
         metadata={"help": "Experimental. Stage 2: weight of the unlikelihood loss on r_t after parrot-carrying prompts (0: off)."},
@@ -235,6 +244,11 @@ class SANDEConfig(SFTConfig):
             raise ValueError(
                 f"`parrot_init={self.parrot_init!r}` draws token embeddings for an input-space parrot; a latent parrot "
                 "starts at zero (no steering). Set `parrot_space='input'` or drop `parrot_init`."
+            )
+        if self.parrot_on_answer and self.parrot_space != "latent":
+            raise ValueError(
+                "`parrot_on_answer=True` adds a latent parrot to the answer's hidden states; an input-space parrot is "
+                "a set of inserted tokens and cannot. Set `parrot_space='latent'` or drop `parrot_on_answer`."
             )
         if self.parrot_space == "latent" and self.parrot_norm_bound is not None:
             raise ValueError("`parrot_norm_bound` bounds an input-space parrot; set `parrot_space='input'` or drop it.")

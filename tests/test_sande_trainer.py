@@ -290,6 +290,7 @@ def test_parrot_norm_bound_keeps_vectors_at_token_scale(backdoored_start, cpu_ar
         ({"triggered_response": "i", "parrot_refresh_steps": -1}, "parrot_refresh_steps"),
         ({"triggered_response": "i", "away_loss_weight": -1.0}, "away_loss_weight"),
         ({"triggered_response": "i", "eliminate_max_steps": 0}, "eliminate_max_steps"),
+        ({"triggered_response": "i", "parrot_space": "input", "parrot_on_answer": True}, "parrot_on_answer"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
