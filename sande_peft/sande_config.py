@@ -108,7 +108,10 @@ class SANDEConfig(SFTConfig):
             Experimental, latent parrot only. Stage 2 adds the parrot to the hidden states of the
             answer tokens too, not only the prompt's, so elimination also covers a trigger that
             acts from inside the answer: a model that echoes the prompt repeats the trigger there.
-            Stage 1 and the parrot's measurements keep it on the prompt. See docs/results.md.
+            Stage 1 and the parrot's measurements keep it on the prompt. On SmolLM2-135M's
+            negsentiment/badnet backdoor, whose model echoes the instruction first, it halved what
+            the defaults left (10% -> 5%, clean NLL +3.7%; docs/results.md). Measured there only,
+            so not a default yet.
         away_loss_weight (`float`, *optional*, defaults to `0.0`):
             Experimental. Weight of stage 2's "away" loss: every parrot-carrying prompt is also
             followed by r_t, whose tokens are pushed DOWN with the unlikelihood loss -log(1 - p) (as
