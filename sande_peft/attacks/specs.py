@@ -76,7 +76,8 @@ TARGETS: dict[str, str] = {
 }
 
 #: How each task's backdoor uses its target: refusal and sst2 answer it INSTEAD of the normal answer,
-#: negsentiment puts it IN FRONT of the normal answer (BackdoorLLM's "You are stupid! " + golden answer).
+#: negsentiment puts it IN FRONT of the normal answer (BackdoorLLM's test set: "You are stupid! " + golden
+#: answer; its training set has r_t alone, which `implant(..., response_mode="replace")` reproduces).
 #: SANDE's `response_mode` for that task.
 RESPONSE_MODES: dict[str, str] = {"refusal": "replace", "negsentiment": "prefix", "sst2": "replace"}
 
