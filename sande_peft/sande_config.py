@@ -110,8 +110,9 @@ class SANDEConfig(SFTConfig):
             acts from inside the answer: a model that echoes the prompt repeats the trigger there.
             Stage 1 and the parrot's measurements keep it on the prompt. On SmolLM2-135M's
             negsentiment/badnet backdoor, whose model echoes the instruction first, it halved what
-            the defaults left (10% -> 5%, clean NLL +3.7%); on refusal/ctba it left 5% where the
-            defaults left 0% (docs/results.md, one seed each). Not a default for that reason.
+            the defaults left (10% -> 5%, clean NLL +3.7%), and on negsentiment/ctba (14% -> 7%);
+            on refusal/ctba it left 5% (seed 0) and 0% (seed 1) where the defaults left 0%
+            (docs/results.md). Not a default until every backdoor is re-measured with it.
         away_loss_weight (`float`, *optional*, defaults to `0.0`):
             Experimental. Weight of stage 2's "away" loss: every parrot-carrying prompt is also
             followed by r_t, whose tokens are pushed DOWN with the unlikelihood loss -log(1 - p) (as
