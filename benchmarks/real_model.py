@@ -238,6 +238,8 @@ def defend(method, model_path, tokenizer, task, attack, args):
     seconds = round(time.time() - t, 1)  # includes the tracker's measurements, if any
     extra = {"parrot_success": getattr(trainer, "parrot_success", None), "steps": trainer.state.global_step,
              "eliminate_steps": getattr(trainer, "stage2_steps", None)}
+    if isinstance(trainer, SANDETrainer):
+        extra["echo_rate"], extra["echo_rows"] = trainer.echo_rate, trainer.uses_echo_rows()
     if tracker is not None:
         extra["attack_success_curve"] = tracker.curve
     return trainer.model, seconds, extra

