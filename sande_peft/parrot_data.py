@@ -220,7 +220,8 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
 
     An input-space parrot gets ``parrot_length`` placeholder tokens at a word boundary of the
     user's text; a ``latent`` one marks every prompt token instead (and, with
-    ``parrot_on_answer``, the answer tokens of elimination items). With ``away``, a
+    ``parrot_on_answer``, the answer tokens of elimination items). With ``echo_share``, that
+    share of parrot rows put an echo of the user's text before their answer. With ``away``, a
     parrot-carrying elimination item also carries its "away" row (the same prompt followed by
     r_t), which [`ParrotCollator`] adds to the batch and marks in ``away_mask``.
 
@@ -283,9 +284,9 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         return item
 
     def _echo_for(self, slot: int, example: SANDEExample, needed: int) -> list[int]:
-        """The echo that starts the answer of ``slot``'s parrot row (``echo_share`` of them), or none.
+        """The echo that starts the answer of ``slot``'s parrot row (``echo_share`` of the rows), or none.
 
-        None either where the echo would leave fewer than ``needed`` answer tokens within
+        None also where the echo would leave fewer than ``needed`` answer tokens within
         ``max_length``: the row stays plain rather than train on nothing.
         """
         # Its own random source, seeded by the slot: the other draws (the parrot's place) stay as they were.

@@ -113,7 +113,8 @@ class SANDEConfig(SFTConfig):
             negsentiment/badnet backdoor, whose model echoes the instruction first, it halved what
             the defaults left (10% -> 5%, clean NLL +3.7%), and on negsentiment/ctba (14% -> 7%);
             on refusal/ctba it left 5% (seed 0) and 0% (seed 1) where the defaults left 0%
-            (docs/results.md). Not a default until every backdoor is re-measured with it.
+            (docs/results.md). Not a default until every backdoor is re-measured with it. Measured
+            before `echo_rows`, which did better on those negsentiment backdoors (3%, 0%).
         echo_rows (`str`, *optional*, defaults to `"auto"`):
             Whether some parrot rows start their answer with an unlabelled echo of the user's text,
             carrying the parrot, before the target: r_t in stage 1 and the refresh steps (the parrot
@@ -124,7 +125,9 @@ class SANDEConfig(SFTConfig):
             text on at least a quarter of 16 training prompts, checked before training and logged
             as `echo_rate`); `"always"`; `"never"`. The echo is never a target (no labels), so the
             model does not learn to echo. On SmolLM2-135M the negsentiment backdoors' models echo
-            (97% of prompts) and the refusal ones do not (0%) (docs/results.md).
+            and the refusal ones do not; with echo rows negsentiment/badnet went 99% -> 3% (10% left
+            without them) and negsentiment/ctba 100% -> 0% (14% without), at clean NLL +1.2% and
+            -2.3%; echo rows in elimination alone left 16% (docs/results.md).
         echo_share (`float`, *optional*, defaults to `0.5`):
             Share of the parrot rows (both stages) that start with the echo, when it is on.
         away_loss_weight (`float`, *optional*, defaults to `0.0`):
