@@ -397,5 +397,11 @@ def test_echo_rows_are_on_only_for_a_model_that_echoes_the_prompt(backdoored_sta
     echoing = make()
     assert echoing.uses_echo_rows() is True and echoing.echo_rate == 0.9
     assert echoed_rows(echoing) > 0
+    # a resumed run replays the saved decision, whatever the model answers now
+    echoing.save_model(str(Path(cpu_args["output_dir"]) / "echoing"))
+    monkeypatch.setattr("sande_peft.sande_trainer.echo_rate", lambda *a, **k: 0.0)
+    resumed = make()
+    resumed._check_resume_matches(str(Path(cpu_args["output_dir"]) / "echoing"))
+    assert resumed.uses_echo_rows() is True and resumed.echo_rate == 0.9
     assert make(echo_rows="always").uses_echo_rows() is True
     assert make(echo_rows="never").uses_echo_rows() is False
