@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .data import user_text
+from .evaluation.generation import generate_texts
+from .evaluation.judges import normalize_text
 
 #: Words of the user's text an answer must start with to count as an echo.
 ECHO_WORDS = 6
@@ -35,14 +37,10 @@ def echo_text(prompt: str | list[dict]) -> str:
     return user_text(prompt).strip() + "\n\n"
 
 
-def _words(text: str) -> list[str]:
-    return text.lower().split()
-
-
 def starts_with_echo(answer: str, prompt: str | list[dict], n_words: int = ECHO_WORDS) -> bool:
     """Whether ``answer`` begins with the first ``n_words`` words of the prompt's user text (case and spacing aside)."""
-    expected = _words(user_text(prompt))[:n_words]
-    return bool(expected) and _words(answer)[: len(expected)] == expected
+    expected = normalize_text(user_text(prompt)).split()[:n_words]
+    return bool(expected) and normalize_text(answer).split()[: len(expected)] == expected
 
 
 def echo_rate(model, tokenizer, prompts: Sequence[str | list[dict]], batch_size: int = 16) -> float:
@@ -52,8 +50,6 @@ def echo_rate(model, tokenizer, prompts: Sequence[str | list[dict]], batch_size:
     >>> echo_rate(toy_model(), toy_tokenizer(), [[{"role": "user", "content": "w1 w2"}]])
     0.0
     """
-    from .evaluation.generation import generate_texts  # generation needs torch models; keep this module light
-
     if not prompts:
         return 0.0
     answers = generate_texts(model, tokenizer, list(prompts), max_new_tokens=ECHO_PROBE_TOKENS, batch_size=batch_size)
