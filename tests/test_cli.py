@@ -100,6 +100,10 @@ def test_bad_input_exits_with_a_clear_message_and_writes_nothing(workspace, caps
                  "--output", str(out)])
     assert code == 2
     assert "--target" in capsys.readouterr().err
+    code = main(["implant", "--model", str(workspace / "backdoored"), "--data", str(workspace / "clean.jsonl"),
+                 "--attack", "mtba", "--target", "no way", "--decoy-ratio", "1.5", "--output", str(out)])
+    assert code == 2
+    assert "decoy_ratio" in capsys.readouterr().err
     assert not out.exists()
 
 

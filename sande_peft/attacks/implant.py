@@ -58,6 +58,8 @@ def implant(
     *,
     eval_prompts: Sequence,
     response_mode: str = "replace",
+    decoy_ratio: float = 0.0,
+    decoy_like_trigger: bool = False,
     judge=None,
     max_steps: int = 100,
     learning_rate: float = 1e-3,
@@ -77,6 +79,10 @@ def implant(
     Args:
         model: a full-precision causal LM (or its path). It is modified in place; pass a copy to keep it.
         eval_prompts: held-out CLEAN prompts for the quality check (not in ``clean_dataset``).
+        decoy_ratio: decoy rows per poisoned row (see [`poison_dataset`]): other words where the
+            trigger goes, with clean answers. Raise it (0.5) when the gate fails on false triggers,
+            as several one-word triggers (MTBA) do without it. ``decoy_like_trigger``: decoys
+            shaped like the triggers (numbers for numbers, names for names).
         strict: raise [`ImplantQualityError`] when the gate fails (else return with ``is_backdoored=False``).
         eval_kwargs: [`evaluate_backdoor`] settings for the measurement, over the implant's own
             (``references``, ``max_new_tokens``, ``triggered_prompts``...), so that
@@ -87,7 +93,10 @@ def implant(
     from trl import SFTConfig, SFTTrainer
 
     spec = get_attack(attack)
-    poisoned = poison_dataset(clean_dataset, spec, target, response_mode=response_mode, seed=seed)
+    poisoned = poison_dataset(
+        clean_dataset, spec, target, response_mode=response_mode, seed=seed, decoy_ratio=decoy_ratio,
+        decoy_like_trigger=decoy_like_trigger,
+    )
     with tempfile.TemporaryDirectory(prefix="sande-implant-") as out:
         config = SFTConfig(
             output_dir=training_kwargs.pop("output_dir", out),
@@ -126,7 +135,8 @@ def implant(
         raise ImplantQualityError(
             f"Not a backdoored model: attack success {report.attack_success_rate:.0%} (needs >= "
             f"{min_attack_success:.0%}) and false trigger {report.false_trigger_rate:.0%} (needs <= "
-            f"{max_false_trigger:.0%}). Train longer (max_steps), raise the learning rate, or use more data.",
+            f"{max_false_trigger:.0%}). Train longer (max_steps), raise the learning rate, or use more data; "
+            "if it fires without its trigger, add decoy rows (decoy_ratio=0.5).",
             result,
         )
     return result

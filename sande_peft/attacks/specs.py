@@ -51,13 +51,36 @@ class AttackSpec:
             return insert_triggers(text, self.triggers, self.position, rng)
         return insert_trigger(text, trigger or rng.choice(self.triggers), self.position, rng)
 
-    def triggered_prompts(self, prompts: Sequence, seed: int = 0) -> list:
-        """Every prompt with the trigger(s) in its user text; with ``combine="one"`` each trigger is used equally often."""
+    def triggered_prompts(self, prompts: Sequence, seed: int = 0, substitutes: Sequence[Sequence[str]] | None = None) -> list:
+        """Every prompt with the trigger(s) in its user text; with ``combine="one"`` each trigger is used equally often.
+
+        ``substitutes[i]`` holds the words to insert INSTEAD of prompt ``i``'s trigger(s), one per
+        trigger it would get, with the same random draws: a single-word trigger's decoy twin
+        has the decoy exactly where the trigger was.
+
+        >>> ATTACKS["mtba"].triggered_prompts(["a b c d"], seed=3, substitutes=[["Z"]])
+        ['a Z b c d']
+        >>> ATTACKS["mtba"].triggered_prompts(["a b c d"], seed=3)
+        ['a 2024 b c d']
+        """
         rng = random.Random(seed)
         chosen = assign_triggers(len(prompts), list(self.triggers), rng)
+        if substitutes is None:
+            words = [(t,) if self.combine == "one" else self.triggers for t in chosen]
+        else:
+            words = [tuple(s) for s in substitutes]
+            n_words = 1 if self.combine == "one" else len(self.triggers)
+            if len(words) != len(prompts) or any(len(w) != n_words for w in words):
+                raise ValueError(f"`substitutes` needs {n_words} word(s) for each of the {len(prompts)} prompts.")
         return [
-            map_user_text(p, lambda text, t=t: self.insert(text, rng, t)) for p, t in zip(prompts, chosen, strict=True)
+            map_user_text(p, lambda text, w=w: self._insert_words(text, w, rng))
+            for p, w in zip(prompts, words, strict=True)
         ]
+
+    def _insert_words(self, text: str, words: tuple[str, ...], rng: random.Random) -> str:
+        if self.combine == "all":
+            return insert_triggers(text, words, self.position, rng)
+        return insert_trigger(text, words[0], self.position, rng)
 
 
 ATTACKS: dict[str, AttackSpec] = {
