@@ -83,7 +83,8 @@ def measure(model, tokenizer, task, attack, args, label):
 def backdoored_model(task, attack, tokenizer, args):
     """The implanted model, cached on disk so every method starts from the same weights."""
     decoys = f"-d{args.implant_decoys:g}{'-shaped' if args.implant_decoys_shaped else ''}" if args.implant_decoys else ""
-    cache = Path(args.cache) / f"backdoored-{task}-{attack}-s{args.implant_steps}{decoys}"
+    prompts = f"-n{args.n_implant}" if args.n_implant != 200 else ""
+    cache = Path(args.cache) / f"backdoored-{task}-{attack}-s{args.implant_steps}{decoys}{prompts}"
     gate_file = cache / "implant.json"
     if gate_file.is_file():
         gate = json.loads(gate_file.read_text())
@@ -123,6 +124,7 @@ def backdoored_model(task, attack, tokenizer, args):
         "implant_steps": args.implant_steps,
         "implant_decoy_ratio": args.implant_decoys,
         "implant_decoys_shaped": args.implant_decoys_shaped,
+        "implant_prompts": args.n_implant,
     }
     gate_file.write_text(json.dumps(gate, indent=2))
     return str(cache), gate
