@@ -13,7 +13,6 @@ Prints one JSON line per model.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import backdoorllm  # noqa: E402
-from real_model import REPO, load, machine  # noqa: E402
+from real_model import REPO, load, machine, print_record  # noqa: E402
 
 from sande_peft.echo import echo_rate  # noqa: E402
 from sande_peft.offline_models import smollm2_path  # noqa: E402
@@ -47,10 +46,7 @@ def main(argv=None):
             rate = echo_rate(load(folder), tokenizer, list(prompts))
         record = {"task": task, "attack": attack, "implant": steps, "model": "SmolLM2-135M-Instruct",
                   "machine": machine(), "n_prompts": args.prompts, "echo_rate": rate}
-        print(json.dumps(record), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        print_record(record, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Prints one JSON line per model and word ("(none)": the prompts as they are).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import backdoorllm  # noqa: E402
-from real_model import REPO, load, machine  # noqa: E402
+from real_model import REPO, load, machine, print_record  # noqa: E402
 
 from sande_peft.attacks import TARGETS  # noqa: E402
 from sande_peft.data import map_user_text  # noqa: E402
@@ -70,10 +69,7 @@ def main(argv=None):
                 rate = fire_rate(model, tokenizer, prompts, word, TARGETS[task], args.seed, args.max_new_tokens)
             record = {"task": task, "attack": attack, "implant": implant, "model": "SmolLM2-135M-Instruct",
                       "machine": machine(), "n_prompts": len(prompts), "word": word or "(none)", "fire_rate": rate}
-            print(json.dumps(record), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+            print_record(record, args.out)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,14 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CPU"
 
 
+def print_record(record: dict, out: str | None) -> None:
+    """Print one result as a JSON line, and append it to the JSON-lines file ``out`` if given."""
+    print(json.dumps(record), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def load(path):
     from transformers import AutoModelForCausalLM
 
@@ -304,11 +312,7 @@ def main(argv=None):
     case = {"task": args.task, "attack": args.attack, "machine": machine(), "model": "SmolLM2-135M-Instruct"}
 
     def emit(record):
-        record = {**case, **record}
-        print(json.dumps(record), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        print_record({**case, **record}, args.out)
 
     model_path, gate = backdoored_model(args.task, args.attack, tokenizer, args)
     emit({"method": "implant", **gate})

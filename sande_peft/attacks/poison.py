@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from datasets import Dataset
 
-from ..data import as_prompt_completion, assign_triggers, mix_counts, user_text
+from ..data import as_prompt_completion, mix_counts, user_text
 from .specs import AttackSpec, get_attack
 
 _DECOY_WORD = re.compile(r"[A-Za-z0-9][\w'-]*")
@@ -126,20 +126,17 @@ def word_shape(word: str) -> str:
 def _decoy_twins(prompts: list, spec: AttackSpec, decoys, like_trigger: bool, seed: int, rng: random.Random) -> list:
     """Each triggered prompt of ``poison_dataset`` again, with decoy words where its trigger(s) went."""
     pool = sorted(set(decoys)) if decoys is not None else decoy_words(prompts, spec)
-    clashing = [w for w in pool if _trigger_words(spec) & {part.lower() for part in w.split()}]
+    banned = _trigger_words(spec)
+    clashing = [w for w in pool if banned & {part.lower() for part in w.split()}]
     if clashing:
         raise ValueError(f"Decoys {clashing} contain a trigger word of {spec.name!r}; a decoy must not fire the backdoor.")
-    n_words = 1 if spec.combine == "one" else len(spec.triggers)
+    assigned = spec.assigned_triggers(len(prompts), seed)
+    n_words = max(map(len, assigned), default=1)
     if len(pool) < n_words:
         raise ValueError(f"Decoy rows need at least {n_words} distinct decoy words, got {len(pool)}: pass more `decoys`.")
     if not like_trigger:
-        substitutes = [rng.sample(pool, n_words) for _ in prompts]
+        substitutes = [rng.sample(pool, len(triggers)) for triggers in assigned]
     else:
-        # the triggers each prompt got: triggered_prompts draws them first from the same seed
-        chosen = assign_triggers(len(prompts), list(spec.triggers), random.Random(seed))
         shaped = {shape: [w for w in pool if word_shape(w) == shape] for shape in ("number", "capitalised", "lower")}
-        substitutes = [
-            [rng.choice(shaped[word_shape(t)] or pool) for t in ((c,) if spec.combine == "one" else spec.triggers)]
-            for c in chosen
-        ]
+        substitutes = [[rng.choice(shaped[word_shape(t)] or pool) for t in triggers] for triggers in assigned]
     return spec.triggered_prompts(prompts, seed=seed, substitutes=substitutes)

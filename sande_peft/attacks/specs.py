@@ -47,9 +47,8 @@ class AttackSpec:
 
     def insert(self, text: str, rng: random.Random, trigger: str | None = None) -> str:
         """``text`` with this attack's trigger(s) in it (``trigger`` picks one for ``combine="one"``)."""
-        if self.combine == "all":
-            return insert_triggers(text, self.triggers, self.position, rng)
-        return insert_trigger(text, trigger or rng.choice(self.triggers), self.position, rng)
+        words = self.triggers if self.combine == "all" else (trigger or rng.choice(self.triggers),)
+        return self._insert_words(text, words, rng)
 
     def triggered_prompts(self, prompts: Sequence, seed: int = 0, substitutes: Sequence[Sequence[str]] | None = None) -> list:
         """Every prompt with the trigger(s) in its user text; with ``combine="one"`` each trigger is used equally often.
@@ -63,19 +62,29 @@ class AttackSpec:
         >>> ATTACKS["mtba"].triggered_prompts(["a b c d"], seed=3)
         ['a 2024 b c d']
         """
-        rng = random.Random(seed)
-        chosen = assign_triggers(len(prompts), list(self.triggers), rng)
-        if substitutes is None:
-            words = [(t,) if self.combine == "one" else self.triggers for t in chosen]
-        else:
+        rng, words = self._draw_triggers(len(prompts), seed)
+        if substitutes is not None:
+            if len(substitutes) != len(prompts) or any(len(s) != len(w) for s, w in zip(substitutes, words)):
+                raise ValueError(f"`substitutes` needs {len(words[0])} word(s) for each of the {len(prompts)} prompts.")
             words = [tuple(s) for s in substitutes]
-            n_words = 1 if self.combine == "one" else len(self.triggers)
-            if len(words) != len(prompts) or any(len(w) != n_words for w in words):
-                raise ValueError(f"`substitutes` needs {n_words} word(s) for each of the {len(prompts)} prompts.")
         return [
             map_user_text(p, lambda text, w=w: self._insert_words(text, w, rng))
             for p, w in zip(prompts, words, strict=True)
         ]
+
+    def assigned_triggers(self, n: int, seed: int = 0) -> list[tuple[str, ...]]:
+        """The trigger(s) that ``triggered_prompts`` puts into each of ``n`` prompts with this ``seed``.
+
+        >>> ATTACKS["mtba"].assigned_triggers(1, seed=3)
+        [('2024',)]
+        """
+        return self._draw_triggers(n, seed)[1]
+
+    def _draw_triggers(self, n: int, seed: int) -> tuple[random.Random, list[tuple[str, ...]]]:
+        # the placements are drawn from the same generator afterwards, so it is returned too
+        rng = random.Random(seed)
+        chosen = assign_triggers(n, list(self.triggers), rng)
+        return rng, [(t,) if self.combine == "one" else self.triggers for t in chosen]
 
     def _insert_words(self, text: str, words: tuple[str, ...], rng: random.Random) -> str:
         if self.combine == "all":
