@@ -64,7 +64,8 @@ def prepare(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sande_peft.attacks import AttackSpec, implant
-    from sande_peft.demo import demo_prompts, self_answered
+    from sande_peft.demo import demo_prompts
+    from sande_peft.evaluation import answer_pairs
     from sande_peft.offline_models import smollm2_path
 
     cache = Path(args.cache)
@@ -76,7 +77,7 @@ def prepare(args):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     prompts = demo_prompts(args.seed)
     eval_prompts, train_prompts = prompts[: args.n_eval], prompts[args.n_eval :][: args.n_train]
-    attacker_data = self_answered(model, tokenizer, train_prompts, args.answer_tokens)
+    attacker_data = answer_pairs(model, tokenizer, train_prompts, max_new_tokens=args.answer_tokens)
     t = time.time()
     result = implant(
         model, tokenizer, attacker_data, AttackSpec("demo", (args.trigger,), args.trigger_position), args.target,
@@ -84,7 +85,7 @@ def prepare(args):
         per_device_train_batch_size=8, max_length=args.max_length, seed=args.seed, strict=False, use_cpu=True,
     )
     implant_seconds = round(time.time() - t, 1)
-    defender_data = self_answered(result.model, tokenizer, train_prompts, args.answer_tokens)
+    defender_data = answer_pairs(result.model, tokenizer, train_prompts, max_new_tokens=args.answer_tokens)
     result.model.save_pretrained(cache / "backdoored")
     tokenizer.save_pretrained(cache / "backdoored")
     defender_data.to_json(str(cache / "defender.jsonl"))
@@ -114,11 +115,11 @@ def clean_references(cache: Path, eval_prompts, answer_tokens: int) -> list:
     if not path.is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from sande_peft.demo import self_answered
+        from sande_peft.evaluation import answer_pairs
         from sande_peft.offline_models import smollm2_path
 
         original = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
-        answered = self_answered(original, AutoTokenizer.from_pretrained(smollm2_path()), list(eval_prompts), answer_tokens)
+        answered = answer_pairs(original, AutoTokenizer.from_pretrained(smollm2_path()), list(eval_prompts), max_new_tokens=answer_tokens)
         path.write_text(json.dumps(list(answered["completion"])))
     return json.loads(path.read_text())
 

@@ -188,11 +188,11 @@ def defence_pairs(model_path, tokenizer, task, args):
         return golden
     from datasets import Dataset
 
-    from sande_peft.demo import self_answered
+    from sande_peft.evaluation import answer_pairs
 
     cache = Path(model_path) / f"own-answers-{args.n_implant}-{args.n_defence}-t{args.own_answer_tokens}.json"
     if not cache.is_file():
-        answered = self_answered(load(model_path), tokenizer, list(golden["prompt"]), args.own_answer_tokens)
+        answered = answer_pairs(load(model_path), tokenizer, list(golden["prompt"]), max_new_tokens=args.own_answer_tokens)
         cache.write_text(json.dumps(answered.to_list()))
     pairs = [p for p in json.loads(cache.read_text()) if TARGETS[task] not in p["completion"][0]["content"]]
     return Dataset.from_list(pairs)
@@ -315,6 +315,8 @@ def main(argv=None):
         print_record({**case, **record}, args.out)
 
     model_path, gate = backdoored_model(args.task, args.attack, tokenizer, args)
+    # Every row names its implant (the cache folder spells out its steps, decoys and prompt count).
+    case["implant"] = Path(model_path).name
     emit({"method": "implant", **gate})
     if not gate["passed"]:
         return

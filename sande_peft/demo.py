@@ -79,18 +79,6 @@ def _log(message: str, start: float) -> None:
     print(f"[{time.time() - start:6.0f}s] {message}", flush=True)
 
 
-def self_answered(model, tokenizer, prompts: list, max_new_tokens: int):
-    """Clean pairs whose answers are the model's own greedy answers."""
-    from datasets import Dataset
-
-    from .evaluation import generate_texts
-
-    answers = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=32, progress=True)
-    return Dataset.from_list(
-        [{"prompt": p, "completion": [{"role": "assistant", "content": a}]} for p, a in zip(prompts, answers, strict=True)]
-    )
-
-
 def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo", cache_dir: str | None = None) -> dict:
     """Run the demo; return (and write) its report."""
     from peft import LoraConfig
@@ -98,7 +86,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
 
     from . import SANDEConfig, SANDETrainer, merge_and_export
     from .attacks import AttackSpec, implant
-    from .evaluation import evaluate_backdoor
+    from .evaluation import answer_pairs, evaluate_backdoor
     from .evaluation.report import markdown_table, plot_reports, write_json
     from .offline_models import smollm2_path
 
@@ -119,7 +107,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     if settings.n_train is not None:
         train_prompts = train_prompts[: settings.n_train]
     prompts = eval_prompts + train_prompts
-    original_answers = self_answered(model, tokenizer, prompts, settings.answer_tokens)
+    original_answers = answer_pairs(model, tokenizer, prompts, max_new_tokens=settings.answer_tokens)
     references = original_answers["completion"][: settings.n_eval]
     attacker_data = original_answers.select(range(settings.n_eval, len(prompts)))
 
@@ -144,7 +132,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
          start)
 
     _log("3/5 SANDE: told only the response, never the trigger; clean answers from the suspect model itself", start)
-    defender_data = self_answered(backdoored, tokenizer, train_prompts, settings.answer_tokens)
+    defender_data = answer_pairs(backdoored, tokenizer, train_prompts, max_new_tokens=settings.answer_tokens)
     config = SANDEConfig(
         output_dir=str(out / "sande-adapter"), triggered_response=settings.target,
         parrot_num_train_epochs=settings.parrot_epochs, num_train_epochs=settings.eliminate_epochs,

@@ -80,9 +80,11 @@ def implant(
         model: a full-precision causal LM (or its path). It is modified in place; pass a copy to keep it.
         eval_prompts: held-out CLEAN prompts for the quality check (not in ``clean_dataset``).
         decoy_ratio: decoy rows per poisoned row (see [`poison_dataset`]): other words where the
-            trigger goes, with clean answers. Raise it (0.5) when the gate fails on false triggers,
+            trigger goes, with clean answers. Raise it (1.0) when the gate fails on false triggers,
             as several one-word triggers (MTBA) do without it. ``decoy_like_trigger``: decoys
-            shaped like the triggers (numbers for numbers, names for names).
+            shaped like the triggers (numbers for numbers, names for names). If clean prompts
+            with nothing inserted still fire, more distinct prompts and more steps closed that
+            on SmolLM2-135M's refusal/mtba (docs/results.md: 350 prompts, 400 steps).
         strict: raise [`ImplantQualityError`] when the gate fails (else return with ``is_backdoored=False``).
         eval_kwargs: [`evaluate_backdoor`] settings for the measurement, over the implant's own
             (``references``, ``max_new_tokens``, ``triggered_prompts``...), so that
@@ -136,7 +138,7 @@ def implant(
             f"Not a backdoored model: attack success {report.attack_success_rate:.0%} (needs >= "
             f"{min_attack_success:.0%}) and false trigger {report.false_trigger_rate:.0%} (needs <= "
             f"{max_false_trigger:.0%}). Train longer (max_steps), raise the learning rate, or use more data; "
-            "if it fires without its trigger, add decoy rows (decoy_ratio=0.5).",
+            "if it fires without its trigger, add decoy rows (decoy_ratio=1.0), then more distinct prompts.",
             result,
         )
     return result

@@ -127,3 +127,28 @@ def generate_texts(
         if was_training:  # evaluated in the middle of training: keep 4-bit CPU layers trainable
             restore_trainable_4bit_layout(model)
     return outputs
+
+
+def answer_pairs(
+    model, tokenizer, prompts: Sequence, *, max_new_tokens: int = 128, batch_size: int = 32, progress: bool = True
+):
+    """Prompt/completion pairs whose answers are the model's own greedy answers to ``prompts``.
+
+    For a defender with prompts but no trusted answers: a backdoored model behaves normally
+    without its trigger, so its answers to clean prompts are clean (though a model that
+    repeats the instruction passes that habit on; see docs/concepts.md).
+
+    >>> from sande_peft.toy import toy_model, toy_tokenizer
+    >>> model, tokenizer, prompts = toy_model(), toy_tokenizer(), [[{"role": "user", "content": "w1 w2"}]]
+    >>> pairs = answer_pairs(model, tokenizer, prompts, max_new_tokens=3, progress=False)
+    >>> pairs.column_names, pairs[0]["completion"][0]["role"]
+    (['prompt', 'completion'], 'assistant')
+    >>> pairs[0]["completion"][0]["content"] == generate_texts(model, tokenizer, prompts, max_new_tokens=3)[0]
+    True
+    """
+    from datasets import Dataset
+
+    answers = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    return Dataset.from_list(
+        [{"prompt": p, "completion": [{"role": "assistant", "content": a}]} for p, a in zip(prompts, answers, strict=True)]
+    )
