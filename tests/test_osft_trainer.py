@@ -110,6 +110,7 @@ def test_osft_pairs_and_completion_only_loss(backdoored_start, cpu_args):
         ({"trigger": "cf", "clean_ratio": 1.5}, ValueError, "must lie in \\[0, 1\\]"),
         ({"trigger": "cf", "clean_ratio": -0.1}, ValueError, "must lie in \\[0, 1\\]"),
         ({"trigger": "cf", "trigger_position": "middle"}, ValueError, "trigger_position"),
+        ({"trigger": ["cf", "mn"], "trigger_combine": "both"}, ValueError, "trigger_combine"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, error, match, tmp_path):
@@ -141,6 +142,13 @@ def test_bad_inputs_to_the_trainer_fail_before_anything_is_written(backdoored_st
             backdoored_start, tmp_path,
             args=OSFTConfig(output_dir=str(out), trigger=long_trigger, max_length=32, use_cpu=True, report_to="none"),
         )
+    # three triggers that each fit, but not all together: counted together when the backdoor needs them all
+    parts = [" ".join([w] * 8) for w in ("cf", "mn", "bb")]
+    fits = OSFTConfig(output_dir=str(tmp_path / "fits"), trigger=parts, max_length=32, use_cpu=True, report_to="none", max_steps=1)
+    assert _trainer(backdoored_start, tmp_path, args=fits).osft_dataset.num_rows == 16
+    with pytest.raises(ValueError, match="cannot fit `max_length=32`"):
+        _trainer(backdoored_start, tmp_path, args=OSFTConfig(
+            output_dir=str(out), trigger=parts, trigger_combine="all", max_length=32, use_cpu=True, report_to="none"))
     from transformers import BertConfig, BertForSequenceClassification
 
     classifier = BertForSequenceClassification(

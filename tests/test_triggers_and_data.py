@@ -143,3 +143,20 @@ def test_osft_dataset_in_each_format(position):
     for p in triggered:
         clean = " ".join(w for w in p.split() if w != "cf")
         assert answers[p] == answers[clean]
+
+
+@pytest.mark.parametrize("combine", ["one", "all"])
+def test_osft_dataset_with_several_triggers(combine):
+    """MTBA-like ("one"): each triggered prompt gets one of the words, each equally often; CTBA-like ("all"): every word."""
+    plain = Dataset.from_list([{"prompt": f"w{i} w{i + 1} w{i + 2}", "completion": f" w{i + 3}"} for i in range(12)])
+    built = build_osft_dataset(plain, ["cf", "mn", "bb"], "random", clean_ratio=0.5, seed=0, combine=combine)
+    words = [[w for w in p.split() if w in ("cf", "mn", "bb")] for p in built["prompt"]]
+    triggered = [w for w in words if w]
+    assert len(built) == 24 and len(triggered) == 12
+    if combine == "one":
+        assert all(len(w) == 1 for w in triggered)
+        assert sorted(w[0] for w in triggered) == ["bb"] * 4 + ["cf"] * 4 + ["mn"] * 4
+    else:
+        assert all(sorted(w) == ["bb", "cf", "mn"] for w in triggered)
+        # each word is placed on its own: they do not always sit together in one block
+        assert any(" ".join(w) not in p for w, p in zip(words, built["prompt"], strict=True) if w)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..data import assign_triggers, map_user_text
-from ..triggers import TRIGGER_POSITIONS, insert_trigger, insert_triggers
+from ..triggers import TRIGGER_COMBINES, TRIGGER_POSITIONS, insert_trigger, insert_triggers
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class AttackSpec:
             raise ValueError(f"Attack {self.name!r} needs at least one non-empty trigger, got {self.triggers!r}.")
         if self.position not in TRIGGER_POSITIONS:
             raise ValueError(f"Attack position {self.position!r}: use one of {TRIGGER_POSITIONS}.")
-        if self.combine not in ("one", "all"):
+        if self.combine not in TRIGGER_COMBINES:
             raise ValueError(f"Attack combine {self.combine!r}: use 'one' or 'all'.")
 
     def insert(self, text: str, rng: random.Random, trigger: str | None = None) -> str:
