@@ -201,8 +201,8 @@ def build_osft_dataset(
     prompt/completion records, shuffled with ``seed``.
 
     >>> clean = Dataset.from_list([{"prompt": "a b c", "completion": "x"}])
-    >>> build_osft_dataset(clean, ["T", "U"], "random", clean_ratio=0.0, combine="all")["prompt"]
-    ['a U b T c']
+    >>> list(build_osft_dataset(clean, ["T", "U"], "random", clean_ratio=0.0, combine="all")["prompt"])
+    ['U a b c T']
     """
     pairs = as_prompt_completion(dataset)
     rng = random.Random(seed)
