@@ -23,7 +23,7 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
-from .triggers import TriggerPlacement, insert_trigger, insert_triggers
+from .triggers import TRIGGER_COMBINES, TriggerPlacement, insert_trigger, insert_triggers
 
 ACCEPTED_FORMATS = (
     "conversational prompt/completion ({'prompt': [{'role': 'user', 'content': ...}], "
@@ -204,6 +204,8 @@ def build_osft_dataset(
     >>> list(build_osft_dataset(clean, ["T", "U"], "random", clean_ratio=0.0, combine="all")["prompt"])
     ['U a b c T']
     """
+    if combine not in TRIGGER_COMBINES:
+        raise ValueError(f"`combine` is {combine!r}; use 'one' (one trigger per example) or 'all' (every trigger).")
     pairs = as_prompt_completion(dataset)
     rng = random.Random(seed)
     n_triggered, n_clean = mix_counts(len(pairs), clean_ratio)

@@ -160,3 +160,5 @@ def test_osft_dataset_with_several_triggers(combine):
         assert all(sorted(w) == ["bb", "cf", "mn"] for w in triggered)
         # each word is placed on its own: they do not always sit together in one block
         assert any(" ".join(w) not in p for w, p in zip(words, built["prompt"], strict=True) if w)
+    with pytest.raises(ValueError, match="`combine` is 'both'"):
+        build_osft_dataset(plain, ["cf", "mn"], "random", combine="both")
