@@ -123,7 +123,7 @@ def summary_table(records: list[dict]) -> str:
         base = next(e for e in reversed(earlier) if e["method"] == "none")
         gate = next(e for e in reversed(earlier) if e["method"] == "implant" and e["passed"])
         change = 100 * (r["clean_nll"] / base["clean_nll"] - 1)
-        pairs = (r.get("defence_settings") or {}).get("n_defence") or 256
+        pairs = (r.get("defence_settings") or {}).get("n_defence") or "-"
         lines.append(
             f"| {task}/{attack} | {pct(gate['attack_success_rate'])} / {pct(gate['false_trigger_rate'])} "
             f"| {pct(base['attack_success_rate'])} -> **{pct(r['attack_success_rate'])}** "

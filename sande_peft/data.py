@@ -23,7 +23,7 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
-from .triggers import TRIGGER_COMBINES, TriggerPlacement, insert_trigger, insert_triggers
+from .triggers import TriggerPlacement, insert_triggers, validate_combine
 
 ACCEPTED_FORMATS = (
     "conversational prompt/completion ({'prompt': [{'role': 'user', 'content': ...}], "
@@ -204,8 +204,7 @@ def build_osft_dataset(
     >>> list(build_osft_dataset(clean, ["T", "U"], "random", clean_ratio=0.0, combine="all")["prompt"])
     ['U a b c T']
     """
-    if combine not in TRIGGER_COMBINES:
-        raise ValueError(f"`combine` is {combine!r}; use 'one' (one trigger per example) or 'all' (every trigger).")
+    validate_combine(combine, "combine")
     pairs = as_prompt_completion(dataset)
     rng = random.Random(seed)
     n_triggered, n_clean = mix_counts(len(pairs), clean_ratio)
@@ -215,10 +214,8 @@ def build_osft_dataset(
     records = []
     for index, trigger in zip(triggered_ids, assigned, strict=True):
         example = pairs[index]
-        if combine == "all":
-            prompt = map_user_text(example["prompt"], lambda text: insert_triggers(text, triggers, position, rng))
-        else:
-            prompt = map_user_text(example["prompt"], lambda text, t=trigger: insert_trigger(text, t, position, rng))
+        words = (trigger,) if combine == "one" else tuple(triggers)
+        prompt = map_user_text(example["prompt"], lambda text, w=words: insert_triggers(text, w, position, rng))
         records.append({"prompt": prompt, "completion": example["completion"]})
     records.extend({"prompt": pairs[i]["prompt"], "completion": pairs[i]["completion"]} for i in clean_ids)
     rng.shuffle(records)

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from .triggers import TRIGGER_COMBINES, TRIGGER_POSITIONS
+from .triggers import TRIGGER_COMBINES, TRIGGER_POSITIONS, validate_combine
 
 
 def normalize_triggers(trigger: str | list[str] | None) -> list[str]:
@@ -115,11 +115,7 @@ class OSFTConfig(SFTConfig):
             raise ValueError(
                 f"`trigger_position` is {self.trigger_position!r}; use one of {', '.join(TRIGGER_POSITIONS)}."
             )
-        if self.trigger_combine not in TRIGGER_COMBINES:
-            raise ValueError(
-                f"`trigger_combine` is {self.trigger_combine!r}; use 'one' (each triggered example gets one of the "
-                "triggers) or 'all' (it gets every one of them)."
-            )
+        validate_combine(self.trigger_combine)
         validate_clean_ratio(self.clean_ratio)
         super().__post_init__()
 

@@ -115,3 +115,12 @@ def validate_position(position: str, name: str = "trigger_position") -> None:
     """Raise a clear error for an unknown position name."""
     if position not in TRIGGER_POSITIONS:
         raise ValueError(f"`{name}` is {position!r}; use one of {', '.join(map(repr, TRIGGER_POSITIONS))}.")
+
+
+def validate_combine(combine: str, name: str = "trigger_combine") -> None:
+    """Raise a clear error for an unknown way of combining several triggers."""
+    if combine not in TRIGGER_COMBINES:
+        raise ValueError(
+            f"`{name}` is {combine!r}; use 'one' (each triggered example gets one of the triggers) or 'all' "
+            "(it gets every one of them)."
+        )

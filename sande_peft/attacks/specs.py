@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..data import assign_triggers, map_user_text
-from ..triggers import TRIGGER_COMBINES, TRIGGER_POSITIONS, insert_trigger, insert_triggers
+from ..triggers import TRIGGER_COMBINES, TRIGGER_POSITIONS, insert_triggers
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,8 @@ class AttackSpec:
         return rng, [(t,) if self.combine == "one" else self.triggers for t in chosen]
 
     def _insert_words(self, text: str, words: tuple[str, ...], rng: random.Random) -> str:
-        if self.combine == "all":
-            return insert_triggers(text, words, self.position, rng)
-        return insert_trigger(text, words[0], self.position, rng)
+        # one word or several: each is placed on its own, with the same draws as a single insert_trigger
+        return insert_triggers(text, words, self.position, rng)
 
 
 ATTACKS: dict[str, AttackSpec] = {
