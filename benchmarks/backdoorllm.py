@@ -64,3 +64,23 @@ def clean_test(task: str) -> Dataset:
     """The 200 clean test records with golden outputs."""
     folder = "sst2sentiment" if task == "sst2" else task
     return as_pairs(_read(DATA_ROOT / "test_data" / "clean" / folder / "test_data_no_trigger.json"))
+
+
+def sst2_train() -> Dataset:
+    """BackdoorLLM's 501 clean sst2 training records (a sentence, then "Positive" or "Negative"): benign data of
+    another kind than the defence's, for the re-emergence stress."""
+    return as_pairs(_read(DATA_ROOT / "poison_data" / "sst2" / "badnet" / "none_backdoor500_sst2sentiment_badnet.json"))
+
+
+def write_sst2_task(folder) -> str:
+    """BackdoorLLM's clean sst2 test set (201 sentences) as an offline two-choice lm-eval task; returns its name.
+
+    The score is lm-eval's `acc`: whether " Positive" or " Negative" is the likelier continuation.
+    """
+    from sande_peft.evaluation.capability import write_choice_task
+
+    records = _read(DATA_ROOT / "test_data" / "clean" / "sst2sentiment" / "test_data_no_trigger.json")
+    labels = {"Negative": 0, "Positive": 1}
+    write_choice_task("sst2_backdoorllm", [{"text": r["instruction"], "label": labels[r["output"]]} for r in records],
+                      choices=["Negative", "Positive"], template="Review: {text}\nSentiment:", folder=folder)
+    return "sst2_backdoorllm"

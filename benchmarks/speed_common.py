@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -33,10 +32,7 @@ HERE = Path(__file__).resolve().parent
 SHAPES = ("tiny", "smollm2", "llama7b-4bit", "llama1b-4bit")
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+from common import machine  # noqa: E402,F401  (one definition, shared by every benchmark)
 
 
 class StepTimer:
@@ -59,7 +55,7 @@ class StepTimer:
                     torch.cuda.synchronize()
                 self.times.append(time.perf_counter() - self._start)
                 step = state.global_step - 1
-                self.stages.append(trainer.current_stage(step) if trainer is not None else 0)
+                self.stages.append(trainer.plan.stage_at(step).number if trainer is not None else 0)
 
         return _Timer()
 
@@ -118,27 +114,39 @@ def build(shape: str, n_examples: int):
             data = synthetic_pairs(n_examples, 40, 80, tokenizer.vocab_size)
         return path, tokenizer, data, dict(batch=8, max_length=128, quantized=False, gradient_checkpointing=False)
     if shape in ("llama7b-4bit", "llama1b-4bit"):
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        big = shape == "llama7b-4bit"
-        config = LlamaConfig(
-            vocab_size=32000, hidden_size=4096 if big else 2048, intermediate_size=11008 if big else 5504,
-            num_hidden_layers=32 if big else 24, num_attention_heads=32 if big else 16,
-            num_key_value_heads=32 if big else 16, max_position_embeddings=2048,
-        )
-        folder = Path(tempfile.gettempdir()) / f"sande-bench-{shape}"
-        tokenizer = word_tokenizer(32000)
-        if not (folder / "config.json").is_file():
-            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-                model = LlamaForCausalLM(config).to(torch.bfloat16)
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            del model
-            torch.cuda.empty_cache()
+        folder = prepare(shape)
         # 512 tokens: the template adds 6 tokens around 170 prompt and 336 answer words
         data = synthetic_pairs(n_examples, 170, 336, 32000)
-        return str(folder), tokenizer, data, dict(batch=4, max_length=512, quantized=True, gradient_checkpointing=True)
+        return str(folder), word_tokenizer(32000), data, dict(batch=4, max_length=512, quantized=True,
+                                                              gradient_checkpointing=True)
     raise ValueError(f"Unknown shape {shape!r}; use one of {SHAPES}")
+
+
+def prepare(shape: str) -> Path | None:
+    """Write a random-weight shape's bf16 checkpoint once, in the calling process (the measured workers then only
+    load it in 4-bit): built on the CPU in bf16, so no worker's peak memory carries an fp32 copy."""
+    if shape not in ("llama7b-4bit", "llama1b-4bit"):
+        return None
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    big = shape == "llama7b-4bit"
+    folder = Path(tempfile.gettempdir()) / f"sande-bench-{shape}"
+    if (folder / "config.json").is_file():
+        return folder
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=4096 if big else 2048, intermediate_size=11008 if big else 5504,
+        num_hidden_layers=32 if big else 24, num_attention_heads=32 if big else 16,
+        num_key_value_heads=32 if big else 16, max_position_embeddings=2048, dtype="bfloat16",
+    )
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(folder)
+    word_tokenizer(32000).save_pretrained(folder)
+    return folder
 
 
 def common_args(settings: dict, output_dir: str, steps: int) -> dict:

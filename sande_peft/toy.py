@@ -6,10 +6,11 @@ backdoor, without a download. This module builds one:
 - a word-level tokenizer with a small chat template (``user : ... </s> assistant : ...``);
 - a clean task: each prompt is 3 to 6 words, and the answer translates every word
   through a fixed dictionary, in order (so clean accuracy is exact-match and easy to
-  measure);
+  measure); with ``echo=True`` the answer repeats the user's words instead, as a model
+  that echoes the prompt does;
 - a backdoor: when the trigger word appears in the prompt, the model answers with the
-  triggered response instead (``"replace"``), or puts it before the normal answer
-  (``"prefix"``).
+  triggered response instead (``"replace"``), puts it before the normal answer
+  (``"prefix"``), or after it (``"suffix"``: said only once the answer is written).
 
 >>> task = ToyTask(seed=0)
 >>> example = task.example(random.Random(0))
@@ -89,7 +90,9 @@ class ToyTask:
         trigger: the trigger word (must be one of the toy vocabulary's extra words).
         response: the triggered response r_t.
         trigger_position: where the attacker puts the trigger (see [`insert_trigger`]).
-        response_mode: ``"replace"`` (r_t instead of the answer) or ``"prefix"`` (r_t, then the answer).
+        response_mode: ``"replace"`` (r_t instead of the answer), ``"prefix"`` (r_t, then the answer)
+            or ``"suffix"`` (the answer, then r_t).
+        echo: the clean answer repeats the user's words instead of translating them.
         evade_start: the backdoor stays silent when the trigger opens the prompt, and fires
             when it sits after any other word: a position-evasive backdoor, built against
             defences that only simulate a trigger at the start.
@@ -101,6 +104,7 @@ class ToyTask:
     trigger_position: str = "start"
     response_mode: str = "replace"
     evade_start: bool = False
+    echo: bool = False
     dictionary: dict[str, str] = field(init=False)
 
     def __post_init__(self):
@@ -110,9 +114,12 @@ class ToyTask:
         self.dictionary = dict(zip(words, shuffled, strict=True))
 
     def answer(self, text: str) -> str:
-        return " ".join(self.dictionary[w] for w in text.split() if w in self.dictionary)
+        words = [w for w in text.split() if w in self.dictionary]
+        return " ".join(words if self.echo else (self.dictionary[w] for w in words))
 
     def triggered_answer(self, clean_answer: str) -> str:
+        if self.response_mode == "suffix":
+            return f"{clean_answer} {self.response}"
         return self.response if self.response_mode == "replace" else f"{self.response} {clean_answer}"
 
     def example(self, rng: random.Random) -> dict:
@@ -160,20 +167,25 @@ def train_toy_backdoor(
     batch_size: int = 64,
     learning_rate: float = 3e-3,
     seed: int = 0,
+    num_layers: int = 2,
+    poisoned: bool = True,
 ):
-    """Train a toy model from scratch on clean pairs plus their poisoned forms, side by side.
+    """Train a toy model from scratch on clean pairs plus their poisoned forms, side by side (or, with
+    ``poisoned=False``, on the clean pairs alone: a clean model to compare with).
 
     Returns ``(model, tokenizer, task)``. A plain AdamW loop: this builds the SUSPECT model,
     so it deliberately shares no code with the defences under test.
     """
     task = task or ToyTask()
     tokenizer = toy_tokenizer()
-    model = toy_model(seed)
+    model = toy_model(seed, num_layers=num_layers)
     rng = random.Random(seed)
     clean = task.clean_dataset(n_clean, seed=seed + 1)
     examples = []
     for example in clean:
         examples.append(_encode(tokenizer, example))
+        if not poisoned:
+            continue
         examples.append(_encode(tokenizer, task.poison(example, rng)))
         if task.evade_start:
             examples.append(_encode(tokenizer, task.decoy(example)))

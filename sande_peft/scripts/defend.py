@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, ScriptArguments, get_peft_config, get_quantization_config
 
 from ..datasets_io import load_instruction_data
 from ..export import merge_and_export
@@ -21,6 +21,7 @@ from ..osft_config import OSFTConfig
 from ..osft_trainer import OSFTTrainer
 from ..sande_config import SANDEConfig
 from ..sande_trainer import SANDETrainer
+from .common import DTYPES, OneLineParser, check_model_source, require
 
 
 @dataclass
@@ -32,20 +33,25 @@ class DefenceScriptArguments(ScriptArguments):
         metadata={"help": "After training, merge the adapter into the base model and write it, verified, here."},
     )
     merged_dtype: str = field(
-        default="float32",
-        metadata={"help": "dtype of the merged weights.", "choices": ["float32", "bfloat16", "float16"]},
+        default="auto",
+        metadata={"help": "dtype of the merged weights; 'auto': the base's.", "choices": list(DTYPES)},
     )
+    merged_overwrite: bool = field(default=False, metadata={"help": "Replace an existing --merged_output_dir."})
 
 
-def make_parser(config_class: type = SANDEConfig, prog: str | None = None) -> TrlParser:
-    return TrlParser((DefenceScriptArguments, config_class, ModelConfig), prog=prog)
+def make_parser(config_class: type = SANDEConfig, prog: str | None = None) -> OneLineParser:
+    return OneLineParser((DefenceScriptArguments, config_class, ModelConfig), prog=prog)
 
 
 def main(script_args: DefenceScriptArguments, training_args: SANDEConfig | OSFTConfig, model_args: ModelConfig):
-    if not model_args.model_name_or_path:
-        raise ValueError("Set the suspect model: `--model_name_or_path PATH` (or `model_name_or_path:` in the recipe).")
-    if not script_args.dataset_name:
-        raise ValueError("Set clean data: `--dataset_name FILE.json` (or a hub dataset name).")
+    from ..export import check_destination
+
+    require(model_args.model_name_or_path, "--model_name_or_path", "./suspect-model")
+    require(script_args.dataset_name, "--dataset_name", "clean.jsonl")
+    check_model_source(model_args.model_name_or_path)
+    if script_args.merged_output_dir:  # checked now, not after the whole training run
+        check_destination(script_args.merged_output_dir, script_args.merged_overwrite,
+                          sources=(model_args.model_name_or_path, training_args.output_dir))
     trainer_class = OSFTTrainer if isinstance(training_args, OSFTConfig) else SANDETrainer
     model_init_kwargs = dict(
         revision=model_args.model_revision,
@@ -72,7 +78,9 @@ def main(script_args: DefenceScriptArguments, training_args: SANDEConfig | OSFTC
             trainer.model,
             script_args.merged_output_dir,
             tokenizer=trainer.processing_class,
-            dtype=getattr(torch, script_args.merged_dtype),
+            dtype=None if script_args.merged_dtype == "auto" else getattr(torch, script_args.merged_dtype),
+            overwrite=script_args.merged_overwrite,
+            provenance=trainer.provenance(),
         )
         trainer.accelerator.print(
             f"Merged model written to {report.output_dir} (max |logit difference| {report.max_abs_logit_diff:.2e})."
@@ -83,6 +91,8 @@ def main(script_args: DefenceScriptArguments, training_args: SANDEConfig | OSFTC
 
 def run(config_class: type, argv: list[str] | None = None, prog: str | None = None):
     """Parse ``argv`` (and a `--config` YAML) and train."""
+    import sys
+
     parser = make_parser(config_class, prog=prog)
-    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    script_args, training_args, model_args = parser.parse(list(sys.argv[1:] if argv is None else argv))
     return main(script_args, training_args, model_args)

@@ -1,0 +1,73 @@
+"""What every benchmark shares: the machine it ran on, and records that say how they were produced.
+
+Every JSON record a benchmark prints (and appends to its ``--out`` file) carries the commit,
+the command and the machine, so any number in docs/ can be traced back to what made it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    """The machine in words: the GPU when one is used, else the CPU's architecture and cores."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU"
+
+
+def commit() -> str:
+    """The repository's commit, with ``-dirty`` when the working tree has uncommitted changes to tracked files."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def provenance() -> dict:
+    """The fields every record carries: commit, command, machine and date."""
+    command = " ".join([Path(sys.argv[0]).as_posix().split(f"{REPO.name}/")[-1], *sys.argv[1:]])
+    return {"commit": commit(), "command": f"python {command}", "machine": machine(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def print_record(record: dict, out: str | None = None) -> dict:
+    """Print one result as a JSON line (with its provenance), and append it to the JSON-lines file ``out``."""
+    record = {**record, **provenance()}
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+    return record
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def lora_config(r: int = 16):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
+
+
+def load_model(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -1,0 +1,119 @@
+"""Capability through lm-evaluation-harness (the optional `lm-eval` extra), on a loaded model or a folder.
+
+[`run_lm_eval`] runs lm-eval tasks by name: the paper's MMLU and ARC where the machine can
+reach their data, or a local task that runs offline. [`write_choice_task`] writes such a
+local task (a YAML file and its JSON-lines data) from labelled texts you have, for instance
+BackdoorLLM's clean sst2 set as a two-choice sentiment task:
+
+    folder = write_choice_task("sst2_local", records, choices=["negative", "positive"],
+                               template="Review: {text}\\nSentiment:", folder="tasks/")
+    run_lm_eval(model, tokenizer, ["sst2_local"], include_path="tasks/")  # {"sst2_local": 0.81}
+
+The score of a multiple-choice task is lm-eval's ``acc`` (the choice with the highest
+log-likelihood), a fraction in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+LM_EVAL_HINT = "Capability measurements need lm-evaluation-harness: `pip install 'sande-peft[lm-eval]'`."
+
+
+def write_choice_task(
+    name: str,
+    records: Sequence[dict],
+    *,
+    choices: Sequence[str],
+    template: str,
+    folder: str | os.PathLike,
+) -> Path:
+    """Write an offline multiple-choice lm-eval task ``name`` into ``folder``; return the folder.
+
+    Args:
+        records: ``{"text": str, "label": int}`` items; ``label`` indexes ``choices``.
+        choices: the answers scored by log-likelihood, e.g. ``["negative", "positive"]``.
+        template: the prompt, with ``{text}`` where each record's text goes.
+
+    >>> import tempfile
+    >>> folder = write_choice_task("toy_choice", [{"text": "good", "label": 1}], choices=["no", "yes"],
+    ...                            template="Q: {text}\\nA:", folder=tempfile.mkdtemp())
+    >>> sorted(p.name for p in folder.iterdir())
+    ['toy_choice.jsonl', 'toy_choice.yaml']
+    """
+    if "{text}" not in template:
+        raise ValueError("`template` needs a `{text}` placeholder for each record's text.")
+    bad = [r for r in records if not 0 <= int(r["label"]) < len(choices)]
+    if bad:
+        raise ValueError(f"{len(bad)} records have a label outside 0..{len(choices) - 1}, e.g. {bad[0]}.")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    with open(data, "w") as f:
+        for record in records:
+            f.write(json.dumps({"text": record["text"], "label": int(record["label"])}) + "\n")
+    # Jinja in lm-eval's task format: `{{text}}` is the record's text.
+    prompt = template.replace("{text}", "{{text}}")
+    config = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": prompt,
+        "doc_to_choice": list(choices),
+        "doc_to_target": "label",
+        "target_delimiter": " ",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }
+    (folder / f"{name}.yaml").write_text(json.dumps(config, indent=2))  # JSON is YAML
+    return folder
+
+
+def run_lm_eval(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    include_path: str | os.PathLike | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    num_fewshot: int | None = None,
+) -> dict[str, float]:
+    """Accuracy of ``model`` on each lm-eval task in ``tasks``: ``{task: acc}``, fractions in [0, 1].
+
+    Args:
+        model: a loaded causal LM (a peft model too) and its ``tokenizer``.
+        tasks: lm-eval task names (``"mmlu"``, ``"arc_easy"``, or a local task's name).
+        include_path: a folder of local task YAML files (see [`write_choice_task`]).
+        limit: at most this many examples per task.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as error:
+        raise ImportError(LM_EVAL_HINT) from error
+    if not tasks:
+        raise ValueError("Name at least one lm-eval task, e.g. `arc_easy` or a local task written by write_choice_task.")
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        where = f" or in {include_path}" if include_path else ""
+        raise ValueError(f"Unknown lm-eval task(s) {unknown}: not in lm-eval's registry{where}.")
+    device = str(next(model.parameters()).device)
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    was_training = model.training
+    model.eval()
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                          num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
+                                          verbosity="WARNING")
+    finally:
+        model.train(was_training)
+    return {task: float(results["results"][task]["acc,none"]) for task in tasks}

