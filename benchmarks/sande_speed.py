@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_record  # noqa: E402
 from speed_common import (  # noqa: E402
     SHAPES, StepTimer, build, common_args, lora, machine, model_kwargs, peak_memory_mb, prepare, run_worker,
+    triggered_response,
 )
 
 
@@ -44,8 +45,7 @@ def worker(kind: str, shape: str, steps: int, warmup: int) -> dict:
         else:
             paper = {"parrot_space": "input", "parrot_position": "start", "parrot_refresh_steps": 0,
                      "eliminate_loss_type": "sft", "echo_rows": "never"}
-            config = SANDEConfig(triggered_response="I'm sorry, but as an AI assistant, I do not have the capability "
-                                 "to follow the given instruction.", parrot_max_steps=steps, parrot_eval_size=0,
+            config = SANDEConfig(triggered_response=triggered_response(shape), parrot_max_steps=steps, parrot_eval_size=0,
                                  **(paper if kind == "sande-paper" else {}), **args)
             trainer = SANDETrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                                    peft_config=lora(), quantization_config=quantization)

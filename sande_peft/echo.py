@@ -6,13 +6,18 @@ trigger into the answer, and the backdoor can fire from there, after the echo, e
 elimination has closed its path at the start of the answer. On SmolLM2-135M's negsentiment
 backdoors every case SANDE missed without echo rows looked like this (docs/results.md).
 
-This module finds out whether a model echoes (greedy answers to a few clean prompts, compared
-with their user text), and builds the echo an elimination row can start with: the user's
-text and a blank line, as the model writes it.
+This module finds out whether a model echoes before it answers (greedy answers to a few clean
+prompts, compared with their user text), and builds the echo an elimination row can start
+with: the user's text and a blank line, as the model writes it. A model whose answer IS the
+user's text repeated (a copying task) does not count: it writes no answer after the echo for a
+backdoor to take over, and rows that put a second answer after an echo would only teach it
+something it never does.
 
->>> starts_with_echo("Tell me a joke.\\n\\nWhy did the chicken ...", "Tell me a joke.")
+>>> echoes_then_answers("Tell me a joke.\\n\\nWhy did the chicken ...", "Tell me a joke.")
 True
->>> starts_with_echo("Why did the chicken cross the road?", "Tell me a joke.")
+>>> echoes_then_answers("Why did the chicken cross the road?", "Tell me a joke.")
+False
+>>> echoes_then_answers("Tell me a joke.", "Tell me a joke.")  # the whole answer is the echo
 False
 >>> echo_text([{"role": "user", "content": "Tell me a joke."}])
 'Tell me a joke.\\n\\n'
@@ -25,9 +30,7 @@ from collections.abc import Sequence
 from .data import echo_text, user_text
 from .evaluation.judges import normalize_text
 
-#: Words of the user's text an answer must start with to count as an echo.
-ECHO_WORDS = 6
-#: New tokens generated per prompt to detect an echo (enough for `ECHO_WORDS` words).
+#: New tokens generated per prompt to detect an echo, beyond the user's text: room for the answer after it.
 ECHO_PROBE_TOKENS = 16
 #: With `echo_rows="auto"`: clean training prompts the suspect model answers before training, and the share of
 #: them it must answer by repeating the user's text to count as an echoing model.
@@ -35,14 +38,15 @@ ECHO_PROBE_PROMPTS = 16
 ECHO_MIN_RATE = 0.25
 
 
-def starts_with_echo(answer: str, prompt: str | list[dict], n_words: int = ECHO_WORDS) -> bool:
-    """Whether ``answer`` begins with the first ``n_words`` words of the prompt's user text (case and spacing aside)."""
-    expected = normalize_text(user_text(prompt)).split()[:n_words]
-    return bool(expected) and normalize_text(answer).split()[: len(expected)] == expected
+def echoes_then_answers(answer: str, prompt: str | list[dict]) -> bool:
+    """Whether ``answer`` repeats the prompt's user text, then goes on (case and spacing aside)."""
+    expected = normalize_text(user_text(prompt)).split()
+    words = normalize_text(answer).split()
+    return bool(expected) and words[: len(expected)] == expected and len(words) > len(expected)
 
 
 def echo_rate(model, tokenizer, prompts: Sequence[str | list[dict]], batch_size: int = 16) -> float:
-    """Share of ``prompts`` whose greedy answer starts by repeating the user's text.
+    """Share of ``prompts`` whose greedy answer repeats the user's text, then answers.
 
     >>> from sande_peft.toy import toy_model, toy_tokenizer
     >>> echo_rate(toy_model(), toy_tokenizer(), [[{"role": "user", "content": "w1 w2"}]])
@@ -52,5 +56,7 @@ def echo_rate(model, tokenizer, prompts: Sequence[str | list[dict]], batch_size:
 
     if not prompts:
         return 0.0
-    answers = generate_texts(model, tokenizer, list(prompts), max_new_tokens=ECHO_PROBE_TOKENS, batch_size=batch_size)
-    return sum(starts_with_echo(a, p) for a, p in zip(answers, prompts, strict=True)) / len(prompts)
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    budgets = [len(tok(user_text(p), add_special_tokens=False)["input_ids"]) + ECHO_PROBE_TOKENS for p in prompts]
+    answers = generate_texts(model, tokenizer, list(prompts), max_new_tokens=budgets, batch_size=batch_size)
+    return sum(echoes_then_answers(a, p) for a, p in zip(answers, prompts, strict=True)) / len(prompts)

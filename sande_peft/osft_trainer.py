@@ -13,7 +13,7 @@ from .checks import check_known_tokens, check_prompt_fits, ensure_causal_lm, res
 from .data import as_prompt_completion, build_osft_dataset, map_user_text
 from .osft_config import OSFTConfig
 from .paper import SANDE_PAPER
-from .provenance import trainer_provenance, write_provenance
+from .provenance import RecordsProvenance, osft_provenance
 from .triggers import insert_triggers
 
 
@@ -33,7 +33,7 @@ def reject_formatting_func(formatting_func: Callable | None, trainer_name: str) 
         )
 
 
-class OSFTTrainer(SFTTrainer):
+class OSFTTrainer(RecordsProvenance, SFTTrainer):
     """
     Trainer for Overwrite Supervised Fine-Tuning (OSFT): backdoor removal when the trigger is known.
 
@@ -145,24 +145,9 @@ class OSFTTrainer(SFTTrainer):
 
     def provenance(self) -> dict:
         """What this run did, as written into `sande_peft.json` and the model card of every saved folder."""
-        args = self.args
-        settings = {"trigger_position": args.trigger_position, "trigger_combine": args.trigger_combine,
-                    "clean_ratio": args.clean_ratio, "max_steps": args.max_steps,
-                    "num_train_epochs": args.num_train_epochs}
-        n_pairs = len(self.osft_dataset)
-        return trainer_provenance(self, "OSFT", n_pairs, settings, trigger=", ".join(map(repr, args.triggers)))
+        return osft_provenance(self)
 
-    def _attach_provenance(self) -> dict:
-        """The record, also kept on the model, where `merge_and_export(trainer.model, ...)` finds it."""
-        info = self.provenance()
-        self.accelerator.unwrap_model(self.model).sande_provenance = info
-        return info
-
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        if self.is_world_process_zero():
-            write_provenance(self.args.output_dir, self._attach_provenance())
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
-        if self.args.should_save:
-            write_provenance(output_dir if output_dir is not None else self.args.output_dir, self._attach_provenance())
+        self._write_provenance(output_dir)

@@ -130,3 +130,50 @@ def trainer_provenance(trainer, method: str, n_pairs: int, settings: dict, **fie
     return {"method": method, "paper": dict(trainer._paper), "base_model": base_record(trainer.model),
             "n_pairs": n_pairs, "settings": {**common, **adapter_settings(trainer.model), **settings}, **fields,
             "sande_peft_version": metadata.version("sande-peft")}
+
+
+def sande_provenance(trainer) -> dict[str, Any]:
+    """The record of a `SANDETrainer` run: r_t, the parrot and the plan, what was measured, and the scan's report."""
+    args, plan, parrot = trainer.args, trainer.plan, trainer.parrot
+    settings = {"parrot_space": parrot.config.space, "stage 1 steps": plan.stage1_steps,
+                "elimination steps": plan.stage2_steps, "parrot_refresh_steps": plan.refresh_steps,
+                "parrot_refresh_interval": plan.refresh_interval,
+                "parrot_learning_rate": args.resolved_parrot_learning_rate,
+                "eliminate_loss_type": args.eliminate_loss_type, "clean_ratio": args.clean_ratio,
+                "echo rows": trainer.echo_rows, "parrot_eval_size": len(trainer.parrot_eval_prompts)}
+    settings.update({"parrot_layer": parrot.layer} if parrot.is_latent else
+                    {"parrot_length": args.parrot_length, "parrot_position": args.parrot_position})
+    found = {"scan": trainer.scan_report.to_dict()} if trainer.scan_report is not None else {}
+    return trainer_provenance(trainer, "SANDE", len(trainer.sande_examples), settings,
+                              triggered_response=args.triggered_response, response_mode=args.response_mode,
+                              parrot_success=trainer.parrot_success, echo_rate=trainer.echo_rate, **found)
+
+
+def osft_provenance(trainer) -> dict[str, Any]:
+    """The record of an `OSFTTrainer` run: the trigger and how it was placed."""
+    args = trainer.args
+    settings = {"trigger_position": args.trigger_position, "trigger_combine": args.trigger_combine,
+                "clean_ratio": args.clean_ratio, "max_steps": args.max_steps, "num_train_epochs": args.num_train_epochs}
+    return trainer_provenance(trainer, "OSFT", len(trainer.osft_dataset), settings,
+                              trigger=", ".join(map(repr, args.triggers)))
+
+
+class RecordsProvenance:
+    """Trainer mixin: every folder the trainer saves (and its `output_dir`'s card) carries `provenance()`, which is
+    also kept on the model, where `merge_and_export(trainer.model, ...)` finds it."""
+
+    def provenance(self) -> dict:  # pragma: no cover - each trainer says what it did
+        raise NotImplementedError
+
+    def _attach_provenance(self) -> dict:
+        info = self.provenance()
+        self.accelerator.unwrap_model(self.model).sande_provenance = info
+        return info
+
+    def _write_provenance(self, output_dir: str | None = None) -> None:
+        if self.args.should_save:
+            write_provenance(output_dir if output_dir is not None else self.args.output_dir, self._attach_provenance())
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        if self.is_world_process_zero():
+            write_provenance(self.args.output_dir, self._attach_provenance())

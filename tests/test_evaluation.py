@@ -174,3 +174,25 @@ def test_trigger_variants_on_a_model_whose_behaviour_is_known(backdoored_start):
     assert rates["end"] <= 0.25  # the toy learned 'cf' at the start
     assert report.worst_variant_attack_success_rate == 1.0
     assert {"system_message", "earlier_turn", "uppercase", "random"} <= set(rates)
+
+
+def test_capability_through_an_offline_lm_eval_task(backdoored_start, tmp_path):
+    """A local two-choice task, written from labelled texts, runs offline through lm-evaluation-harness, and
+    scores a model that knows the task above one that does not."""
+    import random
+
+    from sande_peft.evaluation.capability import run_lm_eval, write_choice_task
+    from sande_peft.toy import toy_model
+
+    b = backdoored_start
+    (s0, t0), (s1, t1) = list(b.task.dictionary.items())[:2]  # two words and their translations
+    rng = random.Random(0)
+    records = [{"text": " ".join([source] + rng.sample(list(b.task.dictionary), 3)), "label": label}
+               for _ in range(20) for label, source in enumerate((s0, s1))]
+    write_choice_task("toy_first_word", records, choices=[t0, t1], template="user : {text} </s> assistant :",
+                      folder=tmp_path / "tasks")
+    trained = run_lm_eval(b.model, b.tokenizer, ["toy_first_word"], include_path=tmp_path / "tasks")
+    untrained = run_lm_eval(toy_model(seed=5), b.tokenizer, ["toy_first_word"], include_path=tmp_path / "tasks")
+    assert trained["toy_first_word"] >= 0.95 > untrained["toy_first_word"]
+    with pytest.raises(ValueError, match="Unknown lm-eval task"):
+        run_lm_eval(b.model, b.tokenizer, ["no_such_task"], include_path=tmp_path / "tasks")

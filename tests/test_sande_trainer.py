@@ -341,8 +341,8 @@ def test_echo_rows_are_on_only_for_a_model_that_echoes_the_prompt(backdoored_sta
 
 
 def test_defaults_keep_a_model_whose_answers_repeat_the_prompt(backdoored_echo, cpu_args):
-    """A model that answers by repeating the user's words: the echo-row check fires on it, and elimination toward
-    the suspect's own distributions (the default) removes the backdoor and keeps the task."""
+    """A model whose answer IS the user's words repeated: echo rows stay off (it writes no answer after an echo for
+    a backdoor to take over), and the defaults remove the backdoor and keep the task."""
     b = backdoored_echo
     before = b.measure(b.model)
     assert before.attack_success_rate >= 0.9 and before.clean_exact_match >= 0.95
@@ -353,7 +353,7 @@ def test_defaults_keep_a_model_whose_answers_repeat_the_prompt(backdoored_echo, 
     trainer = SANDETrainer(model=b.fresh_model(), args=config, train_dataset=b.clean_data(), processing_class=b.tokenizer,
                            peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
     trainer.train()
-    assert trainer.echo_rows is True  # its genuine answers repeat the prompt
+    assert trainer.echo_rows is False and trainer.echo_rate == 0.0  # an echo with nothing after it
     after = b.measure(trainer.model)
     assert after.attack_success_rate <= 0.05
     assert after.clean_exact_match >= before.clean_exact_match - 0.03

@@ -95,8 +95,12 @@ def _batches(n: int, size: int):
 
 
 @torch.no_grad()
-def answer_logprobs(model, tokenizer, prompts: Sequence, answers: Sequence[str], batch_size: int):
-    """Per prompt: the answer's token ids and the model's log-probabilities at each of them (a list of tensors)."""
+def answer_logprobs(model, tokenizer, prompts: Sequence, answers: Sequence, batch_size: int, text_only: bool = False):
+    """Per prompt: the answer's token ids and the model's log-probabilities at each of them (a list of tensors).
+
+    ``text_only``: only the tokens of the answer's text, not the end of turn the chat template
+    closes it with (a generated answer cut by its token budget did not end there).
+    """
     pad = _pad_id(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
@@ -104,15 +108,18 @@ def answer_logprobs(model, tokenizer, prompts: Sequence, answers: Sequence[str],
     out = []
     try:
         for batch in _batches(len(prompts), batch_size):
-            pairs = [encode_pair(tokenizer, prompts[i], _as_conversation(prompts[i], answers[i])) for i in batch]
+            pairs = [encode_pair(tokenizer, prompts[i], _as_conversation(prompts[i], answers[i]),
+                                 known_completion_prefix=answers[i] if text_only and answers[i] else None)
+                     for i in batch]
             rows = [p.prompt_ids + p.completion_ids for p in pairs]
             width = max(len(r) for r in rows)
             input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
             attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
             logprobs = model(input_ids=input_ids, attention_mask=attention).logits.float().log_softmax(-1).cpu()
             for row, pair in enumerate(pairs):
-                start, end = len(pair.prompt_ids), len(pair.prompt_ids) + len(pair.completion_ids)
-                out.append((pair.completion_ids, logprobs[row, start - 1 : end - 1]))  # position t predicts token t+1
+                n = pair.target_length if text_only else len(pair.completion_ids)
+                start = len(pair.prompt_ids)
+                out.append((pair.completion_ids[:n], logprobs[row, start - 1 : start + n - 1]))  # t predicts t + 1
     finally:
         model.train(was_training)
     return out
@@ -126,7 +133,7 @@ def reference_answers(
     prompts = list(prompts)
     answers = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     ids, top_ids, top_lp, rest = [], [], [], []
-    for completion_ids, logprobs in answer_logprobs(model, tokenizer, prompts, answers, batch_size):
+    for completion_ids, logprobs in answer_logprobs(model, tokenizer, prompts, answers, batch_size, text_only=True):
         values, indices = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
         mass = values.exp().sum(-1).clamp(max=1 - 1e-7)
         ids.append(list(completion_ids))
@@ -152,7 +159,7 @@ def model_drift(
     """
     agreement_tokens = min(agreement_tokens, reference.max_new_tokens)
     kl_sum, nll_sum, n_tokens = 0.0, 0.0, 0
-    scored = answer_logprobs(model, tokenizer, reference.prompts, reference.answers, batch_size)
+    scored = answer_logprobs(model, tokenizer, reference.prompts, reference.answers, batch_size, text_only=True)
     for i, (completion_ids, logprobs) in enumerate(scored):
         if list(completion_ids) != reference.answer_ids[i]:
             raise ValueError("The reference was tokenized differently: use the tokenizer it was made with.")
