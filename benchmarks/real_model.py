@@ -237,14 +237,20 @@ def defend(method, model_path, tokenizer, case: Case, seed: int, args, output_di
         raise ValueError(f"Unknown method {method!r}")
     t = time.time()
     trainer.train()
-    return trainer, round(time.time() - t, 1)
+    seconds = round(time.time() - t, 1)
+    if isinstance(trainer, SANDETrainer):
+        trainer.save_model()  # the adapter and its parrot, for later scans and measurements
+    return trainer, seconds
 
 
 def trainer_facts(trainer) -> dict:
     facts = {"steps": trainer.state.global_step}
     if isinstance(trainer, SANDETrainer):
         facts.update(parrot_success=trainer.parrot_success, eliminate_steps=trainer.plan.stage2_steps,
-                     echo_rate=trainer.echo_rate, echo_rows=trainer.echo_rows)
+                     echo_rate=trainer.echo_rate, echo_rows=trainer.echo_rows,
+                     triggered_response_used=trainer.args.triggered_response)
+        if trainer.scan_report is not None:  # triggered_response="auto": what the scan found
+            facts["scan"] = {**trainer.scan_report.to_dict(), "candidates": trainer.scan_report.to_dict()["candidates"][:5]}
     return facts
 
 

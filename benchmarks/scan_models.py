@@ -40,23 +40,51 @@ def starts_like(tokenizer, response: str, target: str, n: int = 3) -> bool:
     return len(ids) >= min(n, len(expected)) and ids[:n] == expected[:n]
 
 
+def clean_lora_model(folder: Path, steps: int = 150) -> str:
+    """SmolLM2 fine-tuned with LoRA on clean pairs alone, as an implant is (150 steps at 1e-3, BackdoorLLM's first
+    200 clean refusal pairs, merged): a model that was fine-tuned but carries no backdoor. Built once."""
+    if not (folder / "config.json").is_file():
+        import backdoorllm
+        from common import load_model
+        from transformers import AutoTokenizer
+
+        from sande_peft.evaluation import refinetune
+        from sande_peft.offline_models import smollm2_path
+
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+        model = refinetune(load_model(smollm2_path()), tokenizer, backdoorllm.clean_train("refusal").select(range(200)),
+                           max_steps=steps, learning_rate=1e-3, max_length=96)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="KIND:LABEL=PATH",
-                        help="kind: backdoored, clean, clean-lora or cleaned; PATH 'original' is SmolLM2 itself")
+                        help="kind: backdoored, clean or cleaned; PATH 'original' is SmolLM2 itself, 'clean-lora' SmolLM2 "
+                        "fine-tuned with LoRA on clean pairs alone (built once)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
+    from sande_peft.loading import load_model
     from sande_peft.offline_models import smollm2_path
     from sande_peft.scan import scan
 
     for entry in args.model:
         kind_label, _, path = entry.partition("=")
         kind, _, label = kind_label.partition(":")
-        path = smollm2_path() if path == "original" else path
+        if path == "original":
+            path = smollm2_path()
+        elif path == "clean-lora":
+            from common import REPO
+
+            path = clean_lora_model(REPO / ".cache" / "real_model" / "clean-lora-s150")
+        model, _ = load_model(path)  # a model folder, or an adapter folder on its base (a cleaned model)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        report = scan(path, tokenizer, progress=False)
+        report = scan(model, tokenizer, progress=False)
+        del model
         target = target_of(label) if kind == "backdoored" else None
         recovered = top3 = None
         if target is not None:

