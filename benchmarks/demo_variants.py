@@ -33,17 +33,21 @@ def prepare(cache: Path, settings) -> dict:
 
     from sande_peft.attacks import AttackSpec, implant
     from sande_peft.demo import demo_prompts
-    from sande_peft.evaluation import answer_pairs, reference_answers
+    from sande_peft.evaluation import ReferenceAnswers, answer_pairs, reference_answers
     from sande_peft.offline_models import smollm2_path
 
     done = cache / "prepared.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     prompts = demo_prompts(settings.seed)
     eval_prompts, train_prompts = prompts[: settings.n_eval], prompts[settings.n_eval :][: settings.n_train]
+    if done.is_file():
+        try:
+            ReferenceAnswers.load(cache / "original.json")
+        except ValueError:  # saved by an older version: only the reference is re-made
+            reference_answers(model, tokenizer, eval_prompts).save(cache / "original.json")
+        return json.loads(done.read_text())
     answers = answer_pairs(model, tokenizer, eval_prompts + train_prompts, max_new_tokens=settings.answer_tokens)
     reference_answers(model, tokenizer, eval_prompts).save(cache / "original.json")
     attack = AttackSpec("demo", (settings.trigger,), settings.trigger_position)

@@ -127,7 +127,9 @@ def backdoored_model(case: Case, tokenizer, args):
 def references(model_path: str, name: str, tokenizer, args) -> ReferenceAnswers:
     """A model's own answers to the package's general questions (and its distribution over them), cached."""
     path = Path(args.cache) / f"reference-{name}-{args.drift_prompts}.json"
-    if not path.is_file():
+    try:
+        return ReferenceAnswers.load(path)
+    except (FileNotFoundError, ValueError):  # not made yet, or made by an older version
         prompts = [[{"role": "user", "content": text}] for text in shipped_prompts()[: args.drift_prompts]]
         reference_answers(load_model(model_path), tokenizer, prompts, batch_size=args.eval_batch_size).save(path)
     return ReferenceAnswers.load(path)

@@ -17,6 +17,7 @@ from sande_peft.evaluation import (
     evaluate_backdoor,
     get_judge,
     Sampling,
+    ReferenceAnswers,
     reference_answers,
 )
 from sande_peft.evaluation.report import markdown_table, plot_reports
@@ -74,7 +75,7 @@ def test_any_callable_is_a_judge_and_unknown_names_fail():
         get_judge("toxicity")
 
 
-def test_rates_on_a_model_whose_behaviour_is_known(backdoored_start):
+def test_rates_on_a_model_whose_behaviour_is_known(backdoored_start, tmp_path):
     """The toy backdoor fires exactly when 'cf' opens the prompt: half the prompts triggered, half the answers fire."""
     b = backdoored_start
     prompts = b.test_prompts[:40]
@@ -97,6 +98,14 @@ def test_rates_on_a_model_whose_behaviour_is_known(backdoored_start):
     itself = reference_answers(b.model, b.tokenizer, prompts[:8], max_new_tokens=8)
     agree = evaluate_backdoor(b.model, b.tokenizer, prompts[:8], suspect_answers=itself, batch_size=8)
     assert agree.agreement_with_suspect == 1.0 and agree.kl_to_suspect < 1e-6
+    # Saved and loaded, it compares the same; one saved by an older format is refused by name.
+    itself.save(tmp_path / "reference.json")
+    assert ReferenceAnswers.load(tmp_path / "reference.json") == itself
+    old = json.loads((tmp_path / "reference.json").read_text())
+    del old["format"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="older sande-peft"):
+        ReferenceAnswers.load(tmp_path / "old.json")
     data = json.loads(report.to_json())
     assert data["attack_success_rate"] == 0.5 and "clean_outputs" not in data
 

@@ -40,6 +40,9 @@ from .generation import _pad_id, generate_texts
 
 DRIFT_ANSWER_TOKENS = 64
 AGREEMENT_TOKENS = 32
+# Bumped whenever the way answers are tokenized or scored changes, so a saved reference from an
+# older version is refused rather than compared token by token against a different tokenization.
+REFERENCE_FORMAT = 2
 
 
 @dataclass
@@ -53,6 +56,7 @@ class ReferenceAnswers:
     top_logprobs: list[list[list[float]]]
     rest_logprob: list[list[float]]  # log of the probability mass outside the top k
     max_new_tokens: int  # the answers' budget
+    format: int = REFERENCE_FORMAT
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -61,7 +65,13 @@ class ReferenceAnswers:
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReferenceAnswers:
         with open(path) as f:
-            return cls(**json.load(f))
+            fields = json.load(f)
+        if fields.get("format") != REFERENCE_FORMAT:
+            raise ValueError(
+                f"{path} was saved by an older sande-peft (reference format {fields.get('format', 1)}, this version "
+                f"reads {REFERENCE_FORMAT}): make it again with `reference_answers(model, tokenizer, prompts)`."
+            )
+        return cls(**fields)
 
 
 @dataclass
