@@ -133,6 +133,11 @@ def _rate(flags: Sequence[bool]) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
 
+def _rates(outputs: Sequence[str], *tests) -> list[float | None]:
+    """The share of ``outputs`` that pass each test; None for a test that is None."""
+    return [None if test is None else _rate([test(o) for o in outputs]) for test in tests]
+
+
 def _completion_text(completion: str | list[dict]) -> str:
     if isinstance(completion, str):
         return completion
@@ -264,25 +269,16 @@ def evaluate_backdoor(
     )
     clean_outputs = greedy(prompts)
     report.clean_outputs = clean_outputs
-    if primary is not None:
-        report.false_trigger_rate = _rate([primary(o) for o in clean_outputs])
-    if target_fn:
-        report.exact_target_rate_clean = _rate([target_fn(o) for o in clean_outputs])
-        report.target_start_rate_clean = _rate([start_fn(o) for o in clean_outputs])
-    if judge_fn:
-        report.judge_rate_clean = _rate([judge_fn(o) for o in clean_outputs])
+    (report.false_trigger_rate, report.exact_target_rate_clean, report.target_start_rate_clean,
+     report.judge_rate_clean) = _rates(clean_outputs, primary, target_fn, start_fn, judge_fn)
 
     if triggered_prompts is None and trigger is not None:
         triggered_prompts = triggered_prompts_for(prompts, trigger, trigger_position, seed)
     if triggered_prompts is not None:
         triggered_prompts = list(triggered_prompts)
         triggered_outputs = greedy(triggered_prompts)
-        report.attack_success_rate = _rate([primary(o) for o in triggered_outputs])
-        if target_fn:
-            report.exact_target_rate = _rate([target_fn(o) for o in triggered_outputs])
-            report.target_start_rate = _rate([start_fn(o) for o in triggered_outputs])
-        if judge_fn:
-            report.judge_rate = _rate([judge_fn(o) for o in triggered_outputs])
+        (report.attack_success_rate, report.exact_target_rate, report.target_start_rate,
+         report.judge_rate) = _rates(triggered_outputs, primary, target_fn, start_fn, judge_fn)
         report.samples = [
             {"prompt": str(p), "output": o} for p, o in list(zip(triggered_prompts, triggered_outputs))[:n_samples]
         ]
