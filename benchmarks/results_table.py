@@ -2,7 +2,8 @@
 
     python benchmarks/results_table.py removal docs/results/real_model.jsonl                 # the main table
     python benchmarks/results_table.py removal docs/results/heldout.jsonl                    # held-out attacks
-    python benchmarks/results_table.py contrast docs/results/real_model.jsonl                # SFT / OSFT / SANDE
+    python benchmarks/results_table.py contrast docs/results/real_model.jsonl \\
+        --variant "sft=100 steps, as SANDE's elimination"                                      # SFT / OSFT / SANDE
     python benchmarks/results_table.py scan docs/results/scan.jsonl                          # detection
     python benchmarks/results_table.py demo docs/results/demo_variants.jsonl                 # the demo's backdoor
 
@@ -67,14 +68,20 @@ REMOVAL_COLUMNS = [
 ]
 
 
-def _groups(records: list[dict], methods: tuple[str, ...], variant: str | None) -> OrderedDict:
+def _variant_of(variant: str | dict | None, method: str) -> str | None:
+    """The variant label wanted for ``method``: one label for all, or a method -> label mapping ("default" else)."""
+    return variant.get(method, "default") if isinstance(variant, dict) else variant
+
+
+def _groups(records: list[dict], methods: tuple[str, ...], variant: str | dict | None) -> OrderedDict:
     groups: OrderedDict = OrderedDict()
     baselines: dict = {}
     for r in records:
         if r.get("method") == "none":
             baselines[(r["case"], r.get("seed", 0))] = r
     for r in records:
-        if r.get("method") in methods and (variant is None or r.get("variant", "default") == variant):
+        wanted = _variant_of(variant, r.get("method"))
+        if r.get("method") in methods and (wanted is None or r.get("variant", "default") == wanted):
             r = {**r, "before": baselines.get((r["case"], r.get("seed", 0)), {})}
             groups.setdefault((r["case"], r["method"]), []).append(r)
     return groups
@@ -91,14 +98,16 @@ def removal(records: list[dict], method: str = "sande", variant: str = "default"
     return _table(header, rows) + _footer(records)
 
 
-def contrast(records: list[dict], variant: str = "default") -> str:
-    """Plain SFT, OSFT and SANDE on the same backdoors, pairs and elimination steps."""
+def contrast(records: list[dict], variant: str | dict = "default") -> str:
+    """Plain SFT, OSFT and SANDE on the same backdoors, pairs and elimination steps.
+
+    ``variant``: the records' variant label, or one per method (``{"sft": "100 steps, ..."}``; "default" else)."""
     rows = []
     for (case, method), group in _groups(records, ("sft", "osft", "sande"), variant).items():
         rows.append([case, method, str(len(group))] + [_cell([_value(r, key) for r in group], kind)
-                                                       for _, key, kind in REMOVAL_COLUMNS[1:6]])
+                                                       for _, key, kind in REMOVAL_COLUMNS[1:8]])
     rows.sort(key=lambda row: (row[0], ["sft", "osft", "sande"].index(row[1])))
-    header = ["backdoor", "method", "seeds"] + [title for title, _, _ in REMOVAL_COLUMNS[1:6]]
+    header = ["backdoor", "method", "seeds"] + [title for title, _, _ in REMOVAL_COLUMNS[1:8]]
     return _table(header, rows) + _footer(records)
 
 
@@ -134,9 +143,13 @@ def main(argv=None):
     parser.add_argument("table", choices=["removal", "contrast", "scan", "demo"])
     parser.add_argument("records", nargs="+")
     parser.add_argument("--method", default="sande")
-    parser.add_argument("--variant", default="default")
+    parser.add_argument("--variant", action="append", default=[], metavar="[METHOD=]LABEL",
+                        help="the records' variant label (default: 'default'); METHOD=LABEL sets one method's (repeatable)")
     args = parser.parse_args(argv)
     records = [r for path in args.records for r in read_records(path)]
+    per_method = dict(v.split("=", 1) for v in args.variant if "=" in v)
+    plain = [v for v in args.variant if "=" not in v]
+    args.variant = per_method or (plain[-1] if plain else "default")
     if args.table == "removal":
         print(removal(records, args.method, args.variant))
     elif args.table == "contrast":
