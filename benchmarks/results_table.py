@@ -35,12 +35,13 @@ def _cell(values: list, kind: str) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    scale, fmt = (100, "{:.0f}") if kind == "rate" else (1, "{:.3f}") if kind == "float" else (1, "{:.1f}")
+    scale, fmt = {"rate": (100, "{:.0f}"), "rate1": (100, "{:.1f}"), "float": (1, "{:.3f}")}.get(kind, (1, "{:.1f}"))
     mean = statistics.mean(values) * scale
+    unit = "%" if kind.startswith("rate") else ""
     if len(values) == 1:
-        return fmt.format(mean) + ("%" if kind == "rate" else "")
+        return fmt.format(mean) + unit
     spread = (max(values) - min(values)) * scale / 2
-    return f"{fmt.format(mean)} ± {fmt.format(spread)}" + ("%" if kind == "rate" else "")
+    return f"{fmt.format(mean)} ± {fmt.format(spread)}" + unit
 
 
 def _footer(records: list[dict]) -> str:
@@ -64,6 +65,7 @@ REMOVAL_COLUMNS = [
     ("KL to suspect", "kl_to_suspect", "float"),
     ("agreement with suspect", "agreement_with_suspect", "rate"),
     ("sst2 (lm-eval)", "capability.sst2_backdoorllm", "rate"),
+    ("sst2 before", "before.capability.sst2_backdoorllm", "rate"),
     ("NLL of gold answers", "clean_nll", "float"),
 ]
 
@@ -125,12 +127,21 @@ def scan_table(records: list[dict]) -> str:
 
 def demo(records: list[dict]) -> str:
     """The demo's backdoor: each variant's attack success beside the NLL of the original model's answers."""
-    keys = [("attack success", "attack_success_rate", "rate"), ("false trigger", "false_trigger_rate", "rate"),
-            ("NLL of the original's answers", "clean_nll", "float"), ("KL to the original", "kl_to_original", "float"),
-            ("agreement with the original", "agreement_with_original", "rate"), ("train time (s)", "train_seconds", "")]
-    rows = [[r["variant"], json_overrides(r)] + [_cell([_value(r, k)], kind) for _, k, kind in keys]
-            for r in records if r.get("variant") != "implant"]
-    return _table(["model", "overrides"] + [t for t, _, _ in keys], rows) + _footer(records)
+    keys = [("attack success", "attack_success_rate", "rate1"), ("starts like r_t", "target_start_rate", "rate1"),
+            ("false trigger", "false_trigger_rate", "rate1"), ("NLL of the original's answers", "clean_nll", "float"),
+            ("KL to the original", "kl_to_original", "float"), ("train time (s)", "train_seconds", "")]
+    suspect = next((r for r in records if r.get("variant") == "backdoored"), {}).get("clean_nll")
+    rows = []
+    for r in records:
+        if r.get("variant") == "implant":
+            continue
+        cells = [_cell([_value(r, k)], kind) for _, k, kind in keys]
+        if suspect and r.get("clean_nll") is not None and r["variant"] != "backdoored":
+            cells[3] += f" ({(r['clean_nll'] / suspect - 1) * 100:+.1f}%)"
+        rows.append([r["variant"], json_overrides(r)] + cells)
+    header = ["model", "overrides"] + [t for t, _, _ in keys]
+    header[5] += " (change from the backdoored model's)"
+    return _table(header, rows) + _footer(records)
 
 
 def json_overrides(record: dict) -> str:
