@@ -40,13 +40,13 @@ class DemoSettings:
     # The shortest implant measured to pass the quality gate (docs/experiments/history.md, "The demo").
     implant_steps: int = 32
     implant_learning_rate: float = 2.5e-3
-    # Chosen on the demo's own backdoor to fit its 10 minutes (docs/experiments/history.md, "The demo").
+    # Chosen on the demo's own backdoor to fit its 10 minutes (docs/results.md, "The demo's backdoor").
     parrot_epochs: float = 1.0
-    eliminate_epochs: float = 3.0
+    eliminate_epochs: float = 2.0
     learning_rate: float = 4e-4
     lr_scheduler_type: str = "linear"
     parrot_learning_rate: float = 0.1
-    parrot_refresh_steps: int = 1
+    parrot_refresh_steps: int = 2
     batch_size: int = 8
     max_length: int = 80
     seed: int = 0
