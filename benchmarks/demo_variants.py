@@ -36,18 +36,20 @@ def prepare(cache: Path, settings) -> dict:
     from sande_peft.evaluation import ReferenceAnswers, answer_pairs, reference_answers
     from sande_peft.offline_models import smollm2_path
 
+    def original():
+        path = smollm2_path()
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
     done = cache / "prepared.json"
-    path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     prompts = demo_prompts(settings.seed)
     eval_prompts, train_prompts = prompts[: settings.n_eval], prompts[settings.n_eval :][: settings.n_train]
     if done.is_file():
         try:
             ReferenceAnswers.load(cache / "original.json")
         except ValueError:  # saved by an older version: only the reference is re-made
-            reference_answers(model, tokenizer, eval_prompts).save(cache / "original.json")
+            reference_answers(*original(), eval_prompts).save(cache / "original.json")
         return json.loads(done.read_text())
+    model, tokenizer = original()
     answers = answer_pairs(model, tokenizer, eval_prompts + train_prompts, max_new_tokens=settings.answer_tokens)
     reference_answers(model, tokenizer, eval_prompts).save(cache / "original.json")
     attack = AttackSpec("demo", (settings.trigger,), settings.trigger_position)
