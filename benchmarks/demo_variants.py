@@ -27,6 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, lora_config, print_record  # noqa: E402
 
 
+#: The demo settings the cached backdoor and clean data depend on: a change to any of them needs a new cache.
+IMPLANT_FIELDS = ("seed", "n_eval", "n_train", "answer_tokens", "trigger", "trigger_position", "target",
+                  "implant_steps", "implant_learning_rate", "batch_size", "max_length")
+
+
 def prepare(cache: Path, settings) -> dict:
     """The demo's steps 1 and 2 (original answers, implant), and the defender's data; cached in ``cache``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -41,9 +46,14 @@ def prepare(cache: Path, settings) -> dict:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
     done = cache / "prepared.json"
+    made_with = {name: getattr(settings, name) for name in IMPLANT_FIELDS}
     prompts = demo_prompts(settings.seed)
     eval_prompts, train_prompts = prompts[: settings.n_eval], prompts[settings.n_eval :][: settings.n_train]
     if done.is_file():
+        cached = json.loads(done.read_text()).get("settings", made_with)  # records before this key: as now
+        if cached != made_with:
+            raise ValueError(f"{cache} holds a backdoor implanted with {cached}, not the demo's {made_with}: pass "
+                             "another --cache (or delete that folder) to implant it again.")
         try:
             ReferenceAnswers.load(cache / "original.json")
         except ValueError:  # saved by an older version: only the reference is re-made
@@ -67,7 +77,8 @@ def prepare(cache: Path, settings) -> dict:
             "triggered": attack.triggered_prompts(eval_prompts, seed=settings.seed + 1)}
     (cache / "eval.json").write_text(json.dumps(data))
     info = {"passed": result.is_backdoored, "attack_success_rate": result.report.attack_success_rate,
-            "false_trigger_rate": result.report.false_trigger_rate, "implant_seconds": implant_seconds}
+            "false_trigger_rate": result.report.false_trigger_rate, "implant_seconds": implant_seconds,
+            "settings": made_with}
     done.write_text(json.dumps(info))
     return info
 
