@@ -112,10 +112,12 @@ def run_variant(cache: Path, settings, overrides: dict) -> dict:
         seed=settings.seed, use_cpu=True, gradient_checkpointing=False, save_strategy="no", report_to="none",
         logging_steps=10, disable_tqdm=True, model_init_kwargs={"dtype": torch.float32},
     )
+    overrides = dict(overrides)
+    lora = lora_config(overrides.pop("lora_r", 16))  # `lora_r` sets the adapter's rank; the rest are SANDEConfig's
     config.update(overrides)
     trainer = SANDETrainer(model=str(cache / "backdoored"), args=SANDEConfig(**config),
                            train_dataset=load_dataset("json", data_files=str(cache / "defender.jsonl"), split="train"),
-                           processing_class=tokenizer, peft_config=lora_config())
+                           processing_class=tokenizer, peft_config=lora)
     t = time.time()
     trainer.train()
     return {"train_seconds": round(time.time() - t, 1), "steps": trainer.state.global_step,
@@ -130,7 +132,8 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="*", default=["demo"], choices=["backdoored", "original", "demo"],
                         help="'demo': the demo's SANDE settings; 'backdoored'/'original': the models before defence")
     parser.add_argument("--overrides", type=json.loads, action="append", default=[], metavar="JSON",
-                        help="a variant: SANDEConfig fields over the demo's, as JSON (repeatable)")
+                        help="a variant: SANDEConfig fields over the demo's, and `lora_r` (the adapter's rank, 16), as JSON "
+                             "(repeatable)")
     parser.add_argument("--label", action="append", default=[], help="a label per --overrides, in order")
     parser.add_argument("--quick", action="store_true", help="the demo's reduced settings (for checking the script)")
     parser.add_argument("--cache", default=None, help="default: .cache/demo_variants")
