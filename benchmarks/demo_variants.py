@@ -113,7 +113,14 @@ def run_variant(cache: Path, settings, overrides: dict) -> dict:
         logging_steps=10, disable_tqdm=True, model_init_kwargs={"dtype": torch.float32},
     )
     overrides = dict(overrides)
-    lora = lora_config(overrides.pop("lora_r", 16))  # `lora_r` sets the adapter's rank; the rest are SANDEConfig's
+    # `lora_r`: the adapter's rank; `lora_above_parrot`: adapt only the layers the parrot's vector passes through.
+    lora = lora_config(overrides.pop("lora_r", 16))
+    if overrides.pop("lora_above_parrot", False):
+        from transformers import AutoConfig
+
+        n_layers = AutoConfig.from_pretrained(cache / "backdoored").num_hidden_layers
+        layer = overrides.get("parrot_layer") or max(1, n_layers // 2)  # as `resolve_parrot_layer` picks it
+        lora.layers_to_transform = list(range(layer - 1, n_layers))  # peft counts layers from 0
     config.update(overrides)
     trainer = SANDETrainer(model=str(cache / "backdoored"), args=SANDEConfig(**config),
                            train_dataset=load_dataset("json", data_files=str(cache / "defender.jsonl"), split="train"),
@@ -132,7 +139,7 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="*", default=["demo"], choices=["backdoored", "original", "demo"],
                         help="'demo': the demo's SANDE settings; 'backdoored'/'original': the models before defence")
     parser.add_argument("--overrides", type=json.loads, action="append", default=[], metavar="JSON",
-                        help="a variant: SANDEConfig fields over the demo's, and `lora_r` (the adapter's rank, 16), as JSON "
+                        help="a variant: SANDEConfig fields over the demo's, `lora_r` (the adapter's rank, 16) and `lora_above_parrot`, as JSON "
                              "(repeatable)")
     parser.add_argument("--label", action="append", default=[], help="a label per --overrides, in order")
     parser.add_argument("--quick", action="store_true", help="the demo's reduced settings (for checking the script)")
