@@ -70,9 +70,12 @@ REMOVAL_COLUMNS = [
 ]
 
 
-def _variant_of(variant: str | dict | None, method: str) -> str | None:
-    """The variant label wanted for ``method``: one label for all, or a method -> label mapping ("default" else)."""
-    return variant.get(method, "default") if isinstance(variant, dict) else variant
+def _variants_of(variant: str | dict | None, method: str) -> list[str] | None:
+    """The variant labels wanted for ``method``: one label for all, or a method -> labels mapping ("default" else)."""
+    if isinstance(variant, dict):
+        wanted = variant.get(method, ["default"])
+        return [wanted] if isinstance(wanted, str) else list(wanted)
+    return None if variant is None else [variant]
 
 
 def _groups(records: list[dict], methods: tuple[str, ...], variant: str | dict | None) -> OrderedDict:
@@ -82,10 +85,11 @@ def _groups(records: list[dict], methods: tuple[str, ...], variant: str | dict |
         if r.get("method") == "none":
             baselines[(r["case"], r.get("seed", 0))] = r
     for r in records:
-        wanted = _variant_of(variant, r.get("method"))
-        if r.get("method") in methods and (wanted is None or r.get("variant", "default") == wanted):
+        wanted = _variants_of(variant, r.get("method"))
+        label = r.get("variant", "default")
+        if r.get("method") in methods and (wanted is None or label in wanted):
             r = {**r, "before": baselines.get((r["case"], r.get("seed", 0)), {})}
-            groups.setdefault((r["case"], r["method"]), []).append(r)
+            groups.setdefault((r["case"], r["method"], label), []).append(r)
     return groups
 
 
@@ -93,7 +97,7 @@ def removal(records: list[dict], method: str = "sande", variant: str = "default"
     """One row per backdoor: attack success (greedy, sampled, worst trigger variant, after a benign re-fine-tune)
     and utility beside it, mean ± half-range over seeds."""
     rows = []
-    for (case, _), group in _groups(records, (method,), variant).items():
+    for (case, _, _), group in _groups(records, (method,), variant).items():
         rows.append([case, str(len(group))] + [_cell([_value(r, key) for r in group], kind)
                                                for _, key, kind in REMOVAL_COLUMNS])
     header = ["backdoor", "seeds"] + [title for title, _, _ in REMOVAL_COLUMNS]
@@ -103,14 +107,19 @@ def removal(records: list[dict], method: str = "sande", variant: str = "default"
 def contrast(records: list[dict], variant: str | dict = "default") -> str:
     """Plain SFT, OSFT and SANDE on the same backdoors, pairs and elimination steps.
 
-    ``variant``: the records' variant label, or one per method (``{"sft": "100 steps, ..."}``; "default" else)."""
+    ``variant``: the records' variant label, or labels per method (``{"sft": ["100 steps, ..."], "sande":
+    ["default", "eliminate_loss_type=sft"]}``; "default" else). A row names a variant other than the default."""
     rows = []
-    for (case, method), group in _groups(records, ("sft", "osft", "sande"), variant).items():
-        rows.append([case, method, str(len(group))] + [_cell([_value(r, key) for r in group], kind)
-                                                       for _, key, kind in REMOVAL_COLUMNS[1:8]])
-    rows.sort(key=lambda row: (row[0], ["sft", "osft", "sande"].index(row[1])))
+    order = ["sft", "osft", "sande"]
+    for (case, method, label), group in _groups(records, tuple(order), variant).items():
+        wanted = _variants_of(variant, method) or [label]
+        name = method if label == "default" else f"{method} ({label})"
+        rows.append(([case, name, str(len(group))] + [_cell([_value(r, key) for r in group], kind)
+                                                      for _, key, kind in REMOVAL_COLUMNS[1:8]],
+                     (case, order.index(method), wanted.index(label) if label in wanted else 0)))
+    rows.sort(key=lambda row: row[1])
     header = ["backdoor", "method", "seeds"] + [title for title, _, _ in REMOVAL_COLUMNS[1:8]]
-    return _table(header, rows) + _footer(records)
+    return _table(header, [row for row, _ in rows]) + _footer(records)
 
 
 def scan_table(records: list[dict]) -> str:
@@ -155,11 +164,16 @@ def main(argv=None):
     parser.add_argument("records", nargs="+")
     parser.add_argument("--method", default="sande")
     parser.add_argument("--variant", action="append", default=[], metavar="[METHOD=]LABEL",
-                        help="the records' variant label (default: 'default'); METHOD=LABEL sets one method's (repeatable)")
+                        help="the records' variant label (default: 'default'); METHOD=LABEL adds one of a method's "
+                             "(repeatable; a method given none shows its default)")
     args = parser.parse_args(argv)
     records = [r for path in args.records for r in read_records(path)]
-    per_method = dict(v.split("=", 1) for v in args.variant if "=" in v)
-    plain = [v for v in args.variant if "=" not in v]
+    per_method: dict[str, list[str]] = {}
+    for v in args.variant:
+        if "=" in v and v.split("=", 1)[0] in ("sft", "osft", "sande"):
+            method, label = v.split("=", 1)
+            per_method.setdefault(method, []).append(label)
+    plain = [v for v in args.variant if v.split("=", 1)[0] not in per_method]
     args.variant = per_method or (plain[-1] if plain else "default")
     if args.table == "removal":
         print(removal(records, args.method, args.variant))
