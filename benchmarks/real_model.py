@@ -203,6 +203,10 @@ def defend(method, model_path, tokenizer, case: Case, seed: int, args, output_di
     common = dict(output_dir=str(output_dir), per_device_train_batch_size=args.batch_size, max_length=args.max_length,
                   report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(),
                   gradient_checkpointing=False, disable_tqdm=True, logging_steps=10, seed=seed)
+    if not torch.cuda.is_available():
+        # trl's SFTConfig keeps bf16 on with use_cpu=True: plain SFT would then train in bf16 autocast on the CPU, many
+        # times slower than (and not comparable with) SANDE and OSFT, whose configs turn it off there.
+        common["bf16"] = False
     for flag, key in (("defence_epochs", "num_train_epochs"), ("defence_lr", "learning_rate"),
                       ("defence_max_steps", "max_steps")):
         if getattr(args, flag) is not None:
