@@ -140,6 +140,8 @@ def demo(records: list[dict]) -> str:
             ("false trigger", "false_trigger_rate", "rate1"), ("NLL of the original's answers", "clean_nll", "float"),
             ("KL to the original", "kl_to_original", "float"), ("train time (s)", "train_seconds", "")]
     suspect = next((r for r in records if r.get("variant") == "backdoored"), {}).get("clean_nll")
+    # The first `demo` row's settings are the reference: a row run under other demo settings names them too.
+    reference = next((r for r in records if r.get("variant") == "demo"), {}).get("demo_settings", {})
     rows = []
     for r in records:
         if r.get("variant") == "implant":
@@ -147,8 +149,11 @@ def demo(records: list[dict]) -> str:
         cells = [_cell([_value(r, k)], kind) for _, k, kind in keys]
         if suspect and r.get("clean_nll") is not None and r["variant"] != "backdoored":
             cells[3] += f" ({(r['clean_nll'] / suspect - 1) * 100:+.1f}%)"
-        rows.append([r["variant"], json_overrides(r)] + cells)
-    header = ["model", "overrides"] + [t for t, _, _ in keys]
+        changed = {k: v for k, v in r.get("demo_settings", {}).items() if reference and reference.get(k) != v}
+        if r["variant"] in ("original", "backdoored"):
+            changed = {}  # trained nothing after the implant: SANDE's settings do not apply
+        rows.append([r["variant"], json_overrides({"overrides": {**changed, **(r.get("overrides") or {})}})] + cells)
+    header = ["model", "settings changed from the `demo` row's"] + [t for t, _, _ in keys]
     header[5] += " (change from the backdoored model's)"
     return _table(header, rows) + _footer(records)
 
