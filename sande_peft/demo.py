@@ -47,6 +47,8 @@ class DemoSettings:
     lr_scheduler_type: str = "linear"
     parrot_learning_rate: float = 0.1
     parrot_refresh_steps: int = 2
+    # The defender's LoRA rank: rank 4 removed as much as rank 16 and kept a little more (docs/results.md).
+    lora_r: int = 4
     batch_size: int = 8
     max_length: int = 80
     seed: int = 0
@@ -154,7 +156,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
         seed=settings.seed, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
         report_to="none", logging_steps=10, model_init_kwargs={"dtype": torch.float32},
     )
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    lora = LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r, lora_dropout=0.0, target_modules="all-linear")
     trainer = SANDETrainer(model=str(backdoored_dir), args=config, train_dataset=defender_data,
                            processing_class=tokenizer, peft_config=lora)
     trainer.train()
