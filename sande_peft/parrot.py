@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
@@ -56,8 +56,6 @@ class ParrotConfig:
         position: input only, where the soft prompt sits in the user's text (``"start"``,
             ``"end"``, ``"random"``); a latent parrot covers the whole ``"prompt"``.
         triggered_response, response_mode, target_tokens: what it was trained to elicit.
-        max_norm: latent only, the largest norm the vector may take (`Parrot.project_`); ``None``
-            leaves it unbounded.
     """
 
     space: str
@@ -68,7 +66,6 @@ class ParrotConfig:
     triggered_response: str | None = None
     response_mode: str | None = None
     target_tokens: int | None = None
-    max_norm: float | None = None
 
     def __post_init__(self):
         if self.space not in PARROT_SPACES:
@@ -214,14 +211,6 @@ class Parrot(nn.Module):
         finally:
             handle.remove()
 
-    @torch.no_grad()
-    def project_(self) -> None:
-        """Scale each vector back onto the ball of radius ``config.max_norm``, if it left it."""
-        if self.config.max_norm is None:
-            return
-        norms = self.weight.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        self.weight.mul_((self.config.max_norm / norms).clamp(max=1.0))
-
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``parrot.safetensors`` and ``parrot_config.json`` into ``save_directory``."""
         os.makedirs(save_directory, exist_ok=True)
@@ -251,40 +240,6 @@ class Parrot(nn.Module):
             raise ValueError(f"The saved parrot has shape {tuple(weight.shape)}, this one {tuple(self.weight.shape)}.")
         with torch.no_grad():
             self.weight.copy_(weight.to(self.weight.device))
-
-
-@torch.no_grad()
-def median_hidden_norm(model: nn.Module, layer: int, prompts: Sequence[Sequence[int]], pad_token_id: int,
-                       batch_size: int = 8) -> float:
-    """The median norm of the hidden states entering decoder layer ``layer`` over the tokens of ``prompts``.
-
-    The median, not the mean: the first token of many models carries a hidden state many
-    times larger than the rest (an attention sink), which a mean would follow.
-    """
-    layers = decoder_layers(model)
-    device = next(model.parameters()).device
-    norms: list[torch.Tensor] = []
-    mask: list[torch.Tensor] = []
-
-    def keep(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        norms.append(hidden.float().norm(dim=-1)[mask[-1]].cpu())
-
-    handle = layers[layer - 1].register_forward_hook(keep)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = [list(p) for p in prompts[start : start + batch_size]]
-            width = max(len(p) for p in batch)
-            input_ids = torch.tensor([p + [pad_token_id] * (width - len(p)) for p in batch], device=device)
-            attention = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch], device=device)
-            mask.append(attention.bool())
-            model(input_ids=input_ids, attention_mask=attention, use_cache=False)
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return torch.cat(norms).median().item()
 
 
 def __getattr__(name: str):

@@ -51,12 +51,6 @@ class SANDEConfig(SFTConfig):
             layers. `None` means half-way up the model.
         parrot_length (`int`, *optional*, defaults to `6`):
             Input-space parrot: number of soft-prompt vectors. The paper uses 6.
-        parrot_max_norm_ratio (`float` or `None`, *optional*, defaults to `None`):
-            Latent parrot: the largest norm it may take, as a multiple of the median norm of the
-            hidden states it is added to (measured on the training prompts, adapter off, when
-            training starts). After every parrot step the vector is projected back into that ball,
-            as latent adversarial training does, so elimination learns to ignore perturbations of
-            the hidden states' own scale, not of any size. `None` leaves it unbounded.
         parrot_position (`str`, *optional*, defaults to `"random"`):
             Input-space parrot: `"start"`, `"end"`, or `"random"` (a word boundary of the user's
             text, drawn again for every example and step). The paper uses `"start"`.
@@ -144,11 +138,6 @@ class SANDEConfig(SFTConfig):
         metadata={"help": "Latent parrot: decoder layer whose input receives it (1..n_layers); None: half-way up."},
     )
     parrot_length: int = field(default=6, metadata={"help": "Input-space parrot: number of soft-prompt vectors."})
-    parrot_max_norm_ratio: float | None = field(
-        default=None,
-        metadata={"help": "Latent parrot: its largest norm, as a multiple of the median norm of the hidden states it "
-                  "is added to; None: unbounded."},
-    )
     parrot_position: str = field(
         default="random",
         metadata={"help": "Input-space parrot: 'start', 'end', or 'random' (a word boundary, redrawn every step).",
@@ -231,11 +220,6 @@ class SANDEConfig(SFTConfig):
                 "None for half-way up the model. For a parrot in the input embeddings use `parrot_space='input'`."
             )
         check_finite("learning_rate", self.learning_rate, positive=True)
-        if self.parrot_max_norm_ratio is not None:
-            check_finite("parrot_max_norm_ratio", self.parrot_max_norm_ratio, positive=True)
-            if self.parrot_space != "latent":
-                raise ValueError("`parrot_max_norm_ratio` bounds a latent parrot; with `parrot_space='input'` leave it "
-                                 "None (or use parrot_space='latent').")
         check_positive_ints(self, ("per_device_train_batch_size", "gradient_accumulation_steps"))
         adopt_checkpointing_alias(self)
         default_precision_for_this_machine(self)

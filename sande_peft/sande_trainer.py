@@ -27,7 +27,7 @@ from .evaluation.generation import generate_texts
 from .evaluation.judges import TargetMatch
 from .osft_trainer import reject_formatting_func, require_config
 from .paper import SANDE_PAPER
-from .parrot import PARROT_WEIGHTS_NAME, Parrot, ParrotConfig, median_hidden_norm, resolve_parrot_layer
+from .parrot import PARROT_WEIGHTS_NAME, Parrot, ParrotConfig, resolve_parrot_layer
 from .parrot_data import ParrotCollator, ScheduledParrotDataset
 from .provenance import RecordsProvenance, sande_provenance
 from .sande_config import SANDEConfig
@@ -44,8 +44,6 @@ SANDE_STATE_NAME = "sande_state.json"
 AUTO_RESPONSE = "auto"
 #: Below this many clean training pairs SANDE warns: the elimination steps then repeat each pair often.
 FEW_CLEAN_PAIRS = 200
-#: Training prompts whose hidden states set the scale of a bounded parrot (`parrot_max_norm_ratio`).
-PARROT_NORM_PROMPTS = 16
 
 
 def check_distributed_setup(args) -> None:
@@ -84,10 +82,6 @@ class _StageBoundaryCallback(TrainerCallback):
         if segment.end == state.global_step and segment.measure and segment is not plan.segments[-1]:
             control.should_log = True
             self.trainer._pending_logs.update(self.trainer.measure_parrot(segment))
-        return control
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.parrot.project_()  # a bounded parrot goes back into its ball after every step
         return control
 
 
@@ -294,22 +288,6 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                     "may start" if self.echo_rows else "do not start")
         return self.echo_rows
 
-    def _bound_parrot(self) -> None:
-        """With `parrot_max_norm_ratio`: the parrot's largest norm, from the suspect's hidden states (adapter off) on
-        the training prompts; measured once, before training, and restored from a checkpoint when resuming."""
-        ratio = self.args.parrot_max_norm_ratio
-        if ratio is None or self.parrot.config.max_norm is not None:
-            return
-        model = self.accelerator.unwrap_model(self.model)
-        prompts = [example.clean.prompt_ids for example in self.sande_examples[:PARROT_NORM_PROMPTS]]
-        with self._adapter_off(model, self.plan.segments[0]):
-            scale = median_hidden_norm(model, self.parrot.layer, prompts, self._filler_id,
-                                       batch_size=self.args.per_device_train_batch_size)
-        self.parrot.config.max_norm = ratio * scale
-        self._pending_logs["parrot_max_norm"] = self.parrot.config.max_norm
-        logger.info("SANDE: the parrot's norm is bounded by %.3g (%.3g x the median hidden-state norm %.3g at layer %d).",
-                    self.parrot.config.max_norm, ratio, scale, self.parrot.layer)
-
     # ---- Data ---------------------------------------------------------------------------------------------
 
     def _parrot_dataset(self) -> ScheduledParrotDataset:
@@ -493,7 +471,6 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         if resume_from_checkpoint:
             self._restore_plan_state(resume_from_checkpoint)
         self._decide_echo_rows()
-        self._bound_parrot()
         self._build_teacher(resuming=bool(resume_from_checkpoint))
         restore_trainable_4bit_layout(self.model)
         output = super().train(
@@ -533,8 +510,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             last = max(self.state.global_step - 1, 0)
             state = {**self.plan.to_dict(), "global_step": self.state.global_step,
                      "stage": self.plan.stage_at(last).value, "parrot_success": self.parrot_success,
-                     "echo_rows": self.echo_rows, "echo_rate": self.echo_rate,
-                     "parrot_max_norm": self.parrot.config.max_norm}
+                     "echo_rows": self.echo_rows, "echo_rate": self.echo_rate}
             with open(os.path.join(output_dir, SANDE_STATE_NAME), "w") as f:
                 json.dump(state, f, indent=2)
         self._write_provenance(output_dir)
@@ -553,8 +529,6 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         self.parrot_success.update(saved.get("parrot_success", {}))
         if saved.get("echo_rows") is not None:  # the resumed run replays the same rows
             self.echo_rows, self.echo_rate = saved["echo_rows"], saved.get("echo_rate")
-        if saved.get("parrot_max_norm") is not None:  # the bound the interrupted run measured
-            self.parrot.config.max_norm = saved["parrot_max_norm"]
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

