@@ -149,3 +149,11 @@ def bnb_4bit_config(compute_dtype=torch.float32):
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype
     )
+
+
+# The longest files first: on two workers they then run beside the rest of the suite, not after it.
+SLOWEST_FILES = ("test_demo.py", "test_notebook.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: Path(str(item.fspath)).name not in SLOWEST_FILES)  # stable: the rest keep their order
