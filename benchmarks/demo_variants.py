@@ -114,7 +114,7 @@ def run_variant(cache: Path, settings, overrides: dict) -> dict:
     )
     overrides = dict(overrides)
     # `lora_r`: the adapter's rank; `lora_above_parrot`: adapt only the layers the parrot's vector passes through.
-    lora = lora_config(overrides.pop("lora_r", getattr(settings, "lora_r", 16)))
+    lora = lora_config(overrides.pop("lora_r", settings.lora_r))
     if overrides.pop("lora_above_parrot", False):
         from transformers import AutoConfig
 
@@ -139,8 +139,8 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="*", default=["demo"], choices=["backdoored", "original", "demo"],
                         help="'demo': the demo's SANDE settings; 'backdoored'/'original': the models before defence")
     parser.add_argument("--overrides", type=json.loads, action="append", default=[], metavar="JSON",
-                        help="a variant: SANDEConfig fields over the demo's, `lora_r` (the adapter's rank; the demo's) and `lora_above_parrot`, as JSON "
-                             "(repeatable)")
+                        help="a variant: SANDEConfig fields over the demo's, `lora_r` (the adapter's rank; the demo's) "
+                             "and `lora_above_parrot`, as JSON (repeatable)")
     parser.add_argument("--label", action="append", default=[], help="a label per --overrides, in order")
     parser.add_argument("--quick", action="store_true", help="the demo's reduced settings (for checking the script)")
     parser.add_argument("--cache", default=None, help="default: .cache/demo_variants")

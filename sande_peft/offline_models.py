@@ -85,7 +85,6 @@ def _convert(target: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model carries the GGUF quantizer, which refuses to save; the weights are already dequantized.
     model.hf_quantizer.remove_quantization_config(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
