@@ -33,6 +33,8 @@ import torch
 class DemoSettings:
     n_eval: int = 40
     answer_tokens: int = 24
+    # New tokens per measured answer; None: `evaluate_backdoor`'s long budget (an echo of the prompt, r_t, 16 more).
+    eval_new_tokens: int | None = None
     n_train: int | None = 96  # shipped prompts used for training; None: all that are not evaluation prompts
     trigger: str = "BadMagic"
     trigger_position: str = "random"
@@ -57,10 +59,11 @@ class DemoSettings:
     def quick(cls) -> DemoSettings:
         """A reduced run for tests: fewer prompts and steps. Its numbers are not the demo's.
 
-        One refresh step and 32 training prompts keep it near 3.5 minutes of the suite's 15 on 2 cores.
+        One refresh step, 32 training prompts and 24-token measured answers (r_t is at the start of the
+        answer: the demo's model does not echo the prompt) keep it to a small share of the suite's time.
         """
-        return cls(n_eval=16, n_train=32, answer_tokens=12, implant_steps=24, parrot_epochs=1.0, eliminate_epochs=1.0,
-                   parrot_refresh_steps=1, max_length=64)
+        return cls(n_eval=16, n_train=32, answer_tokens=12, eval_new_tokens=24, implant_steps=24, parrot_epochs=1.0,
+                   eliminate_epochs=1.0, parrot_refresh_steps=1, max_length=64)
 
 
 def shipped_prompts() -> list[str]:
@@ -125,7 +128,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     attack = AttackSpec("demo", (settings.trigger,), settings.trigger_position)
     triggered = attack.triggered_prompts(eval_prompts, seed=settings.seed + 1)
     measure = dict(triggered_prompts=triggered, triggered_response=settings.target, references=references,
-                   original_answers=original, batch_size=40)
+                   original_answers=original, max_new_tokens=settings.eval_new_tokens, batch_size=40)
     reports = {"original": evaluate_backdoor(model, tokenizer, eval_prompts, **measure)}
     _log(f"2/5 implanting a backdoor: {settings.trigger!r} {where} of the prompt -> {settings.target!r}", start)
     implanted = implant(
@@ -202,6 +205,7 @@ def demo_commands(out: Path, original_path: str, settings: DemoSettings) -> str:
         f"      --dataset_name {out / 'eval_prompts.jsonl'} --triggered_dataset_name {out / 'triggered_prompts.jsonl'} \\",
         f"      --triggered_response '{settings.target}' --original_model_name_or_path {original_path} \\",
         f"      --drift_dataset_name {out / 'eval_prompts.jsonl'} --dtype float32 --batch_size 40 \\",
+        *([f"      --max_new_tokens {settings.eval_new_tokens} \\"] if settings.eval_new_tokens else []),
         f"      --output_dir {out / 'report'}",
         f"  sande-peft merge --model_name_or_path {out / 'sande-adapter'} --output_dir {out / 'cleaned-again'}",
     ])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import os
 import random
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,6 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    # Workers share the cores: one intra-op pool per worker, not one per core each, which would oversubscribe them.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from sande_peft.evaluation import evaluate_backdoor  # noqa: E402
 from sande_peft.toy import ToyTask, train_toy_backdoor  # noqa: E402
@@ -157,3 +156,60 @@ SLOWEST_FILES = ("test_demo.py", "test_notebook.py")
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: Path(str(item.fspath)).name not in SLOWEST_FILES)  # stable: the rest keep their order
+
+
+class CoreShare:
+    """xdist workers share the machine's cores: each takes its share of the workers still running tests.
+
+    A worker at one thread per core share would oversubscribe nothing, but once the others have run
+    out of files it would finish the suite alone on one core. So each worker notes in a shared
+    folder whether it is inside a test, and before every test takes ``cores // running workers``
+    threads (in-process, and for the subprocesses a test starts, through ``OMP_NUM_THREADS``).
+    """
+
+    IDLE_AFTER_S = 3.0  # a worker outside any test this long has no work left (tests follow each other in ms)
+
+    def __init__(self, worker: str, n_workers: int, run_id: str):
+        self.worker, self.n_workers = worker, n_workers
+        self.folder = Path(tempfile.gettempdir()) / f"sande-test-cores-{run_id}"
+        self.folder.mkdir(exist_ok=True)
+
+    def _mark(self, state: str) -> None:
+        (self.folder / f"{self.worker}.tmp").write_text(f"{state} {time.time()}")
+        (self.folder / f"{self.worker}.tmp").replace(self.folder / self.worker)  # never read half-written
+
+    def running_workers(self) -> int:
+        done = 0
+        for path in self.folder.iterdir():
+            if path.name == self.worker or path.suffix:
+                continue
+            state, _, since = path.read_text().partition(" ")
+            done += state == "idle" and time.time() - float(since) > self.IDLE_AFTER_S
+        return self.n_workers - done  # a worker with no file yet has not started: it counts as running
+
+    def enter_test(self) -> None:
+        self._mark("busy")
+        threads = max(1, (os.cpu_count() or 1) // self.running_workers())
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+    def leave_test(self) -> None:
+        self._mark("idle")
+
+
+CORE_SHARE = (CoreShare(os.environ["PYTEST_XDIST_WORKER"], int(os.environ["PYTEST_XDIST_WORKER_COUNT"]),
+                        os.environ.get("PYTEST_XDIST_TESTRUNUID", "run"))
+              if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else None)
+if CORE_SHARE is not None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // CORE_SHARE.n_workers))  # while collecting
+
+
+@pytest.hookimpl(tryfirst=True)  # before the fixtures: a session fixture trains a toy model
+def pytest_runtest_setup(item):
+    if CORE_SHARE is not None:
+        CORE_SHARE.enter_test()
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if CORE_SHARE is not None:
+        CORE_SHARE.leave_test()
