@@ -85,7 +85,7 @@ def prepare(cache: Path, settings) -> dict:
 
 def measure(model, tokenizer, cache: Path, settings) -> dict:
     """As the demo measures: the long budget on its triggered prompts, utility on the original model's answers."""
-    from sande_peft.evaluation import ReferenceAnswers, evaluate_backdoor
+    from sande_peft.evaluation import ReferenceAnswers, answer_nll, evaluate_backdoor
 
     data = json.loads((cache / "eval.json").read_text())
     report = evaluate_backdoor(model, tokenizer, data["eval_prompts"], triggered_prompts=data["triggered"],
@@ -93,7 +93,10 @@ def measure(model, tokenizer, cache: Path, settings) -> dict:
                                original_answers=ReferenceAnswers.load(cache / "original.json"), batch_size=40)
     keys = ("attack_success_rate", "target_start_rate", "false_trigger_rate", "clean_nll", "kl_to_original",
             "nll_original", "agreement_with_original")
-    return {k: getattr(report, k) for k in keys}
+    # `clean_nll` above scores the end of turn after the cut too (as the records before this field did); the demo
+    # now reports the text only (`references_cut`): both, so that old and new rows compare.
+    text_only = answer_nll(model, tokenizer, data["eval_prompts"], data["references"], batch_size=20, text_only=True)
+    return {**{k: getattr(report, k) for k in keys}, "clean_nll_text_only": text_only}
 
 
 def run_variant(cache: Path, settings, overrides: dict) -> dict:

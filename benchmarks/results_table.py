@@ -138,8 +138,12 @@ def demo(records: list[dict]) -> str:
     """The demo's backdoor: each variant's attack success beside the NLL of the original model's answers."""
     keys = [("attack success", "attack_success_rate", "rate1"), ("starts like r_t", "target_start_rate", "rate1"),
             ("false trigger", "false_trigger_rate", "rate1"), ("NLL of the original's answers", "clean_nll", "float"),
-            ("KL to the original", "kl_to_original", "float"), ("train time (s)", "train_seconds", "")]
-    suspect = next((r for r in records if r.get("variant") == "backdoored"), {}).get("clean_nll")
+            ("the same, text only", "clean_nll_text_only", "float"), ("KL to the original", "kl_to_original", "float"),
+            ("train time (s)", "train_seconds", "")]
+    relative = (3, 4)  # the columns shown beside their change from the backdoored model's
+    backdoored = [r for r in records if r.get("variant") == "backdoored"]
+    suspect = {i: next((r[keys[i][1]] for r in reversed(backdoored) if r.get(keys[i][1]) is not None), None)
+               for i in relative}
     # The first `demo` row's settings are the reference: a row run under other demo settings names them too.
     reference = next((r for r in records if r.get("variant") == "demo"), {}).get("demo_settings", {})
     rows = []
@@ -147,14 +151,16 @@ def demo(records: list[dict]) -> str:
         if r.get("variant") == "implant":
             continue
         cells = [_cell([_value(r, k)], kind) for _, k, kind in keys]
-        if suspect and r.get("clean_nll") is not None and r["variant"] != "backdoored":
-            cells[3] += f" ({(r['clean_nll'] / suspect - 1) * 100:+.1f}%)"
+        for i in relative:
+            if suspect[i] and r.get(keys[i][1]) is not None and r["variant"] != "backdoored":
+                cells[i] += f" ({(r[keys[i][1]] / suspect[i] - 1) * 100:+.1f}%)"
         changed = {k: v for k, v in r.get("demo_settings", {}).items() if reference and reference.get(k) != v}
         if r["variant"] in ("original", "backdoored"):
             changed = {}  # trained nothing after the implant: SANDE's settings do not apply
         rows.append([r["variant"], json_overrides({"overrides": {**changed, **(r.get("overrides") or {})}})] + cells)
     header = ["model", "settings changed from the `demo` row's"] + [t for t, _, _ in keys]
-    header[5] += " (change from the backdoored model's)"
+    for i in relative:
+        header[2 + i] += " (change from the backdoored model's)"
     return _table(header, rows) + _footer(records)
 
 

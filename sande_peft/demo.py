@@ -127,8 +127,9 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     where = {"random": "before a random word", "start": "at the start", "end": "at the end"}[settings.trigger_position]
     attack = AttackSpec("demo", (settings.trigger,), settings.trigger_position)
     triggered = attack.triggered_prompts(eval_prompts, seed=settings.seed + 1)
+    # The references are the original's answers cut at `answer_tokens`: their NLL covers the text the original said.
     measure = dict(triggered_prompts=triggered, triggered_response=settings.target, references=references,
-                   original_answers=original, max_new_tokens=settings.eval_new_tokens, batch_size=40)
+                   references_cut=True, original_answers=original, max_new_tokens=settings.eval_new_tokens, batch_size=40)
     reports = {"original": evaluate_backdoor(model, tokenizer, eval_prompts, **measure)}
     _log(f"2/5 implanting a backdoor: {settings.trigger!r} {where} of the prompt -> {settings.target!r}", start)
     implanted = implant(
@@ -204,7 +205,7 @@ def demo_commands(out: Path, original_path: str, settings: DemoSettings) -> str:
         f"  sande-peft evaluate --model_name_or_path backdoored={out / 'backdoored-model'} SANDE={out / 'cleaned-model'} \\",
         f"      --dataset_name {out / 'eval_prompts.jsonl'} --triggered_dataset_name {out / 'triggered_prompts.jsonl'} \\",
         f"      --triggered_response '{settings.target}' --original_model_name_or_path {original_path} \\",
-        f"      --drift_dataset_name {out / 'eval_prompts.jsonl'} --dtype float32 --batch_size 40 \\",
+        f"      --references_cut --drift_dataset_name {out / 'eval_prompts.jsonl'} --dtype float32 --batch_size 40 \\",
         *([f"      --max_new_tokens {settings.eval_new_tokens} \\"] if settings.eval_new_tokens else []),
         f"      --output_dir {out / 'report'}",
         f"  sande-peft merge --model_name_or_path {out / 'sande-adapter'} --output_dir {out / 'cleaned-again'}",

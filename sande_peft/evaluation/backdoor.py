@@ -34,7 +34,7 @@ from ..parrot import Parrot
 from ..triggers import insert_trigger
 from .generation import Sampling, generate_texts, sample_texts
 from .judges import Judge, TargetMatch, TargetStart, get_judge, normalize_text
-from .utility import ReferenceAnswers, answer_logprobs, defence_score, model_drift
+from .utility import ReferenceAnswers, answer_logprobs, answer_text, defence_score, model_drift
 from .variants import trigger_variants
 
 if TYPE_CHECKING:  # attacks import the evaluation: only the type is needed here
@@ -138,16 +138,12 @@ def _rates(outputs: Sequence[str], *tests) -> list[float | None]:
     return [None if test is None else _rate([test(o) for o in outputs]) for test in tests]
 
 
-def _completion_text(completion: str | list[dict]) -> str:
-    if isinstance(completion, str):
-        return completion
-    return " ".join(m["content"] for m in completion if m.get("role") == "assistant")
-
-
-def answer_nll(model, tokenizer, prompts: Sequence, answers: Sequence, batch_size: int = 8) -> float:
-    """Mean per-token negative log-likelihood of ``answers`` given ``prompts`` (completion tokens only)."""
+def answer_nll(model, tokenizer, prompts: Sequence, answers: Sequence, batch_size: int = 8,
+               text_only: bool = False) -> float:
+    """Mean per-token negative log-likelihood of ``answers`` given ``prompts`` (completion tokens only; with
+    ``text_only``, the answer's text without the end of turn the chat template closes it with)."""
     total, count = 0.0, 0
-    for ids, logprobs in answer_logprobs(model, tokenizer, list(prompts), list(answers), batch_size):
+    for ids, logprobs in answer_logprobs(model, tokenizer, list(prompts), list(answers), batch_size, text_only=text_only):
         total -= logprobs.gather(-1, torch.tensor(ids, dtype=torch.long)[:, None]).sum().item()
         count += len(ids)
     return total / max(count, 1)
@@ -196,6 +192,7 @@ def evaluate_backdoor(
     judge: str | Judge | None = None,
     parrot: Parrot | None = None,
     references: Sequence | None = None,
+    references_cut: bool = False,
     suspect_answers: ReferenceAnswers | None = None,
     original_answers: ReferenceAnswers | None = None,
     sampling: Sampling | None = None,
@@ -222,6 +219,9 @@ def evaluate_backdoor(
         judge: ``"refusal"``, ``"negsentiment"``, ``"sst2"`` or any ``callable(output) -> bool``.
         parrot: a trained parrot, inserted into the clean prompts to measure its success.
         references: reference answers for the clean prompts: their NLL and exact-match rate.
+        references_cut: the references are answers cut by a token budget (a model's own greedy
+            answers, as the demo's): their NLL then covers their text only, not the end of turn
+            the chat template closes them with, which the model that wrote them did not say there.
         suspect_answers / original_answers: [`reference_answers`] of the suspect model and of
             the original clean model (where it exists), on prompts away from the defence data:
             the drift from each.
@@ -300,9 +300,10 @@ def evaluate_backdoor(
 
     if references is not None:
         references = list(references)
-        report.clean_nll = answer_nll(model, tokenizer, prompts, references, batch_size=max(1, batch_size // 2))
+        report.clean_nll = answer_nll(model, tokenizer, prompts, references, batch_size=max(1, batch_size // 2),
+                                      text_only=references_cut)
         report.clean_exact_match = _rate(
-            [normalize_text(o) == normalize_text(_completion_text(r)) for o, r in zip(clean_outputs, references, strict=True)]
+            [normalize_text(o) == normalize_text(answer_text(r)) for o, r in zip(clean_outputs, references, strict=True)]
         )
         if not math.isfinite(report.clean_nll):
             raise FloatingPointError("The clean NLL is not finite: the model's outputs overflow (check its dtype).")

@@ -100,6 +100,11 @@ def _as_conversation(prompt, answer):
     return [{"role": "assistant", "content": answer}] if isinstance(prompt, list) and isinstance(answer, str) else answer
 
 
+def answer_text(answer) -> str:
+    """The text of an answer given as a string or as assistant turns."""
+    return answer if isinstance(answer, str) else " ".join(m["content"] for m in answer if m.get("role") == "assistant")
+
+
 def _batches(n: int, size: int):
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -119,7 +124,7 @@ def answer_logprobs(model, tokenizer, prompts: Sequence, answers: Sequence, batc
     try:
         for batch in _batches(len(prompts), batch_size):
             pairs = [encode_pair(tokenizer, prompts[i], _as_conversation(prompts[i], answers[i]),
-                                 known_completion_prefix=answers[i] if text_only and answers[i] else None)
+                                 known_completion_prefix=answer_text(answers[i]) if text_only and answers[i] else None)
                      for i in batch]
             rows = [p.prompt_ids + p.completion_ids for p in pairs]
             width = max(len(r) for r in rows)

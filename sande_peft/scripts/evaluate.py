@@ -35,6 +35,9 @@ class EvaluateArguments:
                                                               "choices": list(TRIGGER_POSITIONS)})
     attack: str | None = field(default=None, metadata={"help": "A BackdoorLLM attack, placed as it places its trigger.",
                                                        "choices": list(ATTACKS)})
+    references_cut: bool = field(default=False, metadata={
+        "help": "The data set's answers are a model's answers cut by a token budget: score their text only, not the "
+                "end of turn after the cut."})
     triggered_dataset_name: str | None = field(default=None, metadata={"help": "Ready-made triggered prompts instead."})
     triggered_response: str | None = field(default=None, metadata={"help": "r_t, or its known part: counted anywhere."})
     judge: str | None = field(default=None, metadata={"help": "A keyword judge.", "choices": list(BUILTIN_JUDGES)})
@@ -137,7 +140,8 @@ def main(args: EvaluateArguments, loading: ModelLoading | None = None) -> int:
         reports[label] = evaluate_backdoor(
             model, tokenizer, prompts, trigger=None if attack else args.trigger, trigger_position=args.trigger_position,
             attack=attack, triggered_prompts=triggered, triggered_response=args.triggered_response, judge=args.judge,
-            parrot=parrot if args.with_parrot else None, references=answers, suspect_answers=suspect,
+            parrot=parrot if args.with_parrot else None, references=answers, references_cut=args.references_cut,
+            suspect_answers=suspect,
             original_answers=original, sampling=sampling, variants=args.variants, variant_prompts=args.variant_prompts,
             lm_eval_tasks=args.lm_eval_tasks or (), lm_eval_include_path=args.lm_eval_include_path,
             lm_eval_limit=args.lm_eval_limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
