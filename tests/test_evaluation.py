@@ -117,6 +117,19 @@ def test_nll_rises_for_wrong_answers(backdoored_start):
     assert answer_nll(b.model, b.tokenizer, prompts, answers) < answer_nll(b.model, b.tokenizer, prompts, wrong)
 
 
+def test_answers_cut_by_a_budget_are_scored_on_their_text(backdoored_start):
+    """Cut after two words, the toy's answers end where the model would not end them: scoring the end of turn
+    charges every model for not stopping there; `references_cut=True` scores the text it said."""
+    b = backdoored_start
+    prompts = b.test_prompts[:16]
+    cut = [[{"role": "assistant", "content": " ".join(a[0]["content"].split()[:2])}] for a in b.test_answers[:16]]
+    whole = evaluate_backdoor(b.model, b.tokenizer, prompts, references=cut, batch_size=16, max_new_tokens=4)
+    text = evaluate_backdoor(b.model, b.tokenizer, prompts, references=cut, references_cut=True, batch_size=16,
+                             max_new_tokens=4)
+    assert text.clean_nll < 0.1 < whole.clean_nll
+    assert text.clean_nll == pytest.approx(answer_nll(b.model, b.tokenizer, prompts, cut, text_only=True))
+
+
 def test_a_rate_needs_a_way_to_tell_backdoored_answers(backdoored_start):
     with pytest.raises(ValueError, match="Nothing tells a backdoored answer"):
         evaluate_backdoor(backdoored_start.model, backdoored_start.tokenizer, backdoored_start.test_prompts[:2],
