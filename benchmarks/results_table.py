@@ -123,15 +123,22 @@ def contrast(records: list[dict], variant: str | dict = "default") -> str:
 
 
 def scan_table(records: list[dict]) -> str:
-    """Each scanned model: the verdict, the top candidate, whether it is r_t, and its score."""
+    """Each scanned model: the verdict, the top candidate, whether it is r_t, its score and the runner-up's."""
+    yes_no = {True: "yes", False: "no", None: "-"}
     rows = []
     for r in records:
-        top = (r.get("candidates") or [{}])[0]
+        candidates = (r.get("candidates") or []) + [{}, {}]
+        top, second = candidates[0], candidates[1]
         rows.append([r["label"], r["kind"], "backdoored" if r["is_backdoored"] else "no evidence",
-                     repr(top.get("response", ""))[:60], "-" if top.get("score") is None else f"{top['score']:.3f}",
-                     {True: "yes", False: "no", None: "-"}[r.get("recovered")], f"{r['seconds']:.0f} s"])
-    header = ["model", "kind", "verdict", "top candidate", "score", "r_t's start recovered", "time"]
+                     repr(top.get("response", ""))[:48], _score(top), _score(second),
+                     yes_no[r.get("recovered")], yes_no[r.get("recovered_top3")], f"{r['seconds']:.0f} s"])
+    header = ["model", "kind", "verdict", "top candidate", "its score", "runner-up's score",
+              "r_t's start on top", "in the best three", "time"]
     return _table(header, rows) + _footer(records)
+
+
+def _score(candidate: dict) -> str:
+    return "-" if candidate.get("score") is None else f"{candidate['score']:.3f}"
 
 
 def demo(records: list[dict]) -> str:
@@ -146,10 +153,15 @@ def demo(records: list[dict]) -> str:
                for i in relative}
     # The first `demo` row's settings are the reference: a row run under other demo settings names them too.
     reference = next((r for r in records if r.get("variant") == "demo"), {}).get("demo_settings", {})
-    rows = []
+    # The models before defence are the same weights each time: their latest measurement (it has every field).
+    latest = {r["variant"]: r for r in records if r.get("variant") in ("original", "backdoored")}
+    rows, shown = [], set()
     for r in records:
-        if r.get("variant") == "implant":
+        if r.get("variant") == "implant" or r.get("variant") in shown:
             continue
+        if r.get("variant") in latest:  # where it was first measured, with its latest values
+            r = latest[r["variant"]]
+            shown.add(r["variant"])
         cells = [_cell([_value(r, k)], kind) for _, k, kind in keys]
         for i in relative:
             if suspect[i] and r.get(keys[i][1]) is not None and r["variant"] != "backdoored":
