@@ -179,6 +179,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     _write_pairs(out / "triggered_prompts.jsonl", triggered, references)
     summary = {
         "settings": asdict(settings),
+        "clean_nll_measures": f"NLL of the text of the original model's answers, cut at {settings.answer_tokens} tokens",
         "implant_passed_gate": gate_passed,
         "parrot_success": trainer.parrot_success,
         "export": export.to_dict(),
