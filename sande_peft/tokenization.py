@@ -224,7 +224,7 @@ def mark_whole_prompt(ids: list[int]) -> list[int]:
 
     Nothing is inserted: a latent parrot is added to hidden states. It covers the whole
     prompt, the last tokens included, where the answer is decided; a parrot on the user's
-    text alone has not been measured validly on a real model (docs/results.md).
+    text alone removed no more and cost more of the model (docs/concepts.md, "Measured and removed").
 
     >>> mark_whole_prompt([10, 11, 12])
     [0, 0, 0]
