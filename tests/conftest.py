@@ -150,9 +150,10 @@ def bnb_4bit_config(compute_dtype=torch.float32):
     )
 
 
-# The order files are handed to two workers (`--dist loadfile`). A worker takes another file while two tests or
-# fewer wait for it, so whatever is queued behind the longest file (the demo, one test) waits for it to end:
-# a short file goes there, and the rest follow, longest first, so that the suite ends on short files.
+# The order files are handed to two workers (`--dist loadfile --no-loadscope-reorder`, scripts/test.sh). A worker
+# takes another file while two tests or fewer wait for it, so whatever is queued behind the longest file (the
+# demo, one test) waits for it to end: a short file goes there, and the rest follow, longest first, so that the
+# suite ends on short files.
 FILE_ORDER = ("test_demo.py", "test_notebook.py", "test_schedule.py", "test_sande_trainer.py", "test_evaluation.py",
               "test_osft_trainer.py", "test_cli.py", "test_scan.py", "test_sande_resume_and_ddp.py",
               "test_bad_inputs.py", "test_position_robust.py", "test_attacks.py", "test_export.py")
