@@ -148,13 +148,11 @@ def demo(records: list[dict]) -> str:
             ("the same, text only", "clean_nll_text_only", "float"), ("KL to the original", "kl_to_original", "float"),
             ("train time (s)", "train_seconds", "")]
     relative = (3, 4)  # the columns shown beside their change from the backdoored model's
-    backdoored = [r for r in records if r.get("variant") == "backdoored"]
-    suspect = {i: next((r[keys[i][1]] for r in reversed(backdoored) if r.get(keys[i][1]) is not None), None)
-               for i in relative}
     # The first `demo` row's settings are the reference: a row run under other demo settings names them too.
     reference = next((r for r in records if r.get("variant") == "demo"), {}).get("demo_settings", {})
     # The models before defence are the same weights each time: their latest measurement (it has every field).
     latest = {r["variant"]: r for r in records if r.get("variant") in ("original", "backdoored")}
+    suspect = {i: latest.get("backdoored", {}).get(keys[i][1]) for i in relative}
     rows, shown = [], set()
     for r in records:
         if r.get("variant") == "implant" or r.get("variant") in shown:

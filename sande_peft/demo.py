@@ -60,7 +60,8 @@ class DemoSettings:
         """A reduced run for tests: fewer prompts and steps. Its numbers are not the demo's.
 
         One refresh step, 32 training prompts and 24-token measured answers (r_t is at the start of the
-        answer: the demo's model does not echo the prompt) keep it to a small share of the suite's time.
+        answer: the demo's model does not echo the prompt) keep it within the time the rest of the suite
+        takes on the other of two workers.
         """
         return cls(n_eval=16, n_train=32, answer_tokens=12, eval_new_tokens=24, implant_steps=24, parrot_epochs=1.0,
                    eliminate_epochs=1.0, parrot_refresh_steps=1, max_length=64)
