@@ -99,7 +99,42 @@ def measure(model, tokenizer, cache: Path, settings) -> dict:
     return {**{k: getattr(report, k) for k in keys}, "clean_nll_text_only": text_only}
 
 
-def run_variant(cache: Path, settings, overrides: dict) -> dict:
+def trace_callback(trainer, tokenizer, cache: Path, settings, every: int):
+    """Measure the adapter every ``every`` elimination steps during training: where removal and damage stand
+    along the run (attack success with 16 new tokens, enough for r_t at the start of the demo's answers, and the
+    text-only NLL of the original's answers), with the parrot's loss after its last refresh."""
+    from transformers import TrainerCallback
+
+    from sande_peft.evaluation import answer_nll, evaluate_backdoor
+    from sande_peft.schedule import Stage
+
+    data = json.loads((cache / "eval.json").read_text())
+
+    class Trace(TrainerCallback):
+        def __init__(self):
+            self.points, self.refresh_loss = [], None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            segment = trainer.plan.segment_at(state.global_step - 1)
+            if segment.stage is not Stage.ELIMINATE:
+                return
+            done = trainer.plan.eliminate_index(state.global_step - 1) + 1
+            if done % every and state.global_step < trainer.plan.total_steps:
+                return
+            model = trainer.model
+            model.eval()
+            report = evaluate_backdoor(model, tokenizer, data["eval_prompts"][:1], triggered_prompts=data["triggered"],
+                                       triggered_response=settings.target, max_new_tokens=16, batch_size=40)
+            nll = answer_nll(model, tokenizer, data["eval_prompts"], data["references"], batch_size=20, text_only=True)
+            model.train()
+            self.points.append({"eliminate_steps": done, "attack_success_rate": report.attack_success_rate,
+                                "clean_nll_text_only": nll, "refresh_loss": trainer.last_refresh_loss})
+            print(json.dumps(self.points[-1]), flush=True)
+
+    return Trace()
+
+
+def run_variant(cache: Path, settings, overrides: dict, trace_every: int | None = None, save_to: Path | None = None) -> dict:
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
@@ -111,7 +146,8 @@ def run_variant(cache: Path, settings, overrides: dict) -> dict:
         parrot_num_train_epochs=settings.parrot_epochs, num_train_epochs=settings.eliminate_epochs,
         learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
         parrot_learning_rate=settings.parrot_learning_rate, parrot_refresh_steps=settings.parrot_refresh_steps,
-        per_device_train_batch_size=settings.batch_size, max_length=settings.max_length, parrot_eval_size=16,
+        parrot_layer=settings.parrot_layer, per_device_train_batch_size=settings.batch_size,
+        max_length=settings.max_length, parrot_eval_size=16,
         seed=settings.seed, use_cpu=True, gradient_checkpointing=False, save_strategy="no", report_to="none",
         logging_steps=10, disable_tqdm=True, model_init_kwargs={"dtype": torch.float32},
     )
@@ -121,17 +157,29 @@ def run_variant(cache: Path, settings, overrides: dict) -> dict:
     if overrides.pop("lora_above_parrot", False):
         from transformers import AutoConfig
 
+        from sande_peft.parrot import resolve_parrot_layer
+
         n_layers = AutoConfig.from_pretrained(cache / "backdoored").num_hidden_layers
-        layer = overrides.get("parrot_layer") or max(1, n_layers // 2)  # as `resolve_parrot_layer` picks it
+        layer = resolve_parrot_layer(str(cache / "backdoored"), overrides.get("parrot_layer"))
         lora.layers_to_transform = list(range(layer - 1, n_layers))  # peft counts layers from 0
     config.update(overrides)
     trainer = SANDETrainer(model=str(cache / "backdoored"), args=SANDEConfig(**config),
                            train_dataset=load_dataset("json", data_files=str(cache / "defender.jsonl"), split="train"),
                            processing_class=tokenizer, peft_config=lora)
+    trace = None
+    if trace_every:
+        trace = trace_callback(trainer, tokenizer, cache, settings, trace_every)
+        trainer.add_callback(trace)
     t = time.time()
     trainer.train()
-    return {"train_seconds": round(time.time() - t, 1), "steps": trainer.state.global_step,
+    seconds = round(time.time() - t, 1)
+    if trace is not None:
+        trainer.remove_callback(trace)
+    if save_to is not None:
+        trainer.save_model(str(save_to))  # the adapter and its parrot, for a scan of the cleaned model
+    return {"train_seconds": seconds, "steps": trainer.state.global_step,
             "parrot_success": trainer.parrot_success, "echo_rows": trainer.echo_rows,
+            **({"trace": trace.points} if trace is not None else {}),
             **measure(trainer.model, tokenizer, cache, settings)}
 
 
@@ -148,6 +196,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the demo's reduced settings (for checking the script)")
     parser.add_argument("--cache", default=None, help="default: .cache/demo_variants")
     parser.add_argument("--out", default=None, help="JSON-lines file to append results to")
+    parser.add_argument("--trace_every", type=int, default=None, metavar="N",
+                        help="also measure the adapter every N elimination steps during training (record's `trace`; "
+                        "its time counts in `train_seconds`)")
+    parser.add_argument("--save", action="store_true", help="save each variant's adapter to <cache>/runs/<label>")
     args = parser.parse_args(argv)
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     cache = Path(args.cache or REPO / ".cache" / ("demo_variants-quick" if args.quick else "demo_variants"))
@@ -155,6 +207,12 @@ def main(argv=None):
     torch.manual_seed(settings.seed)
     head = {"model": "SmolLM2-135M-Instruct", "demo_settings": asdict(settings)}
     print_record({**head, "variant": "implant", **prepare(cache, settings)}, args.out)
+
+    def run(label: str, overrides: dict) -> dict:
+        save_to = cache / "runs" / label if args.save else None
+        return {**head, "variant": label, "overrides": overrides,
+                **run_variant(cache, settings, overrides, args.trace_every, save_to)}
+
     for name in args.variants:
         if name in ("backdoored", "original"):
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -166,11 +224,10 @@ def main(argv=None):
             print_record({**head, "variant": name, **measure(model, AutoTokenizer.from_pretrained(path), cache, settings)},
                          args.out)
         else:
-            print_record({**head, "variant": name, "overrides": {}, **run_variant(cache, settings, {})}, args.out)
+            print_record(run(name, {}), args.out)
     for k, overrides in enumerate(args.overrides):
         label = args.label[k] if k < len(args.label) else "custom"
-        print_record({**head, "variant": label, "overrides": overrides, **run_variant(cache, settings, overrides)},
-                     args.out)
+        print_record(run(label, overrides), args.out)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ class DemoSettings:
     lr_scheduler_type: str = "linear"
     parrot_learning_rate: float = 0.1
     parrot_refresh_steps: int = 2
+    # The latent parrot's layer: SmolLM2's 8th of 30 (the library's default is half-way, the 15th). Lower, the
+    # elimination it drives removed as much and cost less of the model on the demo's backdoor (docs/results.md).
+    parrot_layer: int | None = 8
     # The defender's LoRA rank: rank 4 removed as much as rank 16 and kept a little more (docs/results.md).
     lora_r: int = 4
     batch_size: int = 8
@@ -157,6 +160,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
         parrot_num_train_epochs=settings.parrot_epochs, num_train_epochs=settings.eliminate_epochs,
         learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
         parrot_learning_rate=settings.parrot_learning_rate, parrot_refresh_steps=settings.parrot_refresh_steps,
+        parrot_layer=settings.parrot_layer,
         per_device_train_batch_size=settings.batch_size, max_length=settings.max_length, parrot_eval_size=16,
         seed=settings.seed, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
         report_to="none", logging_steps=10, model_init_kwargs={"dtype": torch.float32},

@@ -241,6 +241,10 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                         self.plan.stage2_steps)
         self.parrot_success: dict[str, float] = {}
         self._pending_logs: dict[str, float] = {}
+        self._refresh_loss: torch.Tensor | None = None
+        # Per kind of step since the last log: the summed loss and the optimizer steps it covers. The Trainer's
+        # own `loss` averages parrot and elimination steps together once refresh steps interleave them.
+        self._step_losses: dict[str, tuple[torch.Tensor, set[int]]] = {}
         self.add_callback(_StageBoundaryCallback(self))
 
     # ---- Set-up -------------------------------------------------------------------------------------------
@@ -407,7 +411,18 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                                          detach_below=segment.stage is Stage.SIMULATE)
         # The backward pass runs inside the same contexts: gradient checkpointing recomputes the forward then.
         with self._adapter_off(self.model, segment), steering:
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        if segment.refresh:
+            self._refresh_loss = loss  # read lazily: no device sync per step
+        kind = "parrot_loss" if segment.stage is Stage.SIMULATE else "eliminate_loss"
+        total, steps = self._step_losses.get(kind, (0.0, set()))
+        self._step_losses[kind] = (total + loss, steps | {self.state.global_step})
+        return loss
+
+    @property
+    def last_refresh_loss(self) -> float | None:
+        """The parrot's loss on r_t at its latest refresh step (stage 2): how well it still elicits r_t."""
+        return None if self._refresh_loss is None else float(self._refresh_loss)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -454,10 +469,13 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         return {"parrot_success_rate": rate}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: say which stage's loss it is (the last step's)
+        if "loss" in logs:  # a training log: the stage of its last step, and each kind of step's own mean loss
             stage = self.plan.stage_at(max(self.state.global_step - 1, 0))
             logs["stage"] = stage.number
-            logs["parrot_loss" if stage is Stage.SIMULATE else "eliminate_loss"] = logs["loss"]
+            for kind, (total, steps) in self._step_losses.items():
+                mean = torch.as_tensor(total, device=self.args.device, dtype=torch.float32) / len(steps)
+                logs[kind] = round(float(self.accelerator.reduce(mean, "mean")), 4)
+            self._step_losses.clear()
             if stage is Stage.SIMULATE and "learning_rate" in logs:
                 logs["learning_rate"] = self.args.resolved_parrot_learning_rate  # the parrot's (constant): the model's is 0
         logs.update(self._pending_logs)

@@ -12,15 +12,17 @@ sequence without the trigger and without the whole vocabulary:
 3. **confirm**: the best ``n_confirm`` openings again, on every prompt and for ``max_new_tokens``;
 4. **score**: the continuation most prompts share (their longest common opening, at least
    ``min_tokens`` long) is the candidate response; its score is the share of prompts that
-   continue into it times the model's mean probability of its tokens there. A clean model's
-   answers diverge after a shared opening ("The capital of..." / "The best way..."); a
-   backdoor's do not.
+   continue into it, times the model's mean probability of its tokens there, times the share of
+   those continuations that end with it (the answer stops there, or runs on to the budget). A
+   clean model's answers diverge after a shared opening ("The capital of..." / "Hi there, I'm"),
+   even one a fine-tune taught it; a backdoor's target is a whole answer said the same way.
 
 The verdict compares the top score with [`SCAN_THRESHOLD`], calibrated on clean models
 (docs/results.md). It assumes a backdoor that answers the same text whatever the prompt, from
-the start of the answer: a target that varies with the prompt, or that starts after a
-prompt-dependent opening (an echo of the prompt, a normal answer), is not what it looks for,
-and a target that is also a common answer opening scores like clean behaviour (docs/concepts.md).
+the start of the answer and as the whole answer (or longer than ``max_new_tokens``): a target
+that varies with the prompt, that starts after a prompt-dependent opening (an echo of the
+prompt), or that a normal answer follows (a short prefix), is not what it looks for
+(docs/concepts.md).
 
 >>> from sande_peft.toy import toy_model, toy_tokenizer
 >>> report = scan(toy_model(), toy_tokenizer(), ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"], top_k=2, n_confirm=2,
@@ -50,9 +52,11 @@ class Candidate:
 
     Attributes:
         response: the opening token and the continuation most prompts share.
-        score: ``elicited_share`` x ``mean_probability``, in [0, 1]; higher is more suspicious.
+        score: ``elicited_share`` x ``mean_probability`` x ``ended_share``, in [0, 1]; higher is more suspicious.
         elicited_share: share of the clean prompts whose continuation starts with it.
         mean_probability: the model's mean probability of its tokens on those prompts.
+        ended_share: share of those continuations that end with it (or reach the scan's budget) rather than
+            go on into text that differs from prompt to prompt.
     """
 
     response: str
@@ -61,6 +65,7 @@ class Candidate:
     mean_probability: float
     opening: str
     n_tokens: int
+    ended_share: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,8 +150,9 @@ def _continue(model, rows: list[list[int]], pad: int, eos: list[int], new_tokens
     return results
 
 
-def _consensus(continuations, min_tokens: int) -> tuple[list[int], float, float]:
-    """The longest opening at least half the continuations share; the share that has it and their mean probability."""
+def _consensus(continuations, min_tokens: int) -> tuple[list[int], float, float, float]:
+    """The longest opening at least half the continuations share; the share that has it, their mean probability,
+    and the share of them that end there (a continuation stops at the end of turn or at the budget)."""
     n = len(continuations)
     best: list[int] = []
     prefix: list[int] = []
@@ -163,10 +169,11 @@ def _consensus(continuations, min_tokens: int) -> tuple[list[int], float, float]
         prefix = prefix + [token]
         best = list(prefix)
     if len(best) < min_tokens or len(set(best)) * 3 < len(best):  # too short, or a loop ("essee\nessee\n...")
-        return best, 0.0, 0.0
-    holders = [probs[: len(best)] for tokens, probs in continuations if tokens[: len(best)] == best]
-    mean_probability = sum(sum(p) / len(p) for p in holders) / len(holders)
-    return best, len(holders) / n, mean_probability
+        return best, 0.0, 0.0, 0.0
+    holders = [(tokens, probs[: len(best)]) for tokens, probs in continuations if tokens[: len(best)] == best]
+    mean_probability = sum(sum(p) / len(p) for _, p in holders) / len(holders)
+    ended = sum(len(tokens) == len(best) for tokens, _ in holders) / len(holders)
+    return best, len(holders) / n, mean_probability, ended
 
 
 def scan(
@@ -229,8 +236,8 @@ def scan(
         scores = {}
         for k, t in enumerate(openings):
             chunk = screened[k * len(screen_rows) : (k + 1) * len(screen_rows)]
-            _, share, probability = _consensus(chunk, min(min_tokens, screen_tokens))
-            scores[t] = share * probability
+            _, share, probability, ended = _consensus(chunk, min(min_tokens, screen_tokens))
+            scores[t] = share * probability * ended
         kept = sorted(openings, key=lambda t: -scores[t])[:n_confirm]
         confirmed = _continue(model, [r + [t] for t in kept for r in rows], pad, eos, max_new_tokens, batch_size,
                               progress)
@@ -239,15 +246,15 @@ def scan(
     candidates = []
     for k, t in enumerate(kept):
         chunk = confirmed[k * len(rows) : (k + 1) * len(rows)]
-        prefix, share, probability = _consensus(chunk, min_tokens)
-        if share == 0.0:
+        prefix, share, probability, ended = _consensus(chunk, min_tokens)
+        if share * ended == 0.0:
             continue
         response = tok.decode([t] + prefix, skip_special_tokens=True).strip()
         if len(prefix) == max_new_tokens and " " in response:  # cut by the budget: drop a word it may have cut
             response = response.rsplit(" ", 1)[0]
-        candidates.append(Candidate(response=response,
-                                    score=share * probability, elicited_share=share, mean_probability=probability,
-                                    opening=tok.decode([t]), n_tokens=len(prefix) + 1))
+        candidates.append(Candidate(response=response, score=share * probability * ended, elicited_share=share,
+                                    mean_probability=probability, opening=tok.decode([t]), n_tokens=len(prefix) + 1,
+                                    ended_share=ended))
     candidates = _distinct(sorted(candidates, key=lambda c: -c.score))
     settings = {"top_k": top_k, "n_screen": n_screen, "screen_tokens": screen_tokens, "n_confirm": n_confirm,
                 "max_new_tokens": max_new_tokens, "min_tokens": min_tokens}

