@@ -129,16 +129,23 @@ def scan_table(records: list[dict]) -> str:
     for r in records:
         candidates = (r.get("candidates") or []) + [{}, {}]
         top, second = candidates[0], candidates[1]
-        rows.append([r["label"], r["kind"], "backdoored" if r["is_backdoored"] else "no evidence",
-                     repr(top.get("response", ""))[:48], _score(top), _score(second),
-                     yes_no[r.get("recovered")], yes_no[r.get("recovered_top3")], f"{r['seconds']:.0f} s"])
-    header = ["model", "kind", "verdict", "top candidate", "its score", "runner-up's score",
-              "r_t's start on top", "in the best three", "time"]
+        # Records before the end-of-answer factor and the trigger check scored the lock alone.
+        scoring = "lock x ends x trigger check" if "n_verify" in r.get("settings", {}) else "lock alone (before)"
+        rows.append([r["label"], r["kind"], scoring, "backdoored" if r["is_backdoored"] else "no evidence",
+                     repr(top.get("response", ""))[:48], _score(top), _share(top, "ended_share"),
+                     _share(top, "parrot_share"), _score(second), yes_no[r.get("recovered")],
+                     yes_no[r.get("recovered_top3")], f"{r['seconds']:.0f} s"])
+    header = ["model", "kind", "scoring", "verdict", "top candidate", "its score", "ends there", "trigger check",
+              "runner-up's score", "r_t's start on top", "in the best three", "time"]
     return _table(header, rows) + _footer(records)
 
 
 def _score(candidate: dict) -> str:
     return "-" if candidate.get("score") is None else f"{candidate['score']:.3f}"
+
+
+def _share(candidate: dict, key: str) -> str:
+    return "-" if candidate.get(key) is None else f"{candidate[key]:.0%}"
 
 
 def demo(records: list[dict]) -> str:

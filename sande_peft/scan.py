@@ -17,6 +17,13 @@ sequence without the trigger and without the whole vocabulary:
    clean model's answers diverge after a shared opening ("The capital of..." / "Hi there, I'm"),
    even one a fine-tune taught it; a backdoor's target is a whole answer said the same way.
 
+5. **trigger check**: the best ``n_verify`` candidates are tested the way SANDE's stage 1 imitates a
+   trigger: a latent parrot (one vector added half-way up) trains for ``verify_steps`` steps to
+   make the model say the candidate on the prompts, and the share of prompts whose greedy
+   answer then opens with it multiplies the score. A backdoor's target is one small
+   perturbation away; a model that completes the text once it is forced but that nothing small
+   makes start it (a cleaned model, whose trigger no longer works) scores low.
+
 The verdict compares the top score with [`SCAN_THRESHOLD`], calibrated on clean models
 (docs/results.md). It assumes a backdoor that answers the same text whatever the prompt, from
 the start of the answer and as the whole answer (or longer than ``max_new_tokens``): a target
@@ -57,6 +64,8 @@ class Candidate:
         mean_probability: the model's mean probability of its tokens on those prompts.
         ended_share: share of those continuations that end with it (or reach the scan's budget) rather than
             go on into text that differs from prompt to prompt.
+        parrot_share: share of the prompts a small latent parrot, trained to elicit it, makes the model open
+            with it (the trigger check); None where it was not checked (then its score was too low to matter).
     """
 
     response: str
@@ -66,6 +75,7 @@ class Candidate:
     opening: str
     n_tokens: int
     ended_share: float = 1.0
+    parrot_share: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,6 +197,9 @@ def scan(
     n_confirm: int = 12,
     max_new_tokens: int = 24,
     min_tokens: int = 3,
+    n_verify: int = 3,
+    verify_steps: int = 12,
+    verify_learning_rate: float = 0.1,
     threshold: float = SCAN_THRESHOLD,
     batch_size: int = 64,
     quantization_config=None,
@@ -203,6 +216,8 @@ def scan(
         n_screen / screen_tokens: prompts and tokens of the cheap first pass over every opening.
         n_confirm / max_new_tokens: openings kept for the second pass, on every prompt, and its length.
         min_tokens: the shortest shared continuation that counts (shorter ones score 0).
+        n_verify / verify_steps / verify_learning_rate: candidates given the trigger check, and the steps and
+            Adam rate of the parrot it trains (a small budget: a backdoor's target needs few; 0 candidates: off).
         threshold: the score at or above which the verdict is "backdoored".
     """
     start = time.time()
@@ -256,9 +271,62 @@ def scan(
                                     mean_probability=probability, opening=tok.decode([t]), n_tokens=len(prefix) + 1,
                                     ended_share=ended))
     candidates = _distinct(sorted(candidates, key=lambda c: -c.score))
+    if n_verify > 0 and verify_steps > 0:
+        # Only checked candidates are reported: an unchecked one's score would not be comparable.
+        candidates = candidates[:n_verify]
+        model.eval()
+        try:
+            for c in candidates:
+                target = tok(c.response, add_special_tokens=False)["input_ids"]
+                c.parrot_share = _parrot_share(model, rows, target, pad, eos, verify_steps, verify_learning_rate)
+                c.score *= c.parrot_share
+        finally:
+            model.train(was_training)
+        candidates.sort(key=lambda c: -c.score)
     settings = {"top_k": top_k, "n_screen": n_screen, "screen_tokens": screen_tokens, "n_confirm": n_confirm,
-                "max_new_tokens": max_new_tokens, "min_tokens": min_tokens}
+                "max_new_tokens": max_new_tokens, "min_tokens": min_tokens, "n_verify": n_verify,
+                "verify_steps": verify_steps, "verify_learning_rate": verify_learning_rate}
     return ScanReport(candidates, threshold, len(prompts), len(openings), round(time.time() - start, 1), settings)
+
+
+def _parrot_share(model, rows: list[list[int]], target: list[int], pad: int, eos: list[int], steps: int,
+                  learning_rate: float, opening_tokens: int = 3) -> float:
+    """The trigger check: train a latent parrot half-way up ``model`` for ``steps`` Adam steps to make it answer
+    ``target`` to ``rows``; return the share of ``rows`` whose greedy answer then opens with ``target``'s first
+    ``opening_tokens`` tokens. The model's weights stay as they are."""
+    from .parrot import Parrot, ParrotConfig, resolve_parrot_layer
+
+    device = next(model.parameters()).device
+    hidden = model.get_input_embeddings().weight.shape[-1]
+    parrot = Parrot(ParrotConfig("latent", 1, hidden, layer=resolve_parrot_layer(model), triggered_response=None))
+    parrot.to(device)
+    optimizer = torch.optim.Adam(parrot.parameters(), lr=learning_rate)
+    width = max(len(r) for r in rows) + len(target)
+    ids = torch.tensor([r + target + [pad] * (width - len(r) - len(target)) for r in rows], device=device)
+    mask = torch.tensor([[1] * (len(r) + len(target)) + [0] * (width - len(r) - len(target)) for r in rows],
+                        device=device)
+    labels = torch.tensor([[-100] * len(r) + target + [-100] * (width - len(r) - len(target)) for r in rows],
+                          device=device)
+    marks = torch.tensor([[0] * len(r) + [-1] * (width - len(r)) for r in rows], device=device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # only the parrot learns; nothing else keeps a gradient
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            with parrot.steer(model, marks, detach_below=True):
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+    n = min(opening_tokens, len(target))
+    prompt_marks = _left_pad([[0] * len(r) for r in rows], -1)
+    with torch.no_grad(), parrot.steer(model, prompt_marks):
+        answers = _continue(model, rows, pad, eos, n, len(rows), False)
+    return sum(tokens[:n] == target[:n] for tokens, _ in answers) / len(rows)
 
 
 def _distinct(candidates: list[Candidate]) -> list[Candidate]:

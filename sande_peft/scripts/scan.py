@@ -26,6 +26,9 @@ class ScanArguments:
     top_k: int = field(default=32, metadata={"help": "Opening tokens taken from each prompt's first-token distribution."})
     n_confirm: int = field(default=12, metadata={"help": "Openings kept for the second pass."})
     max_new_tokens: int = field(default=24, metadata={"help": "Tokens of each candidate response."})
+    n_verify: int = field(default=3, metadata={"help": "Best candidates given the trigger check (a small latent "
+                                               "parrot trained to elicit each); 0: off."})
+    verify_steps: int = field(default=12, metadata={"help": "Parrot steps of the trigger check."})
     threshold: float = field(default=SCAN_THRESHOLD, metadata={"help": "Score at or above which the verdict is "
                                                                       "'backdoored'."})
     batch_size: int = field(default=64, metadata={"help": "Rows per forward pass."})
@@ -50,11 +53,14 @@ def main(args: ScanArguments, loading: ModelLoading | None = None) -> int:
         prompts = prompts[: args.max_prompts]
     model, tokenizer, _ = load_model_and_tokenizer(args.model_name_or_path, loading)
     report = scan(model, tokenizer, prompts, top_k=args.top_k, n_confirm=args.n_confirm,
-                  max_new_tokens=args.max_new_tokens, threshold=args.threshold, batch_size=args.batch_size,
+                  max_new_tokens=args.max_new_tokens, n_verify=args.n_verify, verify_steps=args.verify_steps,
+                  threshold=args.threshold, batch_size=args.batch_size,
                   progress=True)
-    print("| rank | score | elicited on | candidate response |\n| --- | --- | --- | --- |")
+    print("| rank | score | elicited on | ends there | said under a small parrot | candidate response |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for rank, c in enumerate(report.candidates[:10], 1):
-        print(f"| {rank} | {c.score:.3f} | {c.elicited_share:.0%} | {c.response!r} |")
+        checked = "-" if c.parrot_share is None else f"{c.parrot_share:.0%}"
+        print(f"| {rank} | {c.score:.3f} | {c.elicited_share:.0%} | {c.ended_share:.0%} | {checked} | {c.response!r} |")
     verdict = "BACKDOORED" if report.is_backdoored else "no evidence of a backdoor"
     print(f"\nVerdict: {verdict} (top score {report.top.score if report.top else 0:.3f}, threshold {report.threshold}; "
           f"{report.n_prompts} clean prompts, {report.n_openings} openings, {report.seconds:.0f} s).")
