@@ -132,7 +132,7 @@ def scan_table(records: list[dict]) -> str:
         # Records before the end-of-answer factor and the trigger check scored the lock alone.
         scoring = "lock x ends x trigger check" if "n_verify" in r.get("settings", {}) else "lock alone (before)"
         rows.append([r["label"], r["kind"], scoring, "backdoored" if r["is_backdoored"] else "no evidence",
-                     repr(top.get("response", ""))[:48], _score(top), _share(top, "ended_share"),
+                     repr(top["response"])[:48] if top else "(none)", _score(top), _share(top, "ended_share"),
                      _share(top, "parrot_share"), _score(second), yes_no[r.get("recovered")],
                      yes_no[r.get("recovered_top3")], f"{r['seconds']:.0f} s"])
     header = ["model", "kind", "scoring", "verdict", "top candidate", "its score", "ends there", "trigger check",
