@@ -258,18 +258,22 @@ def scan(
                               progress)
     finally:
         model.train(was_training)
-    candidates = []
+    candidates, token_ids = [], {}
     for k, t in enumerate(kept):
         chunk = confirmed[k * len(rows) : (k + 1) * len(rows)]
         prefix, share, probability, ended = _consensus(chunk, min_tokens)
         if share * ended == 0.0:
             continue
         response = tok.decode([t] + prefix, skip_special_tokens=True).strip()
+        ids = [t] + prefix  # the model's own tokens ("Hello" and " Hello" are different ones)
         if len(prefix) == max_new_tokens and " " in response:  # cut by the budget: drop a word it may have cut
             response = response.rsplit(" ", 1)[0]
-        candidates.append(Candidate(response=response, score=share * probability * ended, elicited_share=share,
-                                    mean_probability=probability, opening=tok.decode([t]), n_tokens=len(prefix) + 1,
-                                    ended_share=ended))
+            ids = ids[: max(1, len(ids) - 2)]  # about the dropped word: the check reads the opening tokens only
+        candidate = Candidate(response=response, score=share * probability * ended, elicited_share=share,
+                              mean_probability=probability, opening=tok.decode([t]), n_tokens=len(prefix) + 1,
+                              ended_share=ended)
+        token_ids[id(candidate)] = ids
+        candidates.append(candidate)
     candidates = _distinct(sorted(candidates, key=lambda c: -c.score))
     if n_verify > 0 and verify_steps > 0:
         # Only checked candidates are reported: an unchecked one's score would not be comparable.
@@ -277,7 +281,7 @@ def scan(
         model.eval()
         try:
             for c in candidates:
-                target = tok(c.response, add_special_tokens=False)["input_ids"]
+                target = token_ids[id(c)]
                 c.parrot_share = _parrot_share(model, rows, target, pad, eos, verify_steps, verify_learning_rate)
                 c.score *= c.parrot_share
         finally:
