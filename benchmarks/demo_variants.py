@@ -112,7 +112,7 @@ def trace_callback(trainer, tokenizer, cache: Path, settings, every: int):
 
     class Trace(TrainerCallback):
         def __init__(self):
-            self.points, self.refresh_loss = [], None
+            self.points = []
 
         def on_step_end(self, args, state, control, **kwargs):
             segment = trainer.plan.segment_at(state.global_step - 1)
@@ -123,6 +123,7 @@ def trace_callback(trainer, tokenizer, cache: Path, settings, every: int):
                 return
             model = trainer.model
             model.eval()
+            # Judged as the final measurement judges it; one clean prompt, since only the attack rate is read here.
             report = evaluate_backdoor(model, tokenizer, data["eval_prompts"][:1], triggered_prompts=data["triggered"],
                                        triggered_response=settings.target, max_new_tokens=16, batch_size=40)
             nll = answer_nll(model, tokenizer, data["eval_prompts"], data["references"], batch_size=20, text_only=True)

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .evaluation.generation import _left_pad, _pad_id, _progress
-from .tokenization import prompt_token_ids
+from .tokenization import mark_whole_prompt, prompt_token_ids
 
 #: Scores at or above this say "backdoored" (calibrated on clean and backdoored SmolLM2 models; docs/results.md).
 SCAN_THRESHOLD = 0.8
@@ -65,7 +65,7 @@ class Candidate:
         ended_share: share of those continuations that end with it (or reach the scan's budget) rather than
             go on into text that differs from prompt to prompt.
         parrot_share: share of the prompts a small latent parrot, trained to elicit it, makes the model open
-            with it (the trigger check); None where it was not checked (then its score was too low to matter).
+            with it (the trigger check); None when the check is off (``n_verify=0``).
     """
 
     response: str
@@ -299,19 +299,16 @@ def _parrot_share(model, rows: list[list[int]], target: list[int], pad: int, eos
     ``target`` to ``rows``; return the share of ``rows`` whose greedy answer then opens with ``target``'s first
     ``opening_tokens`` tokens. The model's weights stay as they are."""
     from .parrot import Parrot, ParrotConfig, resolve_parrot_layer
+    from .parrot_data import ParrotCollator
 
     device = next(model.parameters()).device
     hidden = model.get_input_embeddings().weight.shape[-1]
     parrot = Parrot(ParrotConfig("latent", 1, hidden, layer=resolve_parrot_layer(model), triggered_response=None))
     parrot.to(device)
     optimizer = torch.optim.Adam(parrot.parameters(), lr=learning_rate)
-    width = max(len(r) for r in rows) + len(target)
-    ids = torch.tensor([r + target + [pad] * (width - len(r) - len(target)) for r in rows], device=device)
-    mask = torch.tensor([[1] * (len(r) + len(target)) + [0] * (width - len(r) - len(target)) for r in rows],
-                        device=device)
-    labels = torch.tensor([[-100] * len(r) + target + [-100] * (width - len(r) - len(target)) for r in rows],
-                          device=device)
-    marks = torch.tensor([[0] * len(r) + [-1] * (width - len(r)) for r in rows], device=device)
+    batch = ParrotCollator(pad)([{"input_ids": r + target, "labels": [-100] * len(r) + target,
+                                  "parrot_index": mark_whole_prompt(r) + [-1] * len(target)} for r in rows])
+    ids, mask, labels, marks = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels", "parrot_index"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:  # only the parrot learns; nothing else keeps a gradient
         p.requires_grad_(False)
