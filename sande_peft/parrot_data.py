@@ -168,3 +168,20 @@ class ParrotCollator:
         if all("teacher_key" in e for e in rows):
             batch["teacher_key"] = torch.tensor([e["teacher_key"] for e in rows], dtype=torch.long)
         return batch
+
+
+def first_rows(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """The batch's first ``n`` rows, cut after the last position any of them attends to.
+
+    >>> batch = ParrotCollator(pad_token_id=0)([{"input_ids": [5, 6], "labels": [-100, 6]},
+    ...                                         {"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}])
+    >>> {key: value.tolist() for key, value in first_rows(batch, 1).items()}
+    {'input_ids': [[5, 6]], 'attention_mask': [[1, 1]], 'labels': [[-100, 6]]}
+    """
+    rows, width = batch["input_ids"].shape
+    if n >= rows:
+        return batch
+    if "attention_mask" in batch:
+        width = int(batch["attention_mask"][:n].any(dim=0).nonzero().max()) + 1
+    return {key: value[:n, :width] if value.dim() == 2 and value.shape[1] == batch["input_ids"].shape[1] else value[:n]
+            for key, value in batch.items()}

@@ -70,6 +70,10 @@ class SANDEConfig(SFTConfig):
         parrot_refresh_interval (`int`, *optional*, defaults to `1`):
             Elimination steps between refreshes: `1` refreshes before every elimination step, `2`
             before every other one (half the parrot steps).
+        parrot_refresh_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            Rows per device in each refresh step: the first rows of its batch. `None` means
+            `per_device_train_batch_size`. The parrot is one vector, so a few rows keep it
+            current at a fraction of a step's cost. At most `per_device_train_batch_size`.
         parrot_eval_size (`int`, *optional*, defaults to `32`):
             Clean prompts held out of `train_dataset` (or taken from `eval_dataset`) to log the
             parrot's success after each stage. `0` turns the measurement off.
@@ -159,6 +163,9 @@ class SANDEConfig(SFTConfig):
     parrot_refresh_interval: int = field(
         default=1, metadata={"help": "Elimination steps between parrot refreshes (1: before every one)."}
     )
+    parrot_refresh_batch_size: int | None = field(
+        default=None, metadata={"help": "Rows per device in each refresh step; None: per_device_train_batch_size."}
+    )
     parrot_eval_size: int = field(
         default=32, metadata={"help": "Held-out clean prompts to measure the parrot after each stage; 0: off."}
     )
@@ -244,6 +251,13 @@ class SANDEConfig(SFTConfig):
         if self.parrot_refresh_interval < 1:
             raise ValueError(f"`parrot_refresh_interval` is {self.parrot_refresh_interval}; use 1 (refresh before every "
                              "elimination step) or more.")
+        if self.parrot_refresh_batch_size is not None and not (
+            1 <= self.parrot_refresh_batch_size <= self.per_device_train_batch_size
+        ):
+            raise ValueError(
+                f"`parrot_refresh_batch_size` is {self.parrot_refresh_batch_size}; use 1 to `per_device_train_batch_size` "
+                f"({self.per_device_train_batch_size}) rows, or None for the whole batch."
+            )
         if self.parrot_eval_size < 0:
             raise ValueError(f"`parrot_eval_size` is {self.parrot_eval_size}; use 0 to turn the measurement off.")
         check_finite("echo_share", self.echo_share)

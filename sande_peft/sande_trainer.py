@@ -28,7 +28,7 @@ from .evaluation.judges import TargetMatch
 from .osft_trainer import reject_formatting_func, require_config
 from .paper import SANDE_PAPER
 from .parrot import PARROT_WEIGHTS_NAME, Parrot, ParrotConfig, resolve_parrot_layer
-from .parrot_data import ParrotCollator, ScheduledParrotDataset
+from .parrot_data import ParrotCollator, ScheduledParrotDataset, first_rows
 from .provenance import RecordsProvenance, sande_provenance
 from .sande_config import SANDEConfig
 from .schedule import Segment, Stage, StagePlan
@@ -404,6 +404,9 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         segment = self.plan.segment_at(self.state.global_step)
         self._enter_stage(segment.stage)
+        if segment.refresh and self.args.parrot_refresh_batch_size is not None:
+            # Each micro-batch's own mean: the Trainer then divides by the accumulation steps, as without token counts.
+            inputs, num_items_in_batch = first_rows(inputs, self.args.parrot_refresh_batch_size), None
         steering = nullcontext()
         if self.parrot.is_latent and "parrot_index" in inputs:
             inputs = dict(inputs)

