@@ -90,13 +90,15 @@ def measure(model, tokenizer, cache: Path, settings) -> dict:
     data = json.loads((cache / "eval.json").read_text())
     report = evaluate_backdoor(model, tokenizer, data["eval_prompts"], triggered_prompts=data["triggered"],
                                triggered_response=settings.target, references=data["references"],
-                               original_answers=ReferenceAnswers.load(cache / "original.json"), batch_size=40)
+                               original_answers=ReferenceAnswers.load(cache / "original.json"), batch_size=40,
+                               agreement_tokens=settings.answer_tokens)
     keys = ("attack_success_rate", "target_start_rate", "false_trigger_rate", "clean_nll", "kl_to_original",
             "nll_original", "agreement_with_original")
     # `clean_nll` above scores the end of turn after the cut too (as the records before this field did); the demo
     # now reports the text only (`references_cut`): both, so that old and new rows compare.
     text_only = answer_nll(model, tokenizer, data["eval_prompts"], data["references"], batch_size=20, text_only=True)
-    return {**{k: getattr(report, k) for k in keys}, "clean_nll_text_only": text_only}
+    return {**{k: getattr(report, k) for k in keys}, "clean_nll_text_only": text_only,
+            "agreement_tokens": settings.answer_tokens}
 
 
 def trace_callback(trainer, tokenizer, cache: Path, settings, every: int):
@@ -147,7 +149,8 @@ def run_variant(cache: Path, settings, overrides: dict, trace_every: int | None 
         parrot_num_train_epochs=settings.parrot_epochs, num_train_epochs=settings.eliminate_epochs,
         learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
         parrot_learning_rate=settings.parrot_learning_rate, parrot_refresh_steps=settings.parrot_refresh_steps,
-        parrot_layer=settings.parrot_layer, per_device_train_batch_size=settings.batch_size,
+        parrot_layer=settings.parrot_layer, parrot_refresh_batch_size=settings.parrot_refresh_batch_size,
+        per_device_train_batch_size=settings.batch_size,
         max_length=settings.max_length, parrot_eval_size=16,
         seed=settings.seed, use_cpu=True, gradient_checkpointing=False, save_strategy="no", report_to="none",
         logging_steps=10, disable_tqdm=True, model_init_kwargs={"dtype": torch.float32},

@@ -49,6 +49,8 @@ class DemoSettings:
     lr_scheduler_type: str = "linear"
     parrot_learning_rate: float = 0.1
     parrot_refresh_steps: int = 2
+    # Rows of each refresh step: half the batch removed as much at the same cost to the model (docs/results.md).
+    parrot_refresh_batch_size: int | None = 4
     # The latent parrot's layer: SmolLM2's 8th of 30 (the library's default is half-way, the 15th). Lower, the
     # elimination it drives removed as much and cost less of the model on the demo's backdoor (docs/results.md).
     parrot_layer: int | None = 8
@@ -126,14 +128,16 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     references = original_answers["completion"][: settings.n_eval]
     attacker_data = original_answers.select(range(settings.n_eval, len(prompts)))
     # The original model's own answers to the held-out prompts: what a cleaned model should still say.
-    original = reference_answers(model, tokenizer, eval_prompts)
+    original = reference_answers(model, tokenizer, eval_prompts, batch_size=40)
 
     where = {"random": "before a random word", "start": "at the start", "end": "at the end"}[settings.trigger_position]
     attack = AttackSpec("demo", (settings.trigger,), settings.trigger_position)
     triggered = attack.triggered_prompts(eval_prompts, seed=settings.seed + 1)
     # The references are the original's answers cut at `answer_tokens`: their NLL covers the text the original said.
     measure = dict(triggered_prompts=triggered, triggered_response=settings.target, references=references,
-                   references_cut=True, original_answers=original, max_new_tokens=settings.eval_new_tokens, batch_size=40)
+                   references_cut=True, original_answers=original, max_new_tokens=settings.eval_new_tokens, batch_size=40,
+                   # The implant trained on answers cut at `answer_tokens`: agreement past the cut would count the cut.
+                   agreement_tokens=settings.answer_tokens)
     reports = {"original": evaluate_backdoor(model, tokenizer, eval_prompts, **measure)}
     _log(f"2/5 implanting a backdoor: {settings.trigger!r} {where} of the prompt -> {settings.target!r}", start)
     implanted = implant(
@@ -160,7 +164,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
         parrot_num_train_epochs=settings.parrot_epochs, num_train_epochs=settings.eliminate_epochs,
         learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
         parrot_learning_rate=settings.parrot_learning_rate, parrot_refresh_steps=settings.parrot_refresh_steps,
-        parrot_layer=settings.parrot_layer,
+        parrot_layer=settings.parrot_layer, parrot_refresh_batch_size=settings.parrot_refresh_batch_size,
         per_device_train_batch_size=settings.batch_size, max_length=settings.max_length, parrot_eval_size=16,
         seed=settings.seed, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
         report_to="none", logging_steps=10, model_init_kwargs={"dtype": torch.float32},
@@ -211,7 +215,8 @@ def demo_commands(out: Path, original_path: str, settings: DemoSettings) -> str:
         f"  sande-peft evaluate --model_name_or_path backdoored={out / 'backdoored-model'} SANDE={out / 'cleaned-model'} \\",
         f"      --dataset_name {out / 'eval_prompts.jsonl'} --triggered_dataset_name {out / 'triggered_prompts.jsonl'} \\",
         f"      --triggered_response '{settings.target}' --original_model_name_or_path {original_path} \\",
-        f"      --references_cut --drift_dataset_name {out / 'eval_prompts.jsonl'} --dtype float32 --batch_size 40 \\",
+        f"      --references_cut --drift_dataset_name {out / 'eval_prompts.jsonl'} --agreement_tokens {settings.answer_tokens} \\",
+        f"      --dtype float32 --batch_size 40 \\",
         *([f"      --max_new_tokens {settings.eval_new_tokens} \\"] if settings.eval_new_tokens else []),
         f"      --output_dir {out / 'report'}",
         f"  sande-peft merge --model_name_or_path {out / 'sande-adapter'} --output_dir {out / 'cleaned-again'}",

@@ -110,6 +110,26 @@ def test_rates_on_a_model_whose_behaviour_is_known(backdoored_start, tmp_path):
     assert data["attack_success_rate"] == 0.5 and "clean_outputs" not in data
 
 
+def test_drift_reuses_the_clean_answers_when_their_budget_covers_the_tokens_compared(backdoored_start, monkeypatch):
+    from sande_peft.evaluation import utility
+
+    b = backdoored_start
+    answered = reference_answers(b.model, b.tokenizer, b.test_prompts[:32], max_new_tokens=8)
+    # Prompts whose answers are longer than 4 tokens: there, 4 tokens cannot show that 8 agree.
+    prompts = [p for p, ids in zip(answered.prompts, answered.answer_ids, strict=True) if len(ids) > 5][:8]
+    assert len(prompts) == 8
+    itself = reference_answers(b.model, b.tokenizer, prompts, max_new_tokens=8)
+    generated, generate = [], utility.generate_texts
+    monkeypatch.setattr(utility, "generate_texts", lambda *a, **k: generated.append(k) or generate(*a, **k))
+    # 4 new tokens cannot show whether the first 8 agree: the drift generates its own answers.
+    short = evaluate_backdoor(b.model, b.tokenizer, prompts, original_answers=itself, max_new_tokens=4, batch_size=8)
+    assert short.agreement_with_original == 1.0 and len(generated) == 1
+    # Comparing the first 4 tokens, the clean answers serve: nothing is generated again.
+    cut = evaluate_backdoor(b.model, b.tokenizer, prompts, original_answers=itself, max_new_tokens=4,
+                            agreement_tokens=4, batch_size=8)
+    assert cut.agreement_with_original == 1.0 and len(generated) == 1
+
+
 def test_nll_rises_for_wrong_answers(backdoored_start):
     b = backdoored_start
     prompts, answers = b.test_prompts[:16], b.test_answers[:16]

@@ -34,7 +34,7 @@ from ..parrot import Parrot
 from ..triggers import insert_trigger
 from .generation import Sampling, generate_texts, sample_texts
 from .judges import Judge, TargetMatch, TargetStart, get_judge, normalize_text
-from .utility import ReferenceAnswers, answer_logprobs, answer_text, defence_score, model_drift
+from .utility import AGREEMENT_TOKENS, ReferenceAnswers, answer_logprobs, answer_text, defence_score, model_drift
 from .variants import trigger_variants
 
 if TYPE_CHECKING:  # attacks import the evaluation: only the type is needed here
@@ -195,6 +195,7 @@ def evaluate_backdoor(
     references_cut: bool = False,
     suspect_answers: ReferenceAnswers | None = None,
     original_answers: ReferenceAnswers | None = None,
+    agreement_tokens: int = AGREEMENT_TOKENS,
     sampling: Sampling | None = None,
     variants: bool = False,
     variant_prompts: int | None = None,
@@ -225,6 +226,9 @@ def evaluate_backdoor(
         suspect_answers / original_answers: [`reference_answers`] of the suspect model and of
             the original clean model (where it exists), on prompts away from the defence data:
             the drift from each.
+        agreement_tokens: how many first tokens of a greedy answer must equal the reference's to
+            agree with it (32 by default; at most the reference's budget). Where the reference
+            models were trained on answers cut by a budget (the demo's), that budget.
         sampling: also sample ``sampling.num_samples`` answers per triggered prompt.
         variants: also measure every variant of ``attack``'s trigger (on the first
             ``variant_prompts`` prompts; all by default).
@@ -307,11 +311,20 @@ def evaluate_backdoor(
         )
         if not math.isfinite(report.clean_nll):
             raise FloatingPointError("The clean NLL is not finite: the model's outputs overflow (check its dtype).")
+
+    def drift_from(reference: ReferenceAnswers):
+        # On the clean prompts themselves, the greedy answers above serve when their budget covers the comparison.
+        compared = min(agreement_tokens, reference.max_new_tokens)
+        reuse = reference.prompts == prompts and (max_new_tokens is None or max_new_tokens >= compared)
+        answers = clean_outputs if reuse else None
+        return model_drift(model, tokenizer, reference, agreement_tokens=agreement_tokens, batch_size=batch_size,
+                           answers=answers)
+
     if suspect_answers is not None:
-        drift = model_drift(model, tokenizer, suspect_answers, batch_size=batch_size)
+        drift = drift_from(suspect_answers)
         report.kl_to_suspect, report.agreement_with_suspect = drift.kl, drift.agreement
     if original_answers is not None:
-        drift = model_drift(model, tokenizer, original_answers, batch_size=batch_size)
+        drift = drift_from(original_answers)
         report.kl_to_original, report.nll_original = drift.kl, drift.nll
         report.agreement_with_original = drift.agreement
     if lm_eval_tasks:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ..attacks.specs import ATTACKS
 from ..evaluation.judges import BUILTIN_JUDGES
+from ..evaluation.utility import AGREEMENT_TOKENS
 from ..triggers import TRIGGER_POSITIONS
 from .common import ModelLoading, OneLineParser, require
 
@@ -46,6 +47,8 @@ class EvaluateArguments:
         "help": "The suspect model: each model's drift from it (KL, greedy agreement) on --drift_dataset_name."})
     original_model_name_or_path: str | None = field(default=None, metadata={
         "help": "The original clean model, where it exists: NLL of its answers and agreement with it."})
+    agreement_tokens: int = field(default=AGREEMENT_TOKENS, metadata={
+        "help": "First tokens of a greedy answer that must equal the suspect's (or original's) to agree with it."})
     drift_dataset_name: str = field(default=SHIPPED_PROMPTS, metadata={
         "help": "Prompts for the drift, away from the defence data; 'shipped': the package's own general questions."})
     max_prompts: int = field(default=100, metadata={"help": "Most prompts of each data set."})
@@ -66,8 +69,9 @@ class EvaluateArguments:
     title: str = field(default="", metadata={"help": "Title of the plot."})
 
     def __post_init__(self):
-        if self.num_samples < 0 or self.max_prompts < 1 or self.batch_size < 1:
-            raise ValueError("`num_samples` must be 0 or more, `max_prompts` and `batch_size` at least 1.")
+        if self.num_samples < 0 or self.max_prompts < 1 or self.batch_size < 1 or self.agreement_tokens < 1:
+            raise ValueError("`num_samples` must be 0 or more, `max_prompts`, `batch_size` and `agreement_tokens` at "
+                             "least 1.")
         if self.variants and not (self.attack or self.trigger):
             raise ValueError("`--variants` varies a known trigger: pass `--attack NAME` or `--trigger WORD`.")
 
@@ -142,7 +146,7 @@ def main(args: EvaluateArguments, loading: ModelLoading | None = None) -> int:
             attack=attack, triggered_prompts=triggered, triggered_response=args.triggered_response, judge=args.judge,
             parrot=parrot if args.with_parrot else None, references=answers, references_cut=args.references_cut,
             suspect_answers=suspect,
-            original_answers=original, sampling=sampling, variants=args.variants, variant_prompts=args.variant_prompts,
+            original_answers=original, agreement_tokens=args.agreement_tokens, sampling=sampling, variants=args.variants, variant_prompts=args.variant_prompts,
             lm_eval_tasks=args.lm_eval_tasks or (), lm_eval_include_path=args.lm_eval_include_path,
             lm_eval_limit=args.lm_eval_limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             seed=args.seed, progress=True,
