@@ -71,8 +71,8 @@ class SANDEConfig(SFTConfig):
             Elimination steps between refreshes: `1` refreshes before every elimination step, `2`
             before every other one (half the parrot steps).
         parrot_refresh_batch_size (`int` or `None`, *optional*, defaults to `None`):
-            Rows per device in each refresh step: the first rows of its batch. `None` means
-            `per_device_train_batch_size`. The parrot is one vector, so a few rows keep it
+            Rows per device (and per accumulated micro-batch) in each refresh step: the first rows
+            of its batch. `None` means `per_device_train_batch_size`. The parrot is one vector, so a few rows keep it
             current at a fraction of a step's cost. At most `per_device_train_batch_size`.
         parrot_eval_size (`int`, *optional*, defaults to `32`):
             Clean prompts held out of `train_dataset` (or taken from `eval_dataset`) to log the
