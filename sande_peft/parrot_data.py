@@ -178,10 +178,9 @@ def first_rows(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor
     >>> {key: value.tolist() for key, value in first_rows(batch, 1).items()}
     {'input_ids': [[5, 6]], 'attention_mask': [[1, 1]], 'labels': [[-100, 6]]}
     """
-    rows, width = batch["input_ids"].shape
+    rows, columns = batch["input_ids"].shape
     if n >= rows:
         return batch
-    if "attention_mask" in batch:
-        width = int(batch["attention_mask"][:n].any(dim=0).nonzero().max()) + 1
-    return {key: value[:n, :width] if value.dim() == 2 and value.shape[1] == batch["input_ids"].shape[1] else value[:n]
+    width = int(batch["attention_mask"][:n].any(dim=0).nonzero().max()) + 1 if "attention_mask" in batch else columns
+    return {key: value[:n, :width] if value.dim() == 2 and value.shape[1] == columns else value[:n]
             for key, value in batch.items()}
