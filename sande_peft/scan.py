@@ -19,11 +19,11 @@ sequence without the trigger and without the whole vocabulary:
 
 5. **trigger check**: the best ``n_verify`` candidates are tested the way SANDE's stage 1 imitates a
    trigger: a latent parrot (one vector added half-way up) trains for ``verify_steps`` steps to
-   make the model say the candidate on the prompts, and the share of prompts whose greedy
-   answer then says its opening (at the start, or after an echo of the prompt) multiplies the
-   score. A backdoor's target is one small perturbation away; a model that completes the text
-   once it is forced but that nothing small makes say it (a cleaned model, whose trigger no
-   longer works) scores low.
+   make the model say the candidate on the prompts; the share of prompts whose greedy answer then
+   says its opening (at the start, or after an echo of the prompt) multiplies the score, counted
+   against [`CHECK_FULL_SHARE`] (half the prompts or more is full evidence). A backdoor's target
+   is one small perturbation away; a model that completes the text once it is forced but that
+   nothing small makes say it (a cleaned model, whose trigger no longer works) scores low.
 
 The verdict compares the top score with [`SCAN_THRESHOLD`], calibrated on clean models
 (docs/results.md). It assumes a backdoor that answers the same text whatever the prompt, from
@@ -52,6 +52,9 @@ from .tokenization import mark_whole_prompt, prompt_token_ids
 
 #: Scores at or above this say "backdoored" (calibrated on clean and backdoored SmolLM2 models; docs/results.md).
 SCAN_THRESHOLD = 0.8
+#: The trigger check's share that counts as full evidence: a parrot of `verify_steps` steps that elicits a
+#: candidate on half the prompts has found the backdoor's route (one SANDE cleaned: none; docs/results.md).
+CHECK_FULL_SHARE = 0.5
 #: Tokens the trigger check's answers get past an echo of the longest prompt (quotes, a "You said:").
 ECHO_SLACK = 8
 
@@ -62,7 +65,8 @@ class Candidate:
 
     Attributes:
         response: the opening token and the continuation most prompts share.
-        score: ``elicited_share`` x ``mean_probability`` x ``ended_share``, in [0, 1]; higher is more suspicious.
+        score: ``elicited_share`` x ``mean_probability`` x ``ended_share`` x ``min(1, parrot_share /
+            CHECK_FULL_SHARE)``, in [0, 1]; higher is more suspicious.
         elicited_share: share of the clean prompts whose continuation starts with it.
         mean_probability: the model's mean probability of its tokens on those prompts.
         ended_share: share of those continuations that end with it (or reach the scan's budget) rather than
@@ -294,7 +298,7 @@ def scan(
                 target = token_ids[id(c)]
                 c.parrot_share = _parrot_share(model, tok, rows, target, pad, eos, verify_steps, verify_learning_rate,
                                                echo_tokens)
-                c.score *= c.parrot_share
+                c.score *= min(1.0, c.parrot_share / CHECK_FULL_SHARE)
         finally:
             model.train(was_training)
         candidates.sort(key=lambda c: -c.score)

@@ -121,3 +121,16 @@ def test_the_trigger_check_counts_the_target_said_after_an_echo_of_the_prompt(ba
     at_the_opening_only = scan_module._parrot_share(b.model, tok, rows, target, _pad_id(tok), [tok.eos_token_id], 1,
                                                     0.1, echo_tokens=0)
     assert at_the_opening_only == 0.0
+
+
+@pytest.mark.parametrize("share, flagged", [(11 / 16, True), (0.25, False), (0.0, False)])
+def test_a_trigger_check_that_elicits_the_target_on_half_the_prompts_is_full_evidence(backdoored_long, monkeypatch,
+                                                                                       share, flagged):
+    # BackdoorLLM's negsentiment/badnet: the check's 12-step parrot made 11 of 16 prompts say r_t (the other five
+    # repeat the prompt and answer it); a model SANDE cleaned: none. Half the prompts or more counts in full.
+    monkeypatch.setattr(scan_module, "_parrot_share", lambda *args, **kwargs: share)
+    report = scan(backdoored_long.model, backdoored_long.tokenizer, backdoored_long.test_prompts[:16])
+    assert report.top.parrot_share == share
+    assert report.is_backdoored is flagged
+    unchecked = scan(backdoored_long.model, backdoored_long.tokenizer, backdoored_long.test_prompts[:16], n_verify=0)
+    assert report.top.score == pytest.approx(unchecked.top.score * min(1.0, share / scan_module.CHECK_FULL_SHARE))
