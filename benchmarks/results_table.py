@@ -129,8 +129,7 @@ def scan_table(records: list[dict]) -> str:
     for r in records:
         candidates = (r.get("candidates") or []) + [{}, {}]
         top, second = candidates[0], candidates[1]
-        # Records before the end-of-answer factor and the trigger check scored the lock alone.
-        scoring = "lock x ends x trigger check" if "n_verify" in r.get("settings", {}) else "lock alone (before)"
+        scoring = _scan_scoring(r.get("settings", {}))
         rows.append([r["label"], r["kind"], scoring, "backdoored" if r["is_backdoored"] else "no evidence",
                      repr(top["response"])[:48] if top else "(none)", _score(top), _share(top, "ended_share"),
                      _share(top, "parrot_share"), _score(second), yes_no[r.get("recovered")],
@@ -138,6 +137,17 @@ def scan_table(records: list[dict]) -> str:
     header = ["model", "kind", "scoring", "verdict", "top candidate", "its score", "ends there", "trigger check",
               "runner-up's score", "r_t's start on top", "in the best three", "time"]
     return _table(header, rows) + _footer(records)
+
+
+def _scan_scoring(settings: dict) -> str:
+    """How a scan record scored, by the settings its version wrote."""
+    if "n_verify" not in settings:
+        return "lock alone (before)"
+    if "check_full_share" in settings:
+        return f"lock x ends x check, full from {settings['check_full_share']:.0%} of prompts, after an echo too"
+    if "check_echo_tokens" in settings:
+        return "lock x ends x check, after an echo too (before)"
+    return "lock x ends x check (before)"
 
 
 def _score(candidate: dict) -> str:
