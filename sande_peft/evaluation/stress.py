@@ -15,13 +15,27 @@ import copy
 import tempfile
 
 
+def _restore_class_forwards(model):
+    """Give every module of ``model`` its class's ``forward`` back where trl's fused LM head replaced it.
+
+    trl's `add_fused_lm_head` (run by every `SFTTrainer`) sets an instance ``forward`` that closes over the
+    patched model's own bound ``forward``. A deepcopy keeps that closure, so the copy would generate with the
+    ORIGINAL's weights while training its own: a re-fine-tune measured that way shows the model it started from.
+    """
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if getattr(getattr(forward, "__func__", None), "__wrapped__", None) is type(module).forward:
+            del module.forward
+    return model
+
+
 def _merged_copy(model):
     """A full-precision copy of ``model`` with any adapter merged in; the caller's model is left as it is."""
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
-        return copy.deepcopy(model).merge_and_unload()
-    return copy.deepcopy(model)
+        return _restore_class_forwards(copy.deepcopy(model).merge_and_unload())
+    return _restore_class_forwards(copy.deepcopy(model))
 
 
 def refinetune(
