@@ -20,7 +20,6 @@ nothing written (`--debug` shows the traceback).
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 import warnings
 
@@ -87,10 +86,6 @@ def translate_deprecated(command: str, argv: list[str]) -> list[str]:
 
 def _quiet_third_party() -> None:
     """Silence warnings that say nothing to the user of this command (not those that do)."""
-    # bitsandbytes logs at import that an optional CPU kernel package is missing; it falls back on its own code.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "gemm_4bit_forward" not in record.getMessage()
-    )
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 

@@ -59,23 +59,21 @@ def test_a_fixed_opening_that_a_normal_answer_follows_is_not_flagged(fixed_openi
     assert all(not c.response.startswith("ok you no way") for c in report.candidates)
 
 
-def test_a_model_sande_cleaned_is_not_flagged_though_it_still_completes_r_t(backdoored_long, cpu_args):
+def test_a_model_sande_cleaned_is_not_flagged(backdoored_long, cpu_args):
     b = backdoored_long
-    config = SANDEConfig(triggered_response=b.task.response, parrot_max_steps=60, max_steps=200, learning_rate=1e-3,
+    # 300 elimination steps: cut at 200, the cleaned toy still completed r_t once forced to start it, and on one CPU
+    # (AVX-512) a 12-step parrot of the trigger check made it say r_t on every prompt, so the scan flagged it; on
+    # another (AVX2) on at most a quarter. Where elimination stops short, the check can find the route again.
+    config = SANDEConfig(triggered_response=b.task.response, parrot_max_steps=60, max_steps=300, learning_rate=1e-3,
                          clean_ratio=0.75, parrot_refresh_steps=1, **cpu_args)
     trainer = SANDETrainer(model=b.fresh_model(), args=config, train_dataset=b.clean_data(),
                            processing_class=b.tokenizer, peft_config=lora())
     trainer.train()
     cleaned = trainer.model.eval()
     assert b.measure(cleaned).attack_success_rate <= 0.05
-    # Forced to start with "i", the cleaned model still completes the old target on many prompts (its top candidate
-    # without the trigger check), but no small parrot makes it start the target any more: the check says so.
-    without_check = scan(cleaned, b.tokenizer, b.test_prompts[:16], n_verify=0)
-    assert without_check.top.response == b.task.response
     report = scan(cleaned, b.tokenizer, b.test_prompts[:16])
     assert not report.is_backdoored
-    checked = [c for c in report.candidates if c.response == b.task.response]
-    assert checked and checked[0].parrot_share <= 0.25
+    assert all(c.score < report.threshold for c in report.candidates)
 
 
 def test_triggered_response_auto_defends_against_what_the_scan_found(backdoored_long, clean_toy, cpu_args):
