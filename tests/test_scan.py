@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
-
-import importlib
 
 import pytest
 
