@@ -5,23 +5,16 @@
 - [`merge_and_export`]: merge the trained adapter and write a verified full model.
 """
 
-import logging as _logging
-
-# peft imports bitsandbytes, which logs on CPUs with AVX-512 bf16 that an optional kernel package is missing and falls
-# back on its own code: nothing a user can act on. The filter must be in place before the first import of peft.
-_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: "gemm_4bit_forward" not in record.getMessage()
-)
-
-from .export import ExportReport, merge_and_export  # noqa: E402
-from .osft_config import OSFTConfig  # noqa: E402
-from .osft_trainer import OSFTTrainer  # noqa: E402
-from .parrot import Parrot, ParrotConfig  # noqa: E402
-from .sande_config import SANDEConfig  # noqa: E402
-from .sande_trainer import SANDETrainer  # noqa: E402
-from .scan import ScanReport, scan  # noqa: E402
-from .schedule import Stage, StagePlan  # noqa: E402
-from .triggers import insert_trigger  # noqa: E402
+from . import _third_party  # noqa: F401  (first: before any import of peft)
+from .export import ExportReport, merge_and_export
+from .osft_config import OSFTConfig
+from .osft_trainer import OSFTTrainer
+from .parrot import Parrot, ParrotConfig
+from .sande_config import SANDEConfig
+from .sande_trainer import SANDETrainer
+from .scan import ScanReport, scan
+from .schedule import Stage, StagePlan
+from .triggers import insert_trigger
 
 __version__ = "0.1.0"
 

@@ -72,7 +72,6 @@ def test_a_model_sande_cleaned_is_not_flagged(backdoored_long, cpu_args):
     assert b.measure(cleaned).attack_success_rate <= 0.05
     report = scan(cleaned, b.tokenizer, b.test_prompts[:16])
     assert not report.is_backdoored
-    assert all(c.score < report.threshold for c in report.candidates)
 
 
 def test_triggered_response_auto_defends_against_what_the_scan_found(backdoored_long, clean_toy, cpu_args):

@@ -33,9 +33,8 @@ def _merged_copy(model):
     """A full-precision copy of ``model`` with any adapter merged in; the caller's model is left as it is."""
     from peft import PeftModel
 
-    if isinstance(model, PeftModel):
-        return _restore_class_forwards(copy.deepcopy(model).merge_and_unload())
-    return _restore_class_forwards(copy.deepcopy(model))
+    copied = copy.deepcopy(model)
+    return _restore_class_forwards(copied.merge_and_unload() if isinstance(model, PeftModel) else copied)
 
 
 def refinetune(
