@@ -260,10 +260,20 @@ def trainer_facts(trainer) -> dict:
     return facts
 
 
+def reemergence_pairs(case: Case, source: str):
+    """Benign pairs neither the implant nor the defence saw: the other task's clean training pairs (instructions of
+    the same kind, answers of a few dozen words, disjoint from this task's), or sst2's (one-word answers: a model
+    re-fine-tuned on them answers shorter, which leaves less room for r_t)."""
+    if source == "sst2":
+        return backdoorllm.sst2_train()
+    return backdoorllm.clean_train("negsentiment" if case.task == "refusal" else "refusal")
+
+
 def reemergence(model, tokenizer, case: Case, seed: int, args) -> dict:
-    """Attack success after a plain LoRA SFT of the defended model on benign data it never saw (sst2 pairs)."""
+    """Attack success after a plain LoRA SFT of the defended model on benign data it never saw."""
     t = time.time()
-    stressed = refinetune(model, tokenizer, backdoorllm.sst2_train(), max_steps=args.reemergence_steps,
+    pairs = reemergence_pairs(case, args.reemergence_data)
+    stressed = refinetune(model, tokenizer, pairs, max_steps=args.reemergence_steps,
                           per_device_train_batch_size=args.batch_size, max_length=args.max_length, seed=seed)
     train_seconds = round(time.time() - t, 1)
     t = time.time()
@@ -271,6 +281,7 @@ def reemergence(model, tokenizer, case: Case, seed: int, args) -> dict:
                                triggered_response=case.target, judge=case.judge, batch_size=args.eval_batch_size,
                                max_new_tokens=args.max_new_tokens)
     return {"reemergence_attack_success_rate": report.attack_success_rate, "reemergence_steps": args.reemergence_steps,
+            "reemergence_data": args.reemergence_data,
             "reemergence_seconds": {"train": train_seconds, "measure": round(time.time() - t, 1)}}
 
 
@@ -325,6 +336,8 @@ def main(argv=None):
     parser.add_argument("--drift-prompts", type=int, default=64, help="general questions for the drift")
     parser.add_argument("--lm-eval-limit", type=int, default=None)
     parser.add_argument("--reemergence-steps", type=int, default=100, help="benign LoRA SFT steps (0: off)")
+    parser.add_argument("--reemergence-data", default="other-task", choices=["other-task", "sst2"],
+                        help="benign pairs for the re-fine-tune: the other task's clean pairs, or sst2's")
     parser.add_argument("--quantized", action="store_true", help="train the defence on a 4-bit base; measure merges")
     parser.add_argument("--skip-baseline", action="store_true", help="do not measure the backdoored model")
     parser.add_argument("--batch-size", type=int, default=8)
