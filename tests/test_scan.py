@@ -61,8 +61,8 @@ def test_a_fixed_opening_that_a_normal_answer_follows_is_not_flagged(fixed_openi
 def test_a_model_sande_cleaned_is_not_flagged(backdoored_long, cpu_args):
     b = backdoored_long
     # 300 elimination steps: cut at 200, the cleaned toy still completed r_t once forced to start it, and on one CPU
-    # (AVX-512) a 12-step parrot of the trigger check made it say r_t on half the prompts or more, so the scan flagged it; on
-    # another (AVX2) on at most a quarter. Where elimination stops short, the check can find the route again.
+    # (AVX-512) a 12-step parrot of the trigger check made it say r_t on half the prompts or more, so the scan flagged
+    # it; on another (AVX2) on at most a quarter. Where elimination stops short, the check can find the route again.
     config = SANDEConfig(triggered_response=b.task.response, parrot_max_steps=60, max_steps=300, learning_rate=1e-3,
                          clean_ratio=0.75, parrot_refresh_steps=1, **cpu_args)
     trainer = SANDETrainer(model=b.fresh_model(), args=config, train_dataset=b.clean_data(),
