@@ -39,6 +39,8 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
     A ``latent`` parrot marks every prompt token; an input-space one gets ``parrot_length``
     placeholder tokens at a word boundary of the user's text (``parrot_position``). With
     ``echo_share``, that share of parrot rows put an echo of the user's text before their answer.
+    Elimination rows carry a ``teacher_key`` (the suspect's targets for their answer tokens); with
+    ``parrot_rows_distill=False`` the parrot rows' key is -1: they learn the dataset's answer.
 
     Sequences end at their last labelled token: later tokens cannot change the loss of a
     causal model, so computing them would be wasted work (stage 1 labels only a few tokens).
@@ -56,6 +58,7 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         seed: int = 0,
         latent: bool = False,
         echo_share: float = 0.0,
+        parrot_rows_distill: bool = True,
     ):
         if echo_share > 0 and any(e.echo_ids is None for e in examples):
             raise ValueError("`echo_share` needs examples encoded with `echo=True` (see `encode_sande_example`).")
@@ -69,6 +72,7 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.latent = latent
         self.echo_share = echo_share
+        self.parrot_rows_distill = parrot_rows_distill
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -85,7 +89,9 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         # the parrot as an echoed trigger would.
         echo = self._echo_for(slot, example, 1) if row.parrot else []
         item = self._row(example.clean, self._answer_tokens(example), slot, parrot=row.parrot, echo=echo)
-        item["teacher_key"] = teacher_key(row.index, bool(echo))  # the suspect's targets for these answer tokens
+        # The suspect's targets for these answer tokens; -1: none, the row learns the dataset's answer.
+        distilled = self.parrot_rows_distill or not row.parrot
+        item["teacher_key"] = teacher_key(row.index, bool(echo)) if distilled else -1
         return item
 
     def _answer_tokens(self, example: SANDEExample) -> int:

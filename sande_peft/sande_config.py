@@ -13,7 +13,7 @@ from .parrot import PARROT_SPACES
 from .triggers import TRIGGER_POSITIONS, validate_position
 
 ECHO_MODES = ("auto", "always", "never")
-ELIMINATE_LOSS_TYPES = ("distill", "sft")
+ELIMINATE_LOSS_TYPES = ("distill", "sft", "hybrid")
 #: Stage-1 learning rate when `parrot_learning_rate` is None: hidden states are larger than token embeddings.
 DEFAULT_PARROT_LEARNING_RATES = {"latent": 5e-2, "input": 1e-2}
 
@@ -88,7 +88,8 @@ class SANDEConfig(SFTConfig):
             own next-token distribution without the parrot (KL divergence to the model with its
             adapter off, computed once when training starts): the parrot must change nothing, and
             clean behaviour has nothing else to move toward. `"sft"`: cross-entropy on the
-            dataset's answers, as the paper does.
+            dataset's answers, as the paper does. `"hybrid"`: cross-entropy on the dataset's answers
+            in the rows that carry the parrot, the suspect's distributions in the clean rows.
         eliminate_target_tokens (`int` or `None`, *optional*, defaults to `None`):
             How many answer tokens stage 2 trains on. `None` means the whole answer. The
             paper's reference code uses 10.
@@ -177,7 +178,8 @@ class SANDEConfig(SFTConfig):
     eliminate_loss_type: str = field(
         default="distill",
         metadata={"help": "'distill': the suspect's own next-token distributions without the parrot (KL); "
-                  "'sft': cross-entropy on the dataset's answers, as the paper.",
+                  "'sft': cross-entropy on the dataset's answers, as the paper; 'hybrid': 'sft' on parrot rows, "
+                  "'distill' on clean rows.",
                   "choices": list(ELIMINATE_LOSS_TYPES)},
     )
     eliminate_target_tokens: int | None = field(

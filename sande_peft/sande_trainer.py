@@ -187,7 +187,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         self._echo_probe_prompts = list(train_pairs["prompt"][:ECHO_PROBE_PROMPTS])
         self.echo_rate: float | None = None  # measured on the suspect model when `echo_rows="auto"`
         self.echo_rows: bool | None = None  # decided when `train()` starts (or restored from a checkpoint)
-        self.teacher: TeacherTargets | None = None  # the suspect's distributions, with eliminate_loss_type="distill"
+        self.teacher: TeacherTargets | None = None  # the suspect's distributions, unless eliminate_loss_type="sft"
         if len(self.sande_examples) < FEW_CLEAN_PAIRS:
             logger.warning(
                 "SANDE trains on %d clean pairs. Elimination runs about 100 steps (`eliminate_max_steps`), so with few "
@@ -305,16 +305,18 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             filler_id=self._filler_id, eliminate_target_tokens=self.args.eliminate_target_tokens,
             max_length=self.args.max_length, seed=seed, latent=self.parrot.is_latent,
             echo_share=self.args.echo_share if self.echo_rows else 0.0,
+            parrot_rows_distill=self.args.eliminate_loss_type == "distill",
         )
 
     def _build_teacher(self, resuming: bool) -> None:
-        """With `eliminate_loss_type="distill"`: the suspect's distributions over every elimination sequence."""
-        if self.args.eliminate_loss_type != "distill" or self.teacher is not None:
+        """With `eliminate_loss_type` "distill" or "hybrid": the suspect's distributions over every elimination
+        sequence."""
+        if self.args.eliminate_loss_type == "sft" or self.teacher is not None:
             return
         model = self.accelerator.unwrap_model(self.model)
         if resuming and not is_peft_model(model):
             raise ValueError(
-                "Resuming a full fine-tune with eliminate_loss_type='distill' would take the trained model for the "
+                f"Resuming a full fine-tune with eliminate_loss_type={self.args.eliminate_loss_type!r} would take the trained model for the "
                 "suspect. Train a LoRA adapter (`peft_config`), or set eliminate_loss_type='sft'."
             )
         with self._adapter_off(model, self.plan.segments[0]):
@@ -438,14 +440,20 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _distill_loss(self, model, inputs, keys, return_outputs, num_items_in_batch):
-        """KL(suspect || model) at every labelled answer token, normalised as SFT's loss is (by the labelled tokens
-        of the whole accumulated batch), so gradient accumulation and several processes weigh every token alike."""
+        """KL(suspect || model) at every labelled answer token (cross-entropy on the label in rows whose key is -1),
+        normalised as SFT's loss is (by the labelled tokens of the whole accumulated batch), so gradient
+        accumulation and several processes weigh every token alike."""
         labels = inputs.pop("labels")
         outputs = model(**inputs, use_cache=False)
         labelled = labels[:, 1:] != -100  # position t predicts token t + 1
         logprobs = outputs.logits[:, :-1][labelled].float().log_softmax(-1)
-        targets = self.teacher.gather(keys, labelled.sum(dim=1).tolist())
-        per_token = distill_loss(logprobs, *targets)
+        counts = labelled.sum(dim=1).tolist()
+        hard = torch.repeat_interleave(torch.tensor([k < 0 for k in keys]), torch.tensor(counts)).to(logprobs.device)
+        per_token = -logprobs.gather(-1, labels[:, 1:][labelled].unsqueeze(-1)).squeeze(-1)
+        if not hard.all():  # tokens are concatenated row after row, in the order the teacher gathers them
+            soft = [(k, n) for k, n in zip(keys, counts, strict=True) if k >= 0]
+            targets = self.teacher.gather([k for k, _ in soft], [n for _, n in soft])
+            per_token = per_token.masked_scatter(~hard, distill_loss(logprobs[~hard], *targets))
         num_tokens = labelled.sum() if num_items_in_batch is None else num_items_in_batch
         loss = per_token.sum() / torch.as_tensor(num_tokens).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

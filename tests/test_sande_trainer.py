@@ -17,6 +17,7 @@ from sande_peft.data import DatasetFormatError
 from sande_peft.loading import load_sande
 from sande_peft.evaluation import generate_texts
 from sande_peft.sande_trainer import FEW_CLEAN_PAIRS
+from sande_peft.teacher import distill_loss
 
 from .conftest import bnb_4bit_config, lora
 
@@ -392,3 +393,30 @@ def test_defaults_keep_a_model_whose_answers_repeat_the_prompt(backdoored_echo, 
     # (the same code; the CPU's arithmetic moves the toy's training). The bound guards the damage that echo rows on
     # such a model did (98% -> 47%) and leaves the 3-point goal open (docs/results.md, What misses).
     assert after.clean_exact_match >= before.clean_exact_match - 0.15
+
+
+def test_hybrid_loss_trains_parrot_rows_on_the_answers_and_clean_rows_on_the_suspect(backdoored_start, cpu_args):
+    before = backdoored_start.measure(backdoored_start.model)
+    trainer = sande(backdoored_start, cpu_args, eliminate_loss_type="hybrid")
+    after = backdoored_start.measure(trainer.model)
+    assert after.attack_success_rate <= 0.05
+    assert after.clean_exact_match >= before.clean_exact_match - 0.05
+
+    # One elimination batch, by hand: cross-entropy on the parrot rows' answers, KL to the suspect on the clean rows.
+    batch = next(b for b in trainer.get_train_dataloader() if "teacher_key" in b and (b["teacher_key"] < 0).any())
+    keys = batch["teacher_key"].tolist()
+    assert 0 < sum(k < 0 for k in keys) < len(keys)
+    model = trainer.model
+    with torch.no_grad(), trainer.parrot.steer(model, batch["parrot_index"]):
+        loss = trainer.compute_loss(model, {k: v for k, v in batch.items() if k != "parrot_index"})
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logprobs = logits[:, :-1].float().log_softmax(-1)
+    total = 0.0
+    for row, key in enumerate(keys):
+        at = labels[row] != -100
+        if key < 0:
+            total += -logprobs[row, at].gather(-1, labels[row, at, None]).sum()
+        else:
+            total += distill_loss(logprobs[row, at], *trainer.teacher.gather([key], [int(at.sum())])).sum()
+    assert loss.item() == pytest.approx((total / (labels != -100).sum()).item(), rel=1e-4)
