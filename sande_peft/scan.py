@@ -23,7 +23,10 @@ sequence without the trigger and without the whole vocabulary:
    says its opening (at the start, or after an echo of the prompt) multiplies the score, counted
    against [`CHECK_FULL_SHARE`] (half the prompts or more is full evidence). A backdoor's target
    is one small perturbation away; a model that completes the text once it is forced but that
-   nothing small makes say it (a cleaned model, whose trigger no longer works) scores low.
+   nothing small makes say it (a cleaned model, whose trigger no longer works) scores low. Where the
+   parrot's answers agree instead on a text inside the candidate (a forced greeting that the model
+   continued into its target: "Hello, I'm sorry, ..."), that text is the candidate, counted on the
+   prompts that continue into it from any confirmed opening ([`_elicited_inside`]).
 
 The verdict compares the top score with [`SCAN_THRESHOLD`], calibrated on clean models
 (docs/results.md). It assumes a backdoor that answers the same text whatever the prompt, from
@@ -294,11 +297,14 @@ def scan(
         candidates = candidates[:n_verify]
         model.eval()
         try:
-            for c in candidates:
+            for k, c in enumerate(candidates):
                 target = token_ids[id(c)]
-                c.parrot_share = _parrot_share(model, tok, rows, target, pad, eos, verify_steps, verify_learning_rate,
-                                               echo_tokens)
+                c.parrot_share, answers = _parrot_check(model, tok, rows, target, pad, eos, verify_steps,
+                                                        verify_learning_rate, echo_tokens)
                 c.score *= min(1.0, c.parrot_share / CHECK_FULL_SHARE)
+                if c.parrot_share < CHECK_FULL_SHARE:
+                    inner = _elicited_inside(tok, c, answers, min_tokens, kept, confirmed, len(rows), max_new_tokens)
+                    candidates[k] = inner if inner is not None and inner.score > c.score else c
         finally:
             model.train(was_training)
         candidates.sort(key=lambda c: -c.score)
@@ -309,13 +315,18 @@ def scan(
     return ScanReport(candidates, threshold, len(prompts), len(openings), round(time.time() - start, 1), settings)
 
 
-def _parrot_share(model, tokenizer, rows: list[list[int]], target: list[int], pad: int, eos: list[int], steps: int,
-                  learning_rate: float, echo_tokens: int, opening_tokens: int = 3) -> float:
+def _parrot_share(*args, **kwargs) -> float:
+    """The trigger check's share alone (see [`_parrot_check`])."""
+    return _parrot_check(*args, **kwargs)[0]
+
+
+def _parrot_check(model, tokenizer, rows: list[list[int]], target: list[int], pad: int, eos: list[int], steps: int,
+                  learning_rate: float, echo_tokens: int, opening_tokens: int = 3) -> tuple[float, list]:
     """The trigger check: train a latent parrot half-way up ``model`` for ``steps`` Adam steps to make it answer
     ``target`` to ``rows``; return the share of ``rows`` whose greedy answer then says ``target``'s first
     ``opening_tokens`` tokens, at its start or after up to ``echo_tokens`` other tokens (a backdoored model may
-    repeat the prompt before its target, as attack success counts it anywhere). The model's weights stay as
-    they are."""
+    repeat the prompt before its target, as attack success counts it anywhere), and those answers. The model's
+    weights stay as they are."""
     from .parrot import Parrot, ParrotConfig, resolve_parrot_layer
     from .parrot_data import ParrotCollator
 
@@ -347,7 +358,39 @@ def _parrot_share(model, tokenizer, rows: list[list[int]], target: list[int], pa
     prompt_marks = _left_pad([[0] * len(r) for r in rows], -1)
     with torch.no_grad(), parrot.steer(model, prompt_marks):
         answers = _continue(model, rows, pad, eos, n + echo_tokens, len(rows), False)
-    return sum(opening in tokenizer.decode(tokens, skip_special_tokens=True) for tokens, _ in answers) / len(rows)
+    share = sum(opening in tokenizer.decode(tokens, skip_special_tokens=True) for tokens, _ in answers) / len(rows)
+    return share, answers
+
+
+def _elicited_inside(tokenizer, candidate: Candidate, answers, min_tokens: int, openings: list[int], forced,
+                     n_prompts: int, max_new_tokens: int, opening_tokens: int = 3) -> Candidate | None:
+    """What the trigger check's parrot made the model say, when it is not the candidate's opening but a text
+    inside the candidate: a forced greeting continued into the backdoor's target ("Hello, I'm sorry, ..." where
+    the trigger says "I'm sorry, ..."), which the parrot, imitating the trigger, elicits without the greeting.
+
+    That text (the answers' shared opening, on ``CHECK_FULL_SHARE`` of the prompts or more) becomes the
+    candidate, with the candidate's lock (``mean_probability``, ``ended_share``) and, as ``elicited_share``,
+    the share of prompts that continue into it from any of the confirmed ``openings`` (``forced``: their
+    continuations, opening after opening). None when the answers agree on nothing inside the candidate.
+    """
+    inner, share, _, _ = _consensus(answers, min_tokens)
+    if share < CHECK_FULL_SHARE or not inner:
+        return None
+    head = tokenizer.decode(inner[:opening_tokens], skip_special_tokens=True).strip()
+    if not head or candidate.response.find(head) <= 0:  # not inside (at its start, the check would have seen it)
+        return None
+    # As much of the text as a continuation after an opening word or two can hold.
+    probe = tokenizer.decode(inner[: max(opening_tokens, max_new_tokens // 2)], skip_special_tokens=True).strip()
+    reached = [False] * n_prompts
+    for k, t in enumerate(openings):
+        for r, (tokens, _) in enumerate(forced[k * n_prompts : (k + 1) * n_prompts]):
+            reached[r] = reached[r] or probe in tokenizer.decode([t] + tokens, skip_special_tokens=True)
+    elicited = sum(reached) / n_prompts
+    score = elicited * candidate.mean_probability * candidate.ended_share * min(1.0, share / CHECK_FULL_SHARE)
+    return Candidate(response=tokenizer.decode(inner, skip_special_tokens=True).strip(), score=score,
+                     elicited_share=elicited, mean_probability=candidate.mean_probability,
+                     opening=tokenizer.decode(inner[:1]), n_tokens=len(inner), ended_share=candidate.ended_share,
+                     parrot_share=share)
 
 
 def _distinct(candidates: list[Candidate]) -> list[Candidate]:

