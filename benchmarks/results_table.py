@@ -143,6 +143,8 @@ def _scan_scoring(settings: dict) -> str:
     """How a scan record scored, by the settings its version wrote."""
     if "n_verify" not in settings:
         return "lock alone (before)"
+    if "check_reads_inside" in settings:
+        return "as above, and the check read inside the candidate"
     if "check_full_share" in settings:
         return f"lock x ends x check, full from {settings['check_full_share']:.0%} of prompts, after an echo too"
     if "check_echo_tokens" in settings:

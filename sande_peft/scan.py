@@ -311,7 +311,7 @@ def scan(
     settings = {"top_k": top_k, "n_screen": n_screen, "screen_tokens": screen_tokens, "n_confirm": n_confirm,
                 "max_new_tokens": max_new_tokens, "min_tokens": min_tokens, "n_verify": n_verify,
                 "verify_steps": verify_steps, "verify_learning_rate": verify_learning_rate,
-                "check_echo_tokens": echo_tokens, "check_full_share": CHECK_FULL_SHARE}
+                "check_echo_tokens": echo_tokens, "check_full_share": CHECK_FULL_SHARE, "check_reads_inside": True}
     return ScanReport(candidates, threshold, len(prompts), len(openings), round(time.time() - start, 1), settings)
 
 
