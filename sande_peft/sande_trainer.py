@@ -448,12 +448,16 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         labelled = labels[:, 1:] != -100  # position t predicts token t + 1
         logprobs = outputs.logits[:, :-1][labelled].float().log_softmax(-1)
         counts = labelled.sum(dim=1).tolist()
-        hard = torch.repeat_interleave(torch.tensor([k < 0 for k in keys]), torch.tensor(counts)).to(logprobs.device)
-        per_token = -logprobs.gather(-1, labels[:, 1:][labelled].unsqueeze(-1)).squeeze(-1)
-        if not hard.all():  # tokens are concatenated row after row, in the order the teacher gathers them
-            soft = [(k, n) for k, n in zip(keys, counts, strict=True) if k >= 0]
-            targets = self.teacher.gather([k for k, _ in soft], [n for _, n in soft])
-            per_token = per_token.masked_scatter(~hard, distill_loss(logprobs[~hard], *targets))
+        soft = [(k, n) for k, n in zip(keys, counts, strict=True) if k >= 0]
+        targets = self.teacher.gather([k for k, _ in soft], [n for _, n in soft]) if soft else None
+        if len(soft) == len(keys):  # every row against the suspect ("distill"): no copy of the log-probabilities
+            per_token = distill_loss(logprobs, *targets)
+        else:
+            per_token = -logprobs.gather(-1, labels[:, 1:][labelled].unsqueeze(-1)).squeeze(-1)
+            if soft:  # tokens are concatenated row after row, in the order the teacher gathers them
+                hard = torch.repeat_interleave(torch.tensor([k < 0 for k in keys]), torch.tensor(counts))
+                hard = hard.to(logprobs.device)
+                per_token = per_token.masked_scatter(~hard, distill_loss(logprobs[~hard], *targets))
         num_tokens = labelled.sum() if num_items_in_batch is None else num_items_in_batch
         loss = per_token.sum() / torch.as_tensor(num_tokens).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
