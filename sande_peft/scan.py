@@ -299,11 +299,11 @@ def scan(
         try:
             for k, c in enumerate(candidates):
                 target = token_ids[id(c)]
-                c.parrot_share, answers = _parrot_check(model, tok, rows, target, pad, eos, verify_steps,
-                                                        verify_learning_rate, echo_tokens)
+                c.parrot_share, texts = _parrot_check(model, tok, rows, target, pad, eos, verify_steps,
+                                                      verify_learning_rate, echo_tokens)
                 c.score *= min(1.0, c.parrot_share / CHECK_FULL_SHARE)
                 if c.parrot_share < CHECK_FULL_SHARE:
-                    inner = _elicited_inside(tok, c, answers, kept, confirmed, len(rows))
+                    inner = _elicited_inside(tok, c, texts, kept, confirmed, len(rows))
                     candidates[k] = inner if inner is not None and inner.score > c.score else c
         finally:
             model.train(was_training)
@@ -315,18 +315,13 @@ def scan(
     return ScanReport(candidates, threshold, len(prompts), len(openings), round(time.time() - start, 1), settings)
 
 
-def _parrot_share(*args, **kwargs) -> float:
-    """The trigger check's share alone (see [`_parrot_check`])."""
-    return _parrot_check(*args, **kwargs)[0]
-
-
 def _parrot_check(model, tokenizer, rows: list[list[int]], target: list[int], pad: int, eos: list[int], steps: int,
                   learning_rate: float, echo_tokens: int, opening_tokens: int = 3) -> tuple[float, list]:
     """The trigger check: train a latent parrot half-way up ``model`` for ``steps`` Adam steps to make it answer
     ``target`` to ``rows``; return the share of ``rows`` whose greedy answer then says ``target``'s first
     ``opening_tokens`` tokens, at its start or after up to ``echo_tokens`` other tokens (a backdoored model may
-    repeat the prompt before its target, as attack success counts it anywhere), and those answers. The model's
-    weights stay as they are."""
+    repeat the prompt before its target, as attack success counts it anywhere), and those answers' texts. The
+    model's weights stay as they are."""
     from .parrot import Parrot, ParrotConfig, resolve_parrot_layer
     from .parrot_data import ParrotCollator
 
@@ -358,25 +353,24 @@ def _parrot_check(model, tokenizer, rows: list[list[int]], target: list[int], pa
     prompt_marks = _left_pad([[0] * len(r) for r in rows], -1)
     with torch.no_grad(), parrot.steer(model, prompt_marks):
         answers = _continue(model, rows, pad, eos, n + echo_tokens, len(rows), False)
-    share = sum(opening in tokenizer.decode(tokens, skip_special_tokens=True) for tokens, _ in answers) / len(rows)
-    return share, answers
+    texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens, _ in answers]
+    return sum(opening in text for text in texts) / len(rows), texts
 
 
-def _elicited_inside(tokenizer, candidate: Candidate, answers, openings: list[int], forced, n_prompts: int,
-                     head_words: int = 3, probe_words: int = 8) -> Candidate | None:
+def _elicited_inside(tokenizer, candidate: Candidate, texts: list[str], openings: list[int], forced,
+                     n_prompts: int, head_words: int = 3, probe_words: int = 8) -> Candidate | None:
     """What the trigger check's parrot made the model say, when it is not the candidate's opening but a text
     inside the candidate: a forced greeting continued into the backdoor's target ("Hello, I'm sorry, ..." where
     the trigger says "I'm sorry, ..."), which the parrot, imitating the trigger, elicits without the greeting.
 
     The candidate's text from its word ``j`` on (``j`` >= 1, at least ``head_words`` words) becomes the
-    candidate when the parrot's answers say its first ``head_words`` words more often than the candidate's own
-    opening: its check share is that share, its lock (``mean_probability``, ``ended_share``) the candidate's,
+    candidate when the parrot's answers (``texts``) say its first ``head_words`` words more often than the
+    candidate's own opening: its check share is that share, its lock (``mean_probability``, ``ended_share``) the candidate's,
     and its ``elicited_share`` the share of prompts that continue into its first ``probe_words`` words from
     any of the confirmed ``openings`` (``forced``: their continuations, opening after opening). Words, not
     tokens: after a greeting the same word may be another token ("I" and " I"). None when no such text
     does better than the candidate.
     """
-    texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens, _ in answers]
     words = candidate.response.split()
     best, best_share = None, candidate.parrot_share or 0.0
     for j in range(1, len(words) - head_words + 1):

