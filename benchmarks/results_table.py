@@ -6,6 +6,7 @@
         --variant "sft=100 steps, as SANDE's elimination"                                      # SFT / OSFT / SANDE
     python benchmarks/results_table.py scan docs/results/scan.jsonl                          # detection
     python benchmarks/results_table.py demo docs/results/demo_variants.jsonl                 # the demo's backdoor
+    python benchmarks/results_table.py echo docs/results/echo_toy.jsonl                      # the echo toy, over seeds
 
 Rates are percentages. Where a row rests on several seeds it shows the mean and, after "±", half
 the range (max - min) / 2; the `seeds` column says how many. Every table ends with the machine
@@ -193,6 +194,26 @@ def demo(records: list[dict]) -> str:
     return _table(header, rows) + _footer(records)
 
 
+def echo(records: list[dict]) -> str:
+    """The echo toy: per variant, attack success and the drop in clean accuracy over every (toy seed, defence seed)
+    run, mean ± half-range and the worst, and how many runs keep clean accuracy within 3 points."""
+    groups: OrderedDict = OrderedDict()
+    for r in records:
+        groups.setdefault(r["variant"], []).append(r)
+    rows = []
+    for label, group in groups.items():
+        drops = [r["clean_accuracy_drop"] * 100 for r in group]  # points of accuracy
+        left = [r["after"]["attack_success_rate"] for r in group]
+        within = sum(d <= 3 + 1e-9 for d in drops)
+        rows.append([label, json_overrides(group[0]), f"{len({r['toy_seed'] for r in group})} x {len({r['seed'] for r in group})}",
+                     _cell([r["before"]["attack_success_rate"] for r in group], "rate1"), _cell(left, "rate1"),
+                     _cell([max(left)], "rate1"), _cell(drops, ""), _cell([max(drops)], ""),
+                     f"{within} of {len(group)}"])
+    header = ["variant", "overrides", "toy seeds x defence seeds", "attack success before", "after",
+              "after, worst run", "clean accuracy drop (points)", "worst drop", "runs within 3 points"]
+    return _table(header, rows) + _footer(records)
+
+
 def json_overrides(record: dict) -> str:
     overrides = record.get("overrides")
     return "-" if not overrides else ", ".join(f"`{k}={v}`" for k, v in overrides.items())
@@ -200,7 +221,7 @@ def json_overrides(record: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=["removal", "contrast", "scan", "demo"])
+    parser.add_argument("table", choices=["removal", "contrast", "scan", "demo", "echo"])
     parser.add_argument("records", nargs="+")
     parser.add_argument("--method", default="sande")
     parser.add_argument("--variant", action="append", default=[], metavar="[METHOD=]LABEL",
@@ -221,6 +242,8 @@ def main(argv=None):
         print(contrast(records, args.variant))
     elif args.table == "scan":
         print(scan_table(records))
+    elif args.table == "echo":
+        print(echo(records))
     else:
         print(demo(records))
 
