@@ -79,7 +79,22 @@ def _variants_of(variant: str | dict | None, method: str) -> list[str] | None:
     return None if variant is None else [variant]
 
 
+def _merged_rows(records: list[dict]) -> list[dict]:
+    """A defence trained on a 4-bit base (`real_model.py --quantized`) is measured after its merges only: one
+    record per merge, its variant label naming the base it was merged onto."""
+    rows = []
+    for r in records:
+        merges = [key for key in ("merged_dequantized", "merged_full_precision") if key in r]
+        if not merges:
+            rows.append(r)
+        for key in merges:
+            base = key.removeprefix("merged_").replace("_", "-")
+            rows.append({**r, **r[key], "variant": f"{r.get('variant', 'default')}, merged onto the {base} base"})
+    return rows
+
+
 def _groups(records: list[dict], methods: tuple[str, ...], variant: str | dict | None) -> OrderedDict:
+    records = _merged_rows(records)
     groups: OrderedDict = OrderedDict()
     baselines: dict = {}
     for r in records:
