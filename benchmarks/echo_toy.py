@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_record  # noqa: E402
 
@@ -90,7 +88,6 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", default=None, help="JSON-lines file to append results to")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     variants = [("defaults", {}), *args.variant]
     records = []
     with tempfile.TemporaryDirectory() as tmp:

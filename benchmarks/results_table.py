@@ -220,7 +220,8 @@ def echo(records: list[dict]) -> str:
         drops = [r["clean_accuracy_drop"] * 100 for r in group]  # points of accuracy
         left = [r["after"]["attack_success_rate"] for r in group]
         within = sum(d <= 3 + 1e-9 for d in drops)
-        rows.append([label, json_overrides(group[0]), f"{len({r['toy_seed'] for r in group})} x {len({r['seed'] for r in group})}",
+        runs = f"{len({r['toy_seed'] for r in group})} x {len({r['seed'] for r in group})}"
+        rows.append([label, json_overrides(group[0]), runs,
                      _cell([r["before"]["attack_success_rate"] for r in group], "rate1"), _cell(left, "rate1"),
                      _cell([max(left)], "rate1"), _cell(drops, ""), _cell([max(drops)], ""),
                      f"{within} of {len(group)}"])

@@ -365,8 +365,8 @@ def _elicited_inside(tokenizer, candidate: Candidate, texts: list[str], openings
 
     The candidate's text from its word ``j`` on (``j`` >= 1, at least ``head_words`` words) becomes the
     candidate when the parrot's answers (``texts``) say its first ``head_words`` words more often than the
-    candidate's own opening: its check share is that share, its lock (``mean_probability``, ``ended_share``) the candidate's,
-    and its ``elicited_share`` the share of prompts that continue into its first ``probe_words`` words from
+    candidate's own opening: its check share is that share, its lock (``mean_probability``, ``ended_share``) the
+    candidate's, and its ``elicited_share`` the share of prompts that continue into its first ``probe_words`` words from
     any of the confirmed ``openings`` (``forced``: their continuations, opening after opening). Words, not
     tokens: after a greeting the same word may be another token ("I" and " I"). None when no such text
     does better than the candidate.
