@@ -10,6 +10,11 @@ Every (variant, toy seed, defence seed) is one JSON line: attack success and cle
 
     python benchmarks/echo_toy.py --seeds 0 1 2 3 4
     python benchmarks/echo_toy.py --variant clean-ratio-0.75='{"clean_ratio": 0.75}' --seeds 0 1 2 3 4
+    python benchmarks/echo_toy.py --seeds 0 1 3 --toy-seeds 0 1 2 --trace-every 5   # along stage 2
+
+``--trace-every N`` adds a ``trace`` to each record: every N elimination steps, attack success and
+clean accuracy, and how often the parrot elicits r_t on the trainer's held-out prompts, as it is
+then (refreshed) and as stage 1 left it.
 """
 
 from __future__ import annotations
@@ -53,7 +58,44 @@ def measure(model, tokenizer, task, test, triggered) -> dict:
     return {"attack_success_rate": report.attack_success_rate, "clean_exact_match": report.clean_exact_match}
 
 
-def run(model, tokenizer, task, overrides: dict, seed: int, output_dir: str) -> tuple[object, dict]:
+def stage2_trace(trainer, every: int, measure_now):
+    """A callback: every ``every`` elimination steps, ``measure_now(model)`` and the parrot's success on the trainer's
+    held-out prompts, refreshed and as stage 1 left it (its weights swapped in for the measurement)."""
+    import torch
+    from transformers import TrainerCallback
+
+    from sande_peft.schedule import Stage
+
+    class Trace(TrainerCallback):
+        def __init__(self):
+            self.points, self.stage1_parrot = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == trainer.plan.stage1_steps and self.stage1_parrot is None:
+                self.stage1_parrot = trainer.parrot.weight.detach().clone()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            segment = trainer.plan.segment_at(state.global_step - 1)
+            done = trainer.plan.eliminate_index(state.global_step - 1) + 1
+            if segment.stage is not Stage.ELIMINATE or done % every:
+                return
+            trainer.model.eval()
+            point = {"eliminate_steps": done, **measure_now(trainer.model),
+                     "parrot_success": trainer.measure_parrot(segment)["parrot_success_rate"]}
+            refreshed = trainer.parrot.weight.detach().clone()
+            with torch.no_grad():
+                trainer.parrot.weight.copy_(self.stage1_parrot)
+            point["stage1_parrot_success"] = trainer.measure_parrot(segment)["parrot_success_rate"]
+            with torch.no_grad():
+                trainer.parrot.weight.copy_(refreshed)
+            trainer.model.train()
+            self.points.append(point)
+
+    return Trace()
+
+
+def run(model, tokenizer, task, overrides: dict, seed: int, output_dir: str, trace_every: int | None = None,
+        measure_now=None) -> tuple[object, dict]:
     import copy
 
     from peft import LoraConfig
@@ -65,11 +107,15 @@ def run(model, tokenizer, task, overrides: dict, seed: int, output_dir: str) -> 
     trainer = SANDETrainer(model=copy.deepcopy(model), args=config, train_dataset=task.clean_dataset(256, seed=5),
                            processing_class=tokenizer,
                            peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
+    trace = stage2_trace(trainer, trace_every, measure_now) if trace_every else None
+    if trace is not None:
+        trainer.add_callback(trace)
     start = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start  # with the trace's measurements, when there is one
+    # `train()` measures the parrot once more after the last step (and after the trace): `after_eliminate` is its own.
     return trainer.model, {"train_seconds": round(seconds, 1), "echo_rows": trainer.echo_rows,
-                           "parrot_success": trainer.parrot_success}
+                           "parrot_success": trainer.parrot_success, **({"trace": trace.points} if trace else {})}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -85,6 +131,8 @@ def main(argv=None) -> list[dict]:
                         help="SANDEConfig overrides under a label; the defaults always run first")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="defence seeds (SANDEConfig.seed)")
     parser.add_argument("--toy-seeds", type=int, nargs="+", default=[0], help="seeds of the backdoored toy's training")
+    parser.add_argument("--trace-every", type=int, default=None, metavar="N",
+                        help="measure removal, clean accuracy and the parrots every N elimination steps")
     parser.add_argument("--out", default=None, help="JSON-lines file to append results to")
     args = parser.parse_args(argv)
 
@@ -96,7 +144,8 @@ def main(argv=None) -> list[dict]:
             before = measure(model, tokenizer, task, test, triggered)
             for label, overrides in variants:
                 for seed in args.seeds:
-                    cleaned, info = run(model, tokenizer, task, overrides, seed, str(Path(tmp) / "out"))
+                    cleaned, info = run(model, tokenizer, task, overrides, seed, str(Path(tmp) / "out"),
+                                        args.trace_every, lambda m: measure(m, tokenizer, task, test, triggered))
                     after = measure(cleaned, tokenizer, task, test, triggered)
                     drop = before["clean_exact_match"] - after["clean_exact_match"]
                     records.append(print_record({
