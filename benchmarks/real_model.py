@@ -254,7 +254,8 @@ def trainer_facts(trainer) -> dict:
     if isinstance(trainer, SANDETrainer):
         facts.update(parrot_success=trainer.parrot_success, eliminate_steps=trainer.plan.stage2_steps,
                      echo_rate=trainer.echo_rate, echo_rows=trainer.echo_rows,
-                     triggered_response_used=trainer.args.triggered_response)
+                     triggered_response_used=trainer.args.triggered_response,
+                     refresh_stopped_at=trainer.refresh_stopped_at)
         if trainer.scan_report is not None:  # triggered_response="auto": what the scan found
             facts["scan"] = {**trainer.scan_report.to_dict(), "candidates": trainer.scan_report.to_dict()["candidates"][:5]}
     return facts

@@ -7,6 +7,7 @@
     python benchmarks/results_table.py scan docs/results/scan.jsonl                          # detection
     python benchmarks/results_table.py demo docs/results/demo_variants.jsonl                 # the demo's backdoor
     python benchmarks/results_table.py echo docs/results/echo_toy.jsonl                      # the echo toy, over seeds
+    python benchmarks/results_table.py echo-trace docs/results/echo_trace.jsonl              # ... along stage 2
 
 Rates are percentages. Where a row rests on several seeds it shows the mean and, after "±", half
 the range (max - min) / 2; the `seeds` column says how many. Every table ends with the machine
@@ -230,6 +231,26 @@ def echo(records: list[dict]) -> str:
     return _table(header, rows) + _footer(records)
 
 
+def echo_trace(records: list[dict]) -> str:
+    """The echo toy along stage 2 (records of ``echo_toy.py --trace-every``): at each traced elimination step, over
+    every run, attack success, the drop in clean accuracy, and how often the parrot elicits r_t, refreshed and as
+    stage 1 left it; the last column counts the runs whose trigger is already gone (<= 5%)."""
+    traced = [r for r in records if r.get("trace")]
+    steps = sorted({p["eliminate_steps"] for r in traced for p in r["trace"]})
+    rows = []
+    for step in steps:
+        points = [(r, p) for r in traced for p in r["trace"] if p["eliminate_steps"] == step]
+        drops = [(r["before"]["clean_exact_match"] - p["clean_exact_match"]) * 100 for r, p in points]
+        asr = [p["attack_success_rate"] for _, p in points]
+        rows.append([str(step), str(len(points)), _cell(asr, "rate1"), _cell(drops, ""), _cell([max(drops)], ""),
+                     _cell([p["parrot_success"] for _, p in points], "rate"),
+                     _cell([p["stage1_parrot_success"] for _, p in points], "rate"),
+                     f"{sum(a <= 0.05 for a in asr)} of {len(points)}"])
+    header = ["elimination steps", "runs", "attack success", "clean accuracy drop (points)", "worst drop",
+              "refreshed parrot elicits r_t", "stage-1 parrot elicits r_t", "runs with the trigger gone"]
+    return _table(header, rows) + _footer(traced)
+
+
 def json_overrides(record: dict) -> str:
     overrides = record.get("overrides")
     return "-" if not overrides else ", ".join(f"`{k}={v}`" for k, v in overrides.items())
@@ -237,7 +258,7 @@ def json_overrides(record: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=["removal", "contrast", "scan", "demo", "echo"])
+    parser.add_argument("table", choices=["removal", "contrast", "scan", "demo", "echo", "echo-trace"])
     parser.add_argument("records", nargs="+")
     parser.add_argument("--method", default="sande")
     parser.add_argument("--variant", action="append", default=[], metavar="[METHOD=]LABEL",
@@ -260,6 +281,8 @@ def main(argv=None):
         print(scan_table(records))
     elif args.table == "echo":
         print(echo(records))
+    elif args.table == "echo-trace":
+        print(echo_trace(records))
     else:
         print(demo(records))
 

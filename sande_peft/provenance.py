@@ -144,6 +144,9 @@ def sande_provenance(trainer) -> dict[str, Any]:
     settings.update({"parrot_layer": parrot.layer} if parrot.is_latent else
                     {"parrot_length": args.parrot_length, "parrot_position": args.parrot_position})
     found = {"scan": trainer.scan_report.to_dict()} if trainer.scan_report is not None else {}
+    if args.parrot_refresh_stop_success is not None:
+        settings["parrot_refresh_stop_success"] = args.parrot_refresh_stop_success
+        found["parrot_refresh_stopped_at"] = trainer.refresh_stopped_at  # elimination steps; None: refreshed to the end
     return trainer_provenance(trainer, "SANDE", len(trainer.sande_examples), settings,
                               triggered_response=args.triggered_response, response_mode=args.response_mode,
                               parrot_success=trainer.parrot_success, echo_rate=trainer.echo_rate, **found)

@@ -74,6 +74,17 @@ class SANDEConfig(SFTConfig):
             Rows per device (and per accumulated micro-batch) in each refresh step: the first rows
             of its batch. `None` means `per_device_train_batch_size`. The parrot is one vector, so a few rows keep it
             current at a fraction of a step's cost. At most `per_device_train_batch_size`.
+        parrot_refresh_stop_success (`float` or `None`, *optional*, defaults to `None`):
+            Stop refreshing once the parrot as stage 1 left it (before any refresh) makes the
+            model emit r_t on at most this share of the `parrot_eval_size` held-out prompts,
+            checked every `parrot_refresh_check_steps` elimination steps. The parrot then stays
+            as it is and the remaining refresh steps are skipped: a refreshed parrot can keep
+            finding routes of its own after the trigger's is closed, and chasing them costs the
+            model. `None` refreshes to the end. In [0, 1); needs `parrot_refresh_steps` and
+            `parrot_eval_size` above 0.
+        parrot_refresh_check_steps (`int`, *optional*, defaults to `10`):
+            Elimination steps between two checks of `parrot_refresh_stop_success`. Each check
+            generates r_t's length in tokens for the held-out prompts.
         parrot_eval_size (`int`, *optional*, defaults to `32`):
             Clean prompts held out of `train_dataset` (or taken from `eval_dataset`) to log the
             parrot's success after each stage. `0` turns the measurement off.
@@ -166,6 +177,14 @@ class SANDEConfig(SFTConfig):
     )
     parrot_refresh_batch_size: int | None = field(
         default=None, metadata={"help": "Rows per device in each refresh step; None: per_device_train_batch_size."}
+    )
+    parrot_refresh_stop_success: float | None = field(
+        default=None,
+        metadata={"help": "Stop refreshing once the stage-1 parrot elicits r_t on at most this share of the held-out "
+                  "prompts; None: refresh to the end."},
+    )
+    parrot_refresh_check_steps: int = field(
+        default=10, metadata={"help": "Elimination steps between checks of parrot_refresh_stop_success."}
     )
     parrot_eval_size: int = field(
         default=32, metadata={"help": "Held-out clean prompts to measure the parrot after each stage; 0: off."}
@@ -262,6 +281,22 @@ class SANDEConfig(SFTConfig):
             )
         if self.parrot_eval_size < 0:
             raise ValueError(f"`parrot_eval_size` is {self.parrot_eval_size}; use 0 to turn the measurement off.")
+        if self.parrot_refresh_stop_success is not None:
+            check_finite("parrot_refresh_stop_success", self.parrot_refresh_stop_success)
+            if not 0.0 <= self.parrot_refresh_stop_success < 1.0:
+                raise ValueError(
+                    f"`parrot_refresh_stop_success` is {self.parrot_refresh_stop_success}; use a share in [0, 1) (0.05: "
+                    "stop refreshing once the stage-1 parrot elicits r_t on 5% of the held-out prompts or fewer)."
+                )
+            if self.parrot_refresh_steps == 0 or self.parrot_eval_size == 0:
+                raise ValueError(
+                    "`parrot_refresh_stop_success` stops the refresh steps when the stage-1 parrot, measured on the "
+                    f"held-out prompts, fails; this run has `parrot_refresh_steps={self.parrot_refresh_steps}` and "
+                    f"`parrot_eval_size={self.parrot_eval_size}`: set both above 0, or leave it None."
+                )
+        if self.parrot_refresh_check_steps < 1:
+            raise ValueError(f"`parrot_refresh_check_steps` is {self.parrot_refresh_check_steps}; use a positive number "
+                             "of elimination steps (10: check every tenth).")
         check_finite("echo_share", self.echo_share)
         if not 0.0 <= self.echo_share <= 1.0:
             raise ValueError(

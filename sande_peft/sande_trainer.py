@@ -9,6 +9,7 @@ from contextlib import nullcontext
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import TrainerCallback, TrainingArguments, get_scheduler
 from trl import SFTTrainer
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 #: Name of the parrot inside the trained model, so the optimizer, gradient clipping and DDP see it.
 PARROT_MODULE_NAME = "sande_parrot"
 SANDE_STATE_NAME = "sande_state.json"
+#: The parrot as stage 1 left it, in checkpoints of runs with `parrot_refresh_stop_success`.
+STAGE1_PARROT_NAME = "parrot_stage1.safetensors"
 #: `triggered_response` that asks the trainer to find r_t itself (see `sande_peft.scan`).
 AUTO_RESPONSE = "auto"
 #: Below this many clean training pairs SANDE warns: the elimination steps then repeat each pair often.
@@ -71,17 +74,38 @@ def check_distributed_setup(args) -> None:
 
 
 class _StageBoundaryCallback(TrainerCallback):
-    """At the end of every measured segment but the last: measure the parrot, and log it with the step's loss."""
+    """At the end of every measured segment but the last: measure the parrot, and log it with the step's loss.
+    With `parrot_refresh_stop_success`: keep the parrot as stage 1 left it, check it every
+    `parrot_refresh_check_steps` elimination steps, and stop refreshing once it no longer elicits r_t."""
 
     def __init__(self, trainer: SANDETrainer):
         self.trainer = trainer
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if (args.parrot_refresh_stop_success is not None and state.global_step == trainer.plan.stage1_steps
+                and trainer.stage1_parrot is None):
+            trainer.stage1_parrot = trainer.parrot.weight.detach().clone()
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
-        plan = self.trainer.plan
+        trainer, plan = self.trainer, self.trainer.plan
         segment = plan.segment_at(state.global_step - 1)
         if segment.end == state.global_step and segment.measure and segment is not plan.segments[-1]:
             control.should_log = True
-            self.trainer._pending_logs.update(self.trainer.measure_parrot(segment))
+            trainer._pending_logs.update(trainer.measure_parrot(segment))
+        if (segment.stage is Stage.ELIMINATE and trainer.stage1_parrot is not None
+                and trainer.refresh_stopped_at is None and state.global_step < plan.total_steps):
+            done = plan.eliminate_index(state.global_step - 1) + 1
+            if done % args.parrot_refresh_check_steps == 0:
+                rate = trainer.measure_stage1_parrot(segment)
+                control.should_log = True
+                trainer._pending_logs["stage1_parrot_success_rate"] = rate
+                if rate <= args.parrot_refresh_stop_success:
+                    trainer.refresh_stopped_at = done
+                    logger.info("The parrot as stage 1 left it elicits r_t on %.0f%% of the held-out prompts after %d "
+                                "elimination steps: the parrot stays as it is for the other %d.", 100 * rate, done,
+                                plan.stage2_steps - done)
         return control
 
 
@@ -240,6 +264,10 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             logger.info("Stage 2 runs %d steps (`eliminate_max_steps`); set it to None to run every epoch.",
                         self.plan.stage2_steps)
         self.parrot_success: dict[str, float] = {}
+        # `parrot_refresh_stop_success`: the parrot as stage 1 left it, and after how many elimination steps the
+        # refresh stopped (None: it has not).
+        self.stage1_parrot: torch.Tensor | None = None
+        self.refresh_stopped_at: int | None = None
         self._pending_logs: dict[str, float] = {}
         self._refresh_loss: torch.Tensor | None = None
         # Per kind of step since the last log: the summed loss and the optimizer steps it covers. The Trainer's
@@ -405,6 +433,9 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         segment = self.plan.segment_at(self.state.global_step)
+        if segment.refresh and self.refresh_stopped_at is not None:
+            # The parrot stays as it is: no forward, no gradient (AdamW skips a parameter without one), no cost.
+            return torch.zeros((), device=self.args.device)
         self._enter_stage(segment.stage)
         if segment.refresh and self.args.parrot_refresh_batch_size is not None:
             # Each micro-batch's own mean: the Trainer then divides by the accumulation steps, as without token counts.
@@ -470,6 +501,23 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         """How often the parrot alone makes the model emit r_t on the held-out clean prompts, after ``segment``."""
         if not self.parrot_eval_prompts:
             return {}
+        rate = self._parrot_success_rate(segment)
+        self.parrot_success["after_simulate" if segment.stage is Stage.SIMULATE else "after_eliminate"] = rate
+        return {"parrot_success_rate": rate}
+
+    def measure_stage1_parrot(self, segment: Segment) -> float:
+        """How often the parrot as stage 1 left it (not the refreshed one) makes the model, as ``segment`` leaves
+        it, emit r_t on the held-out clean prompts."""
+        live = self.parrot.weight.detach().clone()
+        with torch.no_grad():
+            self.parrot.weight.copy_(self.stage1_parrot)
+        try:
+            return self._parrot_success_rate(segment)
+        finally:
+            with torch.no_grad():
+                self.parrot.weight.copy_(live)
+
+    def _parrot_success_rate(self, segment: Segment) -> float:
         model = self.accelerator.unwrap_model(self.model)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         max_new_tokens = len(tokenizer(self.args.triggered_response, add_special_tokens=False)["input_ids"]) + 8
@@ -479,9 +527,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                 batch_size=self.args.per_device_eval_batch_size * 2, parrot=self.parrot, seed=self.args.seed,
             )
         judge = TargetMatch(self.args.triggered_response)
-        rate = sum(judge(o) for o in outputs) / len(outputs)
-        self.parrot_success["after_simulate" if segment.stage is Stage.SIMULATE else "after_eliminate"] = rate
-        return {"parrot_success_rate": rate}
+        return sum(judge(o) for o in outputs) / len(outputs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: the stage of its last step, and each kind of step's own mean loss
@@ -540,10 +586,14 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
             self.parrot.save_pretrained(output_dir)
+            if self.stage1_parrot is not None and self.refresh_stopped_at is None:  # a resumed run checks it on
+                save_file({"weight": self.stage1_parrot.float().cpu().contiguous()},
+                          os.path.join(output_dir, STAGE1_PARROT_NAME))
             last = max(self.state.global_step - 1, 0)
             state = {**self.plan.to_dict(), "global_step": self.state.global_step,
                      "stage": self.plan.stage_at(last).value, "parrot_success": self.parrot_success,
-                     "echo_rows": self.echo_rows, "echo_rate": self.echo_rate}
+                     "echo_rows": self.echo_rows, "echo_rate": self.echo_rate,
+                     "refresh_stopped_at": self.refresh_stopped_at}
             with open(os.path.join(output_dir, SANDE_STATE_NAME), "w") as f:
                 json.dump(state, f, indent=2)
         self._write_provenance(output_dir)
@@ -560,12 +610,20 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             saved = json.load(f)
         self.plan.check_matches(saved)
         self.parrot_success.update(saved.get("parrot_success", {}))
+        self.refresh_stopped_at = saved.get("refresh_stopped_at")
         if saved.get("echo_rows") is not None:  # the resumed run replays the same rows
             self.echo_rows, self.echo_rate = saved["echo_rows"], saved.get("echo_rate")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.parrot.load_weights(os.path.join(resume_from_checkpoint, PARROT_WEIGHTS_NAME))
+        stage1 = os.path.join(resume_from_checkpoint, STAGE1_PARROT_NAME)
+        if os.path.isfile(stage1):
+            self.stage1_parrot = load_file(stage1)["weight"].to(self.parrot.weight.device, self.parrot.weight.dtype)
+        elif (self.args.parrot_refresh_stop_success is not None and self.refresh_stopped_at is None
+              and self.state.global_step > self.plan.stage1_steps):
+            logger.warning("%s holds no %s (saved without `parrot_refresh_stop_success`): the parrot is refreshed to "
+                           "the end.", resume_from_checkpoint, STAGE1_PARROT_NAME)
         # The reloaded adapter trains in the dtype it had before the interruption (bf16 under QLoRA).
         for name, param in self.model.named_parameters():
             dtype = self._model_param_dtypes.get(name)
