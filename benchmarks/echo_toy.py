@@ -60,8 +60,7 @@ def measure(model, tokenizer, task, test, triggered) -> dict:
 
 def stage2_trace(trainer, every: int, measure_now):
     """A callback: every ``every`` elimination steps, ``measure_now(model)`` and the parrot's success on the trainer's
-    held-out prompts, refreshed and as stage 1 left it (its weights swapped in for the measurement)."""
-    import torch
+    held-out prompts, refreshed and as stage 1 left it."""
     from transformers import TrainerCallback
 
     from sande_peft.schedule import Stage
@@ -82,12 +81,7 @@ def stage2_trace(trainer, every: int, measure_now):
             trainer.model.eval()
             point = {"eliminate_steps": done, **measure_now(trainer.model),
                      "parrot_success": trainer.measure_parrot(segment)["parrot_success_rate"]}
-            refreshed = trainer.parrot.weight.detach().clone()
-            with torch.no_grad():
-                trainer.parrot.weight.copy_(self.stage1_parrot)
-            point["stage1_parrot_success"] = trainer.measure_parrot(segment)["parrot_success_rate"]
-            with torch.no_grad():
-                trainer.parrot.weight.copy_(refreshed)
+            point["stage1_parrot_success"] = trainer.parrot_success_with(self.stage1_parrot, segment)
             trainer.model.train()
             self.points.append(point)
 

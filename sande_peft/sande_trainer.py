@@ -94,11 +94,12 @@ class _StageBoundaryCallback(TrainerCallback):
         if segment.end == state.global_step and segment.measure and segment is not plan.segments[-1]:
             control.should_log = True
             trainer._pending_logs.update(trainer.measure_parrot(segment))
-        if (segment.stage is Stage.ELIMINATE and trainer.stage1_parrot is not None
-                and trainer.refresh_stopped_at is None and state.global_step < plan.total_steps):
+        if (args.parrot_refresh_stop_success is not None and segment.stage is Stage.ELIMINATE
+                and trainer.stage1_parrot is not None and trainer.refresh_stopped_at is None
+                and state.global_step < plan.total_steps):
             done = plan.eliminate_index(state.global_step - 1) + 1
             if done % args.parrot_refresh_check_steps == 0:
-                rate = trainer.measure_stage1_parrot(segment)
+                rate = trainer.parrot_success_with(trainer.stage1_parrot, segment)
                 control.should_log = True
                 trainer._pending_logs["stage1_parrot_success_rate"] = rate
                 if rate <= args.parrot_refresh_stop_success:
@@ -505,12 +506,12 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         self.parrot_success["after_simulate" if segment.stage is Stage.SIMULATE else "after_eliminate"] = rate
         return {"parrot_success_rate": rate}
 
-    def measure_stage1_parrot(self, segment: Segment) -> float:
-        """How often the parrot as stage 1 left it (not the refreshed one) makes the model, as ``segment`` leaves
-        it, emit r_t on the held-out clean prompts."""
+    def parrot_success_with(self, weight: torch.Tensor, segment: Segment) -> float:
+        """How often a parrot with these weights (the stage-1 parrot, say, not the refreshed one) makes the model, as
+        ``segment`` leaves it, emit r_t on the held-out clean prompts. The parrot's own weights are put back."""
         live = self.parrot.weight.detach().clone()
         with torch.no_grad():
-            self.parrot.weight.copy_(self.stage1_parrot)
+            self.parrot.weight.copy_(weight)
         try:
             return self._parrot_success_rate(segment)
         finally:
@@ -618,7 +619,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.parrot.load_weights(os.path.join(resume_from_checkpoint, PARROT_WEIGHTS_NAME))
         stage1 = os.path.join(resume_from_checkpoint, STAGE1_PARROT_NAME)
-        if os.path.isfile(stage1):
+        if self.args.parrot_refresh_stop_success is not None and os.path.isfile(stage1):
             self.stage1_parrot = load_file(stage1)["weight"].to(self.parrot.weight.device, self.parrot.weight.dtype)
         elif (self.args.parrot_refresh_stop_success is not None and self.refresh_stopped_at is None
               and self.state.global_step > self.plan.stage1_steps):
