@@ -14,7 +14,7 @@ Every (variant, toy seed, defence seed) is one JSON line: attack success and cle
 
 ``--trace-every N`` adds a ``trace`` to each record: every N elimination steps, attack success and
 clean accuracy, and how often the parrot elicits r_t on the trainer's held-out prompts, as it is
-then (refreshed) and as stage 1 left it (and its witnesses, with `parrot_refresh_stop_success`).
+then (refreshed) and as stage 1 left it.
 """
 
 from __future__ import annotations
@@ -82,9 +82,6 @@ def stage2_trace(trainer, every: int, measure_now):
             point = {"eliminate_steps": done, **measure_now(trainer.model),
                      "parrot_success": trainer.measure_parrot(segment)["parrot_success_rate"]}
             point["stage1_parrot_success"] = trainer.parrot_success_with(self.stage1_parrot, segment)
-            if trainer.witness_parrots:  # `parrot_refresh_stop_witnesses`: the least failed witness
-                point["witness_parrot_success"] = max(trainer.parrot_success_with(w, segment)
-                                                      for w in trainer.witness_parrots)
             trainer.model.train()
             self.points.append(point)
 

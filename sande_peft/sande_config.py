@@ -82,14 +82,6 @@ class SANDEConfig(SFTConfig):
             finding routes of its own after the trigger's is closed, and chasing them costs the
             model. `None` refreshes to the end. In [0, 1); needs `parrot_refresh_steps` and
             `parrot_eval_size` above 0.
-        parrot_refresh_stop_witnesses (`int`, *optional*, defaults to `1`):
-            Witness parrots for `parrot_refresh_stop_success`: after stage 1, this many more
-            parrots are trained as stage 1 trained the parrot (as many steps, from zeros, on other
-            orders of the same rows), and elimination never trains against them. The refresh stops
-            only once the stage-1 parrot and every witness fail. The stage-1 parrot alone can fail
-            long before the trigger does, since elimination's first steps train against it; a
-            witness is a stand-in for the trigger that elimination has not seen. Each costs one
-            more stage 1. `0`: the stage-1 parrot alone.
         parrot_refresh_check_steps (`int`, *optional*, defaults to `10`):
             Elimination steps between two checks of `parrot_refresh_stop_success`. Each check
             generates r_t's length in tokens for the held-out prompts.
@@ -190,11 +182,6 @@ class SANDEConfig(SFTConfig):
         default=None,
         metadata={"help": "Stop refreshing once the stage-1 parrot elicits r_t on at most this share of the held-out "
                   "prompts; None: refresh to the end."},
-    )
-    parrot_refresh_stop_witnesses: int = field(
-        default=1,
-        metadata={"help": "Parrots trained as stage 1 trained the parrot but never eliminated against; the refresh "
-                  "stops only once they fail too (with parrot_refresh_stop_success)."},
     )
     parrot_refresh_check_steps: int = field(
         default=10, metadata={"help": "Elimination steps between checks of parrot_refresh_stop_success."}
@@ -307,9 +294,6 @@ class SANDEConfig(SFTConfig):
                     f"held-out prompts, fails; this run has `parrot_refresh_steps={self.parrot_refresh_steps}` and "
                     f"`parrot_eval_size={self.parrot_eval_size}`: set both above 0, or leave it None."
                 )
-        if self.parrot_refresh_stop_witnesses < 0:
-            raise ValueError(f"`parrot_refresh_stop_witnesses` is {self.parrot_refresh_stop_witnesses}; use 0 (the "
-                             "stage-1 parrot alone decides when the refresh stops) or more.")
         if self.parrot_refresh_check_steps < 1:
             raise ValueError(f"`parrot_refresh_check_steps` is {self.parrot_refresh_check_steps}; use a positive number "
                              "of elimination steps (10: check every tenth).")

