@@ -587,7 +587,9 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
             self.parrot.save_pretrained(output_dir)
-            if self.stage1_parrot is not None and self.refresh_stopped_at is None:  # a resumed run checks it on
+            # A run resumed from here checks it on; a finished run's folder does not carry a second parrot.
+            if (self.stage1_parrot is not None and self.refresh_stopped_at is None
+                    and self.state.global_step < self.plan.total_steps):
                 save_file({"weight": self.stage1_parrot.float().cpu().contiguous()},
                           os.path.join(output_dir, STAGE1_PARROT_NAME))
             last = max(self.state.global_step - 1, 0)

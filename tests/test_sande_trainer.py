@@ -437,6 +437,19 @@ def test_refresh_stops_once_the_stage1_parrot_fails_and_the_echo_toy_keeps_its_t
                            peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
     resumed._restore_plan_state(str(Path(cpu_args["output_dir"]) / "stopped"))
     assert resumed.refresh_stopped_at == trainer.refresh_stopped_at
+    # A checkpoint written before the stop carries the stage-1 parrot, and a resumed run checks it on.
+    stopped_at, trainer.refresh_stopped_at = trainer.refresh_stopped_at, None
+    trainer.state.global_step = trainer.plan.stage1_steps + 1
+    checkpoint = str(Path(cpu_args["output_dir"]) / "checkpoint-refreshing")
+    trainer._save(checkpoint)
+    resumed._restore_plan_state(checkpoint)
+    resumed._load_from_checkpoint(checkpoint)
+    assert resumed.refresh_stopped_at is None and torch.equal(resumed.stage1_parrot, trainer.stage1_parrot)
+    # A finished run's folder holds one parrot, the one the save warning names.
+    trainer.state.global_step = trainer.plan.total_steps
+    trainer.save_model(str(Path(cpu_args["output_dir"]) / "final"))
+    assert not (Path(cpu_args["output_dir"]) / "final" / "parrot_stage1.safetensors").exists()
+    trainer.refresh_stopped_at = stopped_at
 
 
 def test_hybrid_loss_trains_parrot_rows_on_the_answers_and_clean_rows_on_the_suspect(backdoored_start, cpu_args):
