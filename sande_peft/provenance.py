@@ -146,6 +146,7 @@ def sande_provenance(trainer) -> dict[str, Any]:
     found = {"scan": trainer.scan_report.to_dict()} if trainer.scan_report is not None else {}
     if args.parrot_refresh_stop_success is not None:
         settings["parrot_refresh_stop_success"] = args.parrot_refresh_stop_success
+        settings["parrot_refresh_check_train_steps"] = args.parrot_refresh_check_train_steps
         found["parrot_refresh_stopped_at"] = trainer.refresh_stopped_at  # elimination steps; None: refreshed to the end
     return trainer_provenance(trainer, "SANDE", len(trainer.sande_examples), settings,
                               triggered_response=args.triggered_response, response_mode=args.response_mode,

