@@ -92,7 +92,8 @@ class SANDEConfig(SFTConfig):
             the stage-1 parrot as it is.
         parrot_refresh_check_steps (`int`, *optional*, defaults to `10`):
             Elimination steps between two checks of `parrot_refresh_stop_success`. Each check
-            generates r_t's length in tokens for the held-out prompts.
+            trains `parrot_refresh_check_train_steps` parrot steps and generates r_t's length in
+            tokens for the held-out prompts.
         parrot_eval_size (`int`, *optional*, defaults to `32`):
             Clean prompts held out of `train_dataset` (or taken from `eval_dataset`) to log the
             parrot's success after each stage. `0` turns the measurement off.
