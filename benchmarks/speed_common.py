@@ -200,8 +200,9 @@ def summarize(times: list[float], warmup: int) -> dict:
     return {"median_step_s": statistics.median(kept), "steps_timed": len(kept)}
 
 
-def run_worker(script: Path, worker_args: list[str], timeout: int = 3600) -> dict:
-    """Run ``script --worker ...`` in a fresh process and return the JSON it prints last."""
+def run_worker(script: Path, worker_args: list[str], timeout: int | None = 3600) -> dict:
+    """Run ``script --worker ...`` in a fresh process and return the JSON it prints last (``timeout``: seconds, None
+    for no limit)."""
     result = subprocess.run([sys.executable, str(script), "--worker", *worker_args], capture_output=True, text=True,
                             timeout=timeout, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if result.returncode != 0:

@@ -14,6 +14,7 @@ Goal: at most 1.5x SFT's run time, peak memory at most 1.05x.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -66,7 +67,6 @@ def step_clock(trainer, clock: Clock):
 
 
 def worker(kind: str, shape: str, steps: int, pairs: int, overrides: str) -> dict:
-    import json
 
     from trl import SFTConfig, SFTTrainer
 
@@ -110,20 +110,24 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=256, help="clean pairs")
     parser.add_argument("--sande-overrides", default=None, help="JSON of SANDEConfig fields (default: the defaults)")
     parser.add_argument("--label", default="defaults")
+    parser.add_argument("--worker-timeout", type=int, default=4 * 3600,
+                        help="seconds each worker may run (0: no limit); a default run on two busy CPU cores took over 1 h")
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", nargs=5, metavar=("KIND", "SHAPE", "STEPS", "PAIRS", "OVERRIDES"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        import json
 
         kind, shape, steps, pairs, overrides = args.worker
         print(json.dumps(worker(kind, shape, int(steps), int(pairs), overrides if overrides != "-" else "")))
         return
     prepare(args.shape)  # build a random-weight shape once, outside the measured processes
     script = Path(__file__)
-    sft = run_worker(script, ["sft", args.shape, str(args.steps), str(args.pairs), "-"])
-    sande = run_worker(script, ["sande", args.shape, str(args.steps), str(args.pairs), args.sande_overrides or "-"])
+    timeout = args.worker_timeout or None
+    sft = run_worker(script, ["sft", args.shape, str(args.steps), str(args.pairs), "-"], timeout=timeout)
+    print(json.dumps({"sft": sft}), file=sys.stderr, flush=True)  # kept in the log should the SANDE worker fail
+    sande = run_worker(script, ["sande", args.shape, str(args.steps), str(args.pairs), args.sande_overrides or "-"],
+                       timeout=timeout)
     print_record({"benchmark": "whole_run", "shape": args.shape, "label": args.label, "elimination_steps": args.steps,
                   "clean_pairs": args.pairs, "sande_overrides": args.sande_overrides, "sft": sft, "sande": sande,
                   "run_time_ratio": round(sande["train_seconds"] / sft["train_seconds"], 3),
