@@ -67,7 +67,6 @@ def step_clock(trainer, clock: Clock):
 
 
 def worker(kind: str, shape: str, steps: int, pairs: int, overrides: str) -> dict:
-
     from trl import SFTConfig, SFTTrainer
 
     from sande_peft import SANDEConfig, SANDETrainer
@@ -117,7 +116,6 @@ def main(argv=None):
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-
         kind, shape, steps, pairs, overrides = args.worker
         print(json.dumps(worker(kind, shape, int(steps), int(pairs), overrides if overrides != "-" else "")))
         return

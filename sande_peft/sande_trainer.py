@@ -4,7 +4,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from accelerate.utils import is_peft_model
@@ -508,17 +508,25 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         self.parrot_success["after_simulate" if segment.stage is Stage.SIMULATE else "after_eliminate"] = rate
         return {"parrot_success_rate": rate}
 
-    def parrot_success_with(self, weight: torch.Tensor, segment: Segment) -> float:
-        """How often a parrot with these weights (the stage-1 parrot, say, not the refreshed one) makes the model, as
-        ``segment`` leaves it, emit r_t on the held-out clean prompts. The parrot's own weights are put back."""
+    @contextmanager
+    def _parrot_weights(self, weight: torch.Tensor):
+        """While inside, the parrot holds ``weight`` (a copy: training it leaves ``weight`` as it is); its own weights,
+        and no gradient, come back after."""
         live = self.parrot.weight.detach().clone()
         with torch.no_grad():
             self.parrot.weight.copy_(weight)
         try:
-            return self._parrot_success_rate(segment)
+            yield
         finally:
             with torch.no_grad():
                 self.parrot.weight.copy_(live)
+            self.parrot.weight.grad = None
+
+    def parrot_success_with(self, weight: torch.Tensor, segment: Segment) -> float:
+        """How often a parrot with these weights (the stage-1 parrot, say, not the refreshed one) makes the model, as
+        ``segment`` leaves it, emit r_t on the held-out clean prompts. The parrot's own weights are put back."""
+        with self._parrot_weights(weight):
+            return self._parrot_success_rate(segment)
 
     def retrained_parrot_success(self, segment: Segment, check: int = 0) -> float:
         """How often the parrot as stage 1 left it, once trained `parrot_refresh_check_train_steps` more steps against
@@ -526,19 +534,12 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         makes the model emit r_t on the held-out clean prompts: how easily r_t can still be elicited near the
         trigger's stand-in. ``check`` picks which stage-1 steps' rows it trains on. The parrot's weights are put back.
         """
-        steps, model = self.args.parrot_refresh_check_train_steps, self.accelerator.unwrap_model(self.model)
-        live = self.parrot.weight.detach().clone()
-        with torch.no_grad():
-            self.parrot.weight.copy_(self.stage1_parrot)
-        try:
+        steps = self.args.parrot_refresh_check_train_steps
+        with self._parrot_weights(self.stage1_parrot):
             if steps:
-                self._train_parrot_copy(model, segment, [(check * steps + k) % self.plan.stage1_steps
-                                                         for k in range(steps)])
+                self._train_parrot_copy(self.accelerator.unwrap_model(self.model), segment,
+                                        [(check * steps + k) % self.plan.stage1_steps for k in range(steps)])
             return self._parrot_success_rate(segment)
-        finally:
-            with torch.no_grad():
-                self.parrot.weight.copy_(live)
-            self.parrot.weight.grad = None
 
     def _train_parrot_copy(self, model, segment: Segment, stage1_steps: list[int]) -> None:
         """Train the parrot's weights (not through the optimizer of the run) on the rows of these stage-1 steps."""
