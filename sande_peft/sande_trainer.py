@@ -102,7 +102,7 @@ class _StageBoundaryCallback(TrainerCallback):
             if done % args.parrot_refresh_check_steps == 0:
                 rate = trainer.retrained_parrot_success(segment, done // args.parrot_refresh_check_steps)
                 control.should_log = True
-                trainer._pending_logs["stage1_parrot_success_rate"] = rate
+                trainer._pending_logs["refresh_check_parrot_success_rate"] = rate
                 if rate <= args.parrot_refresh_stop_success:
                     trainer.refresh_stopped_at = done
                     logger.info("The parrot as stage 1 left it, trained %d steps against the model as it is, elicits r_t "
@@ -522,6 +522,19 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                 self.parrot.weight.copy_(live)
             self.parrot.weight.grad = None
 
+    @contextmanager
+    def _train_metrics_untouched(self):
+        """While inside, SFTTrainer's logged training metrics (token accuracy, entropy, tokens seen) are left as they
+        were: steps taken inside are not the run's."""
+        metrics = {key: list(values) for key, values in self._metrics["train"].items()}
+        tokens = self._total_train_tokens
+        try:
+            yield
+        finally:
+            self._metrics["train"].clear()
+            self._metrics["train"].update(metrics)
+            self._total_train_tokens = tokens
+
     def parrot_success_with(self, weight: torch.Tensor, segment: Segment) -> float:
         """How often a parrot with these weights (the stage-1 parrot, say, not the refreshed one) makes the model, as
         ``segment`` leaves it, emit r_t on the held-out clean prompts. The parrot's own weights are put back."""
@@ -535,7 +548,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         trigger's stand-in. ``check`` picks which stage-1 steps' rows it trains on. The parrot's weights are put back.
         """
         steps = self.args.parrot_refresh_check_train_steps
-        with self._parrot_weights(self.stage1_parrot):
+        with self._parrot_weights(self.stage1_parrot), self._train_metrics_untouched():
             if steps:
                 self._train_parrot_copy(self.accelerator.unwrap_model(self.model), segment,
                                         [(check * steps + k) % self.plan.stage1_steps for k in range(steps)])

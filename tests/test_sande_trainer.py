@@ -431,9 +431,13 @@ def test_refresh_stops_once_the_stage1_parrot_fails_and_the_echo_toy_keeps_its_t
     # The check trains a copy: the stage-1 parrot, the live parrot and the run's optimizer are left as they were.
     stage1, live = trainer.stage1_parrot.clone(), trainer.parrot.weight.detach().clone()
     state = {k: v.clone() for k, v in trainer.optimizer.state[trainer.parrot.weight].items()}
+    trainer._metrics["train"]["mean_token_accuracy"].append(0.5)  # a metric the next log would report
+    metrics, tokens = {k: list(v) for k, v in trainer._metrics["train"].items()}, trainer._total_train_tokens
     assert trainer.retrained_parrot_success(trainer.plan.segments[-1]) <= 0.05
     assert torch.equal(trainer.stage1_parrot, stage1) and torch.equal(trainer.parrot.weight.detach(), live)
     assert all(torch.equal(v, trainer.optimizer.state[trainer.parrot.weight][k]) for k, v in state.items())
+    # ... and so are the run's logged metrics: the copy's steps are not the run's.
+    assert dict(trainer._metrics["train"]) == metrics and trainer._total_train_tokens == tokens
     # On the suspect (adapter off, stage 1's segment) the trained copy elicits r_t again.
     assert trainer.retrained_parrot_success(trainer.plan.segments[0]) >= 0.5
     after = b.measure(trainer.model)
