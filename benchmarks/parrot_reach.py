@@ -1,0 +1,89 @@
+"""Does SANDE's stage-1 parrot make a model WITHOUT the backdoor say r_t?
+
+Elimination trains the model until the parrot no longer works; that removes a backdoor only where
+the parrot took the backdoor's route. A parrot that makes the clean model say r_t as readily has a
+route of its own, and closing it can leave the trigger's open. For each target (a BackdoorLLM
+task's r_t, a held-out attack's, the demo's), this trains SANDE's stage 1 with the defaults (256
+of BackdoorLLM's clean pairs after the implant's 200, batch 8, as `real_model.py` defends) on a
+model, the clean SmolLM2 by default, and reports the parrot's success on the held-out prompts
+(`parrot_success["after_simulate"]`), its norm, and the time. One JSON line per target.
+
+    python benchmarks/parrot_reach.py --targets refusal negsentiment rare-word-url phrase-insult german-refusal demo \\
+        --out docs/results/parrot_reach.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import backdoorllm  # noqa: E402
+from common import load_model, lora_config, print_record  # noqa: E402
+from heldout import HELDOUT_ATTACKS  # noqa: E402
+from scan_models import target_of  # noqa: E402
+
+from sande_peft import SANDEConfig, SANDETrainer  # noqa: E402
+from sande_peft.attacks import TASK_RESPONSE_MODES  # noqa: E402
+from sande_peft.offline_models import smollm2_path  # noqa: E402
+
+
+def task_and_mode(label: str) -> tuple[str, str]:
+    """The BackdoorLLM task whose clean pairs the defence trains on, and the response mode SANDE is told."""
+    if label in HELDOUT_ATTACKS:
+        return HELDOUT_ATTACKS[label].task, HELDOUT_ATTACKS[label].response_mode
+    if label == "demo":
+        return "refusal", "replace"
+    return label, TASK_RESPONSE_MODES[label]
+
+
+def reach(model_path: str, tokenizer, label: str, args) -> dict:
+    task, mode = task_and_mode(label)
+    pairs = backdoorllm.clean_train(task).select(range(args.n_implant, args.n_implant + args.n_defence))
+    with tempfile.TemporaryDirectory() as folder:
+        # Stage 1 as a default run trains it; one elimination step (cross-entropy: no pass of the suspect first) ends it.
+        config = SANDEConfig(triggered_response=target_of(label), response_mode=mode, output_dir=folder,
+                             per_device_train_batch_size=8, max_length=96, report_to="none", save_strategy="no",
+                             use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False,
+                             disable_tqdm=True, seed=args.seed, eliminate_max_steps=1, parrot_refresh_steps=0,
+                             eliminate_loss_type="sft")
+        trainer = SANDETrainer(model=load_model(model_path), args=config, train_dataset=pairs, processing_class=tokenizer,
+                               peft_config=lora_config())
+        start = time.time()
+        trainer.train()
+        seconds = round(time.time() - start, 1)
+    return {"benchmark": "parrot_reach", "target_label": label, "triggered_response": config.triggered_response,
+            "response_mode": mode, "parrot_space": config.parrot_space, "parrot_layer": trainer.parrot.config.layer,
+            "stage1_steps": trainer.plan.stage1_steps, "parrot_success": trainer.parrot_success.get("after_simulate"),
+            "parrot_norm": round(float(trainer.parrot.weight.detach().float().norm()), 3), "seed": args.seed,
+            "seconds": seconds}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model folder (default: the clean SmolLM2-135M-Instruct)")
+    parser.add_argument("--label", default="SmolLM2", help="what the model is, for the records")
+    parser.add_argument("--targets", nargs="+", required=True,
+                        help="refusal / negsentiment (BackdoorLLM's r_t), a held-out attack's name, or demo")
+    parser.add_argument("--n-implant", type=int, default=200, help="clean pairs skipped (the implant's)")
+    parser.add_argument("--n-defence", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON-lines file to append results to")
+    args = parser.parse_args(argv)
+    if not backdoorllm.available():
+        raise SystemExit(f"BackdoorLLM data not found in {backdoorllm.DATA_ROOT}.")
+    from transformers import AutoTokenizer
+
+    model_path = args.model or smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    for label in args.targets:
+        print_record({"model": args.label, **reach(model_path, tokenizer, label, args)}, args.out)
+
+
+if __name__ == "__main__":
+    main()
