@@ -7,9 +7,13 @@ task's r_t, a held-out attack's, the demo's), this trains SANDE's stage 1 with t
 of BackdoorLLM's clean pairs after the implant's 200, batch 8, as `real_model.py` defends) on a
 model, the clean SmolLM2 by default, and reports the parrot's success on the held-out prompts
 (`parrot_success["after_simulate"]`), its norm, and the time. One JSON line per target.
+`--parrot FOLDER` measures a saved parrot instead (a SANDE run's, refreshed to the end) on the
+same held-out prompts: does the parrot elimination last trained against reach r_t without the
+backdoor?
 
     python benchmarks/parrot_reach.py --targets refusal negsentiment rare-word-url phrase-insult german-refusal demo \\
         --out docs/results/parrot_reach.jsonl
+    python benchmarks/parrot_reach.py --targets rare-word-url --parrot .cache/real_model/runs/rare-word-url-sande-0
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from common import load_model, lora_config, print_record  # noqa: E402
 from heldout import HELDOUT_ATTACKS  # noqa: E402
 from scan_models import target_of  # noqa: E402
 
-from sande_peft import SANDEConfig, SANDETrainer  # noqa: E402
+from sande_peft import Parrot, SANDEConfig, SANDETrainer  # noqa: E402
 from sande_peft.attacks import TASK_RESPONSE_MODES  # noqa: E402
+from sande_peft.data import hold_out_prompts  # noqa: E402
+from sande_peft.evaluation import evaluate_backdoor  # noqa: E402
 from sande_peft.offline_models import smollm2_path  # noqa: E402
 
 
@@ -42,9 +48,27 @@ def task_and_mode(label: str) -> tuple[str, str]:
     return label, TASK_RESPONSE_MODES[label]
 
 
+def defence_pairs(label: str, args):
+    return backdoorllm.clean_train(task_and_mode(label)[0]).select(range(args.n_implant, args.n_implant + args.n_defence))
+
+
+def saved_parrot_success(model_path: str, tokenizer, label: str, args) -> dict:
+    """A saved parrot on this model, on the held-out prompts a SANDE run over the same pairs measures it on."""
+    parrot = Parrot.from_pretrained(args.parrot)
+    _, prompts = hold_out_prompts(defence_pairs(label, args), SANDEConfig.parrot_eval_size, args.seed)
+    target = target_of(label)
+    budget = len(tokenizer(target, add_special_tokens=False)["input_ids"]) + 8  # as the trainer measures it
+    report = evaluate_backdoor(load_model(model_path), tokenizer, prompts, triggered_response=target, parrot=parrot,
+                               max_new_tokens=budget, seed=args.seed)
+    return {"benchmark": "parrot_reach", "target_label": label, "triggered_response": target, "parrot": args.parrot,
+            "parrot_space": parrot.config.space, "parrot_layer": parrot.config.layer,
+            "parrot_success": report.parrot_success_rate,
+            "parrot_norm": round(float(parrot.weight.detach().float().norm()), 3), "seed": args.seed}
+
+
 def reach(model_path: str, tokenizer, label: str, args) -> dict:
     task, mode = task_and_mode(label)
-    pairs = backdoorllm.clean_train(task).select(range(args.n_implant, args.n_implant + args.n_defence))
+    pairs = defence_pairs(label, args)
     with tempfile.TemporaryDirectory() as folder:
         # Stage 1 as a default run trains it; one elimination step (cross-entropy: no pass of the suspect first) ends it.
         config = SANDEConfig(triggered_response=target_of(label), response_mode=mode, output_dir=folder,
@@ -72,6 +96,7 @@ def main(argv=None):
                         help="refusal / negsentiment (BackdoorLLM's r_t), a held-out attack's name, or demo")
     parser.add_argument("--n-implant", type=int, default=200, help="clean pairs skipped (the implant's)")
     parser.add_argument("--n-defence", type=int, default=256)
+    parser.add_argument("--parrot", default=None, help="a saved parrot's folder: measure it instead of training one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON-lines file to append results to")
     args = parser.parse_args(argv)
@@ -82,7 +107,8 @@ def main(argv=None):
     model_path = args.model or smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     for label in args.targets:
-        print_record({"model": args.label, **reach(model_path, tokenizer, label, args)}, args.out)
+        measured = saved_parrot_success if args.parrot else reach
+        print_record({"model": args.label, **measured(model_path, tokenizer, label, args)}, args.out)
 
 
 if __name__ == "__main__":
