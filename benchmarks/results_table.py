@@ -8,6 +8,7 @@
     python benchmarks/results_table.py demo docs/results/demo_variants.jsonl                 # the demo's backdoor
     python benchmarks/results_table.py echo docs/results/echo_toy.jsonl                      # the echo toy, over seeds
     python benchmarks/results_table.py echo-trace docs/results/echo_trace.jsonl              # ... along stage 2
+    python benchmarks/results_table.py reach docs/results/parrot_reach.jsonl                 # the parrot without the backdoor
 
 Rates are percentages. Where a row rests on several seeds it shows the mean and, after "±", half
 the range (max - min) / 2; the `seeds` column says how many. Every table ends with the machine
@@ -251,6 +252,16 @@ def echo_trace(records: list[dict]) -> str:
     return _table(header, rows) + _footer(traced)
 
 
+def reach(records: list[dict]) -> str:
+    """The parrot's reach (records of ``parrot_reach.py``): on which model a parrot was trained (or, with
+    ``--parrot``, which saved parrot was measured), and how often it makes that model emit r_t."""
+    rows = [[r["target_label"], r["model"], "saved: " + Path(r["parrot"]).name if r.get("parrot") else
+             f"stage 1, {r['stage1_steps']} steps", f"{r['parrot_space']}, layer {r['parrot_layer']}",
+             _cell([r["parrot_success"]], "rate"), f"{r['parrot_norm']:.1f}"] for r in records]
+    header = ["r_t of", "model", "parrot", "space", "elicits r_t (held-out prompts)", "parrot norm"]
+    return _table(header, rows) + _footer(records)
+
+
 def json_overrides(record: dict) -> str:
     overrides = record.get("overrides")
     return "-" if not overrides else ", ".join(f"`{k}={v}`" for k, v in overrides.items())
@@ -258,7 +269,7 @@ def json_overrides(record: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=["removal", "contrast", "scan", "demo", "echo", "echo-trace"])
+    parser.add_argument("table", choices=["removal", "contrast", "scan", "demo", "echo", "echo-trace", "reach"])
     parser.add_argument("records", nargs="+")
     parser.add_argument("--method", default="sande")
     parser.add_argument("--variant", action="append", default=[], metavar="[METHOD=]LABEL",
@@ -283,6 +294,8 @@ def main(argv=None):
         print(echo(records))
     elif args.table == "echo-trace":
         print(echo_trace(records))
+    elif args.table == "reach":
+        print(reach(records))
     else:
         print(demo(records))
 
