@@ -106,8 +106,8 @@ def main(argv=None):
 
     model_path = args.model or smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    measured = saved_parrot_success if args.parrot else reach
     for label in args.targets:
-        measured = saved_parrot_success if args.parrot else reach
         print_record({"model": args.label, **measured(model_path, tokenizer, label, args)}, args.out)
 
 
