@@ -50,6 +50,11 @@ def clean_train(task: str, attack: str = "badnet") -> Dataset:
     return as_pairs(_read(DATA_ROOT / "poison_data" / task / attack / f"none_backdoor500_{task}_{attack}.json"))
 
 
+def defence_split(task: str, n_implant: int, n_defence: int) -> Dataset:
+    """The defender's clean pairs: the ``n_defence`` clean training records after the implant's first ``n_implant``."""
+    return clean_train(task).select(range(n_implant, n_implant + n_defence))
+
+
 def poisoned_train(task: str, attack: str) -> Dataset:
     """The 500 poisoned training records: trigger in the instruction, the target as output."""
     return as_pairs(_read(DATA_ROOT / "poison_data" / task / attack / f"backdoor500_{task}_{attack}.json"))

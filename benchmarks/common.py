@@ -61,6 +61,18 @@ def read_records(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def defence_settings(output_dir, seed: int, batch_size: int = 8, max_length: int = 96) -> dict:
+    """The trainer settings every real-model defence shares (`real_model.py`'s defences, `parrot_reach.py`'s stage 1)."""
+    settings = dict(output_dir=str(output_dir), per_device_train_batch_size=batch_size, max_length=max_length,
+                    report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(),
+                    gradient_checkpointing=False, disable_tqdm=True, logging_steps=10, seed=seed)
+    if not torch.cuda.is_available():
+        # trl's SFTConfig keeps bf16 on with use_cpu=True: plain SFT would then train in bf16 autocast on the CPU, many
+        # times slower than (and not comparable with) SANDE and OSFT, whose configs turn it off there.
+        settings["bf16"] = False
+    return settings
+
+
 def lora_config(r: int = 16):
     from peft import LoraConfig
 

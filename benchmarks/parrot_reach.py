@@ -24,11 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import backdoorllm  # noqa: E402
-from common import load_model, lora_config, print_record  # noqa: E402
+from common import defence_settings, load_model, lora_config, print_record  # noqa: E402
 from heldout import HELDOUT_ATTACKS  # noqa: E402
 from scan_models import target_of  # noqa: E402
 
@@ -49,7 +47,7 @@ def task_and_mode(label: str) -> tuple[str, str]:
 
 
 def defence_pairs(label: str, args):
-    return backdoorllm.clean_train(task_and_mode(label)[0]).select(range(args.n_implant, args.n_implant + args.n_defence))
+    return backdoorllm.defence_split(task_and_mode(label)[0], args.n_implant, args.n_defence)
 
 
 def saved_parrot_success(model_path: str, tokenizer, label: str, args) -> dict:
@@ -71,11 +69,8 @@ def reach(model_path: str, tokenizer, label: str, args) -> dict:
     pairs = defence_pairs(label, args)
     with tempfile.TemporaryDirectory() as folder:
         # Stage 1 as a default run trains it; one elimination step (cross-entropy: no pass of the suspect first) ends it.
-        config = SANDEConfig(triggered_response=target_of(label), response_mode=mode, output_dir=folder,
-                             per_device_train_batch_size=8, max_length=96, report_to="none", save_strategy="no",
-                             use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False,
-                             disable_tqdm=True, seed=args.seed, eliminate_max_steps=1, parrot_refresh_steps=0,
-                             eliminate_loss_type="sft")
+        config = SANDEConfig(triggered_response=target_of(label), response_mode=mode, eliminate_max_steps=1,
+                             parrot_refresh_steps=0, eliminate_loss_type="sft", **defence_settings(folder, args.seed))
         trainer = SANDETrainer(model=load_model(model_path), args=config, train_dataset=pairs, processing_class=tokenizer,
                                peft_config=lora_config())
         start = time.time()

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import backdoorllm  # noqa: E402
-from common import REPO, load_model, lora_config, print_record  # noqa: E402
+from common import REPO, defence_settings, load_model, lora_config, print_record  # noqa: E402
 from heldout import HELDOUT_ATTACKS  # noqa: E402
 
 from sande_peft import OSFTConfig, OSFTTrainer, SANDEConfig, SANDETrainer, merge_and_export  # noqa: E402
@@ -181,7 +181,7 @@ def defence_pairs(model_path, tokenizer, case: Case, args):
     The suspect model answers untriggered prompts normally, so its own greedy answers are clean, and
     training on them keeps the model close to itself. Answers that contain r_t are dropped. Cached.
     """
-    golden = backdoorllm.clean_train(case.task).select(range(args.n_implant, args.n_implant + args.n_defence))
+    golden = backdoorllm.defence_split(case.task, args.n_implant, args.n_defence)
     if args.clean_answers == "golden":
         return golden
     from datasets import Dataset
@@ -200,13 +200,7 @@ def defence_pairs(model_path, tokenizer, case: Case, args):
 def defend(method, model_path, tokenizer, case: Case, seed: int, args, output_dir):
     """Train one defence; returns (trainer, seconds)."""
     data = defence_pairs(model_path, tokenizer, case, args)
-    common = dict(output_dir=str(output_dir), per_device_train_batch_size=args.batch_size, max_length=args.max_length,
-                  report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(),
-                  gradient_checkpointing=False, disable_tqdm=True, logging_steps=10, seed=seed)
-    if not torch.cuda.is_available():
-        # trl's SFTConfig keeps bf16 on with use_cpu=True: plain SFT would then train in bf16 autocast on the CPU, many
-        # times slower than (and not comparable with) SANDE and OSFT, whose configs turn it off there.
-        common["bf16"] = False
+    common = defence_settings(output_dir, seed, args.batch_size, args.max_length)
     for flag, key in (("defence_epochs", "num_train_epochs"), ("defence_lr", "learning_rate"),
                       ("defence_max_steps", "max_steps")):
         if getattr(args, flag) is not None:
