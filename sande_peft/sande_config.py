@@ -94,13 +94,6 @@ class SANDEConfig(SFTConfig):
             Elimination steps between two checks of `parrot_refresh_stop_success`. Each check
             trains `parrot_refresh_check_train_steps` parrot steps and generates r_t's length in
             tokens for the held-out prompts.
-        parrot_refresh_max_drift (`float` or `None`, *optional*, defaults to `None`):
-            How far refresh steps may move the parrot from where stage 1 left it, as a share of
-            its stage-1 norm: after each refresh step the parrot is pulled back onto that ball
-            around the stage-1 parrot. Stage 1 finds the trigger's stand-in on the suspect; a
-            refreshed parrot free to go anywhere can find routes of its own once elimination
-            closes that one. `None` leaves the refresh free; `0` keeps the stage-1 parrot (as
-            `parrot_refresh_steps=0`, at the refresh steps' cost). At least 0.
         parrot_eval_size (`int`, *optional*, defaults to `32`):
             Clean prompts held out of `train_dataset` (or taken from `eval_dataset`) to log the
             parrot's success after each stage. `0` turns the measurement off.
@@ -206,11 +199,6 @@ class SANDEConfig(SFTConfig):
     )
     parrot_refresh_check_steps: int = field(
         default=10, metadata={"help": "Elimination steps between checks of parrot_refresh_stop_success."}
-    )
-    parrot_refresh_max_drift: float | None = field(
-        default=None,
-        metadata={"help": "Most distance refresh steps may move the parrot from where stage 1 left it, as a share of "
-                  "its stage-1 norm; None: no bound."},
     )
     parrot_eval_size: int = field(
         default=32, metadata={"help": "Held-out clean prompts to measure the parrot after each stage; 0: off."}
@@ -320,11 +308,6 @@ class SANDEConfig(SFTConfig):
                     f"held-out prompts, fails; this run has `parrot_refresh_steps={self.parrot_refresh_steps}` and "
                     f"`parrot_eval_size={self.parrot_eval_size}`: set both above 0, or leave it None."
                 )
-        if self.parrot_refresh_max_drift is not None:
-            check_finite("parrot_refresh_max_drift", self.parrot_refresh_max_drift)
-            if self.parrot_refresh_max_drift < 0:
-                raise ValueError(f"`parrot_refresh_max_drift` is {self.parrot_refresh_max_drift}; use a share of the "
-                                 "stage-1 parrot's norm of at least 0 (0.5: half its norm), or None for no bound.")
         if self.parrot_refresh_check_train_steps < 0:
             raise ValueError(f"`parrot_refresh_check_train_steps` is {self.parrot_refresh_check_train_steps}; use 0 (the "
                              "stage-1 parrot as it is) or more parrot steps.")

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 #: Name of the parrot inside the trained model, so the optimizer, gradient clipping and DDP see it.
 PARROT_MODULE_NAME = "sande_parrot"
 SANDE_STATE_NAME = "sande_state.json"
-#: The parrot as stage 1 left it, in checkpoints of runs with `parrot_refresh_stop_success` or `parrot_refresh_max_drift`.
+#: The parrot as stage 1 left it, in checkpoints of runs with `parrot_refresh_stop_success`.
 STAGE1_PARROT_NAME = "parrot_stage1.safetensors"
 #: `triggered_response` that asks the trainer to find r_t itself (see `sande_peft.scan`).
 AUTO_RESPONSE = "auto"
@@ -84,7 +84,7 @@ class _StageBoundaryCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
-        if (trainer.keeps_stage1_parrot and state.global_step == trainer.plan.stage1_steps
+        if (args.parrot_refresh_stop_success is not None and state.global_step == trainer.plan.stage1_steps
                 and trainer.stage1_parrot is None):
             trainer.stage1_parrot = trainer.parrot.weight.detach().clone()
         return control
@@ -95,8 +95,6 @@ class _StageBoundaryCallback(TrainerCallback):
         if segment.end == state.global_step and segment.measure and segment is not plan.segments[-1]:
             control.should_log = True
             trainer._pending_logs.update(trainer.measure_parrot(segment))
-        if segment.refresh and args.parrot_refresh_max_drift is not None and trainer.stage1_parrot is not None:
-            trainer.pull_parrot_back(args.parrot_refresh_max_drift)
         if (args.parrot_refresh_stop_success is not None and segment.stage is Stage.ELIMINATE
                 and trainer.stage1_parrot is not None and trainer.refresh_stopped_at is None
                 and state.global_step < plan.total_steps):
@@ -461,21 +459,6 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         return loss
 
     @property
-    def keeps_stage1_parrot(self) -> bool:
-        """Whether stage 2 needs the parrot as stage 1 left it (`parrot_refresh_stop_success`,
-        `parrot_refresh_max_drift`)."""
-        return self.args.parrot_refresh_stop_success is not None or self.args.parrot_refresh_max_drift is not None
-
-    @torch.no_grad()
-    def pull_parrot_back(self, max_drift: float) -> None:
-        """Put the parrot back within ``max_drift`` times the stage-1 parrot's norm of the stage-1 parrot."""
-        stage1 = self.stage1_parrot.to(self.parrot.weight.dtype)
-        drift = self.parrot.weight - stage1
-        bound = max_drift * stage1.norm()
-        if drift.norm() > bound:
-            self.parrot.weight.copy_(stage1 + drift * (bound / drift.norm()))
-
-    @property
     def last_refresh_loss(self) -> float | None:
         """The parrot's loss on r_t at its latest refresh step (stage 2): how well it still elicits r_t."""
         return None if self._refresh_loss is None else float(self._refresh_loss)
@@ -705,12 +688,12 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.parrot.load_weights(os.path.join(resume_from_checkpoint, PARROT_WEIGHTS_NAME))
         stage1 = os.path.join(resume_from_checkpoint, STAGE1_PARROT_NAME)
-        if self.keeps_stage1_parrot and os.path.isfile(stage1):
+        if self.args.parrot_refresh_stop_success is not None and os.path.isfile(stage1):
             self.stage1_parrot = load_file(stage1)["weight"].to(self.parrot.weight.device, self.parrot.weight.dtype)
-        elif (self.keeps_stage1_parrot and self.refresh_stopped_at is None
+        elif (self.args.parrot_refresh_stop_success is not None and self.refresh_stopped_at is None
               and self.state.global_step > self.plan.stage1_steps):
-            logger.warning("%s holds no %s (saved without `parrot_refresh_stop_success` or `parrot_refresh_max_drift`): "
-                           "the parrot is refreshed freely to the end.", resume_from_checkpoint, STAGE1_PARROT_NAME)
+            logger.warning("%s holds no %s (saved without `parrot_refresh_stop_success`): the parrot is refreshed to "
+                           "the end.", resume_from_checkpoint, STAGE1_PARROT_NAME)
         # The reloaded adapter trains in the dtype it had before the interruption (bf16 under QLoRA).
         for name, param in self.model.named_parameters():
             dtype = self._model_param_dtypes.get(name)

