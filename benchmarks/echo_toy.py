@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_record  # noqa: E402
+from stage2_trace import Stage2Trace  # noqa: E402
 
 #: SANDEConfig's defaults scaled to the toy, as the test runs them.
 TOY_SETTINGS = dict(per_device_train_batch_size=8, parrot_max_steps=60, max_steps=60, learning_rate=3e-3,
@@ -58,36 +59,6 @@ def measure(model, tokenizer, task, test, triggered) -> dict:
     return {"attack_success_rate": report.attack_success_rate, "clean_exact_match": report.clean_exact_match}
 
 
-def stage2_trace(trainer, every: int, measure_now):
-    """A callback: every ``every`` elimination steps, ``measure_now(model)`` and the parrot's success on the trainer's
-    held-out prompts, refreshed and as stage 1 left it."""
-    from transformers import TrainerCallback
-
-    from sande_peft.schedule import Stage
-
-    class Trace(TrainerCallback):
-        def __init__(self):
-            self.points, self.stage1_parrot = [], None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == trainer.plan.stage1_steps and self.stage1_parrot is None:
-                self.stage1_parrot = trainer.parrot.weight.detach().clone()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            segment = trainer.plan.segment_at(state.global_step - 1)
-            done = trainer.plan.eliminate_index(state.global_step - 1) + 1
-            if segment.stage is not Stage.ELIMINATE or done % every:
-                return
-            trainer.model.eval()
-            point = {"eliminate_steps": done, **measure_now(trainer.model),
-                     "parrot_success": trainer.measure_parrot(segment)["parrot_success_rate"]}
-            point["stage1_parrot_success"] = trainer.parrot_success_with(self.stage1_parrot, segment)
-            trainer.model.train()
-            self.points.append(point)
-
-    return Trace()
-
-
 def run(model, tokenizer, task, overrides: dict, seed: int, output_dir: str, trace_every: int | None = None,
         measure_now=None) -> tuple[object, dict]:
     import copy
@@ -101,7 +72,7 @@ def run(model, tokenizer, task, overrides: dict, seed: int, output_dir: str, tra
     trainer = SANDETrainer(model=copy.deepcopy(model), args=config, train_dataset=task.clean_dataset(256, seed=5),
                            processing_class=tokenizer,
                            peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
-    trace = stage2_trace(trainer, trace_every, measure_now) if trace_every else None
+    trace = Stage2Trace(trainer, trace_every, measure_now) if trace_every else None
     if trace is not None:
         trainer.add_callback(trace)
     start = time.perf_counter()

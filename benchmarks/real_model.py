@@ -21,6 +21,9 @@ measurement, with the commit, command and machine, and appends them to ``--out``
     python benchmarks/real_model.py --task refusal --attack badnet --methods sft osft sande --seeds 0 1 2 \\
         --out docs/results/real_model.jsonl
     python benchmarks/real_model.py --heldout phrase-insult --methods sande --out docs/results/heldout.jsonl
+
+`--trace-every N` records, every N elimination steps of SANDE, attack success on a few triggered
+prompts and how often the parrots elicit r_t (see `stage2_trace.py`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import backdoorllm  # noqa: E402
 from common import REPO, defence_settings, load_model, lora_config, print_record  # noqa: E402
 from heldout import HELDOUT_ATTACKS  # noqa: E402
+from stage2_trace import Stage2Trace  # noqa: E402
 
 from sande_peft import OSFTConfig, OSFTTrainer, SANDEConfig, SANDETrainer, merge_and_export  # noqa: E402
 from sande_peft.attacks import TARGETS, TASK_RESPONSE_MODES, get_attack, implant  # noqa: E402
@@ -235,12 +239,25 @@ def defend(method, model_path, tokenizer, case: Case, seed: int, args, output_di
         trainer = SANDETrainer(args=SANDEConfig(**{"triggered_response": case.target, **common, **extra}), **kwargs)
     else:
         raise ValueError(f"Unknown method {method!r}")
+    if isinstance(trainer, SANDETrainer) and args.trace_every:
+        trainer.add_callback(Stage2Trace(trainer, args.trace_every, lambda model: trace_point(model, tokenizer, case,
+                                                                                              seed, args),
+                                         args.trace_copy_steps))
     t = time.time()
     trainer.train()
     seconds = round(time.time() - t, 1)
     if isinstance(trainer, SANDETrainer):
         trainer.save_model()  # the adapter and its parrot, for later scans and measurements
     return trainer, seconds
+
+
+def trace_point(model, tokenizer, case: Case, seed: int, args) -> dict:
+    """Attack success on the first ``--trace-prompts`` triggered test prompts, greedy, r_t's length plus 16 tokens."""
+    budget = len(tokenizer(case.target, add_special_tokens=False)["input_ids"]) + 16
+    report = evaluate_backdoor(model, tokenizer, [], triggered_prompts=case.triggered_test(seed, args.trace_prompts),
+                               triggered_response=case.target, judge=case.judge, batch_size=args.eval_batch_size,
+                               max_new_tokens=budget)
+    return {"attack_success_rate": report.attack_success_rate}
 
 
 def trainer_facts(trainer) -> dict:
@@ -250,6 +267,9 @@ def trainer_facts(trainer) -> dict:
                      echo_rate=trainer.echo_rate, echo_rows=trainer.echo_rows,
                      triggered_response_used=trainer.args.triggered_response,
                      refresh_stopped_at=trainer.refresh_stopped_at)
+        traces = [c for c in trainer.callback_handler.callbacks if isinstance(c, Stage2Trace)]
+        if traces:
+            facts["trace"] = traces[0].points
         if trainer.scan_report is not None:  # triggered_response="auto": what the scan found
             facts["scan"] = {**trainer.scan_report.to_dict(), "candidates": trainer.scan_report.to_dict()["candidates"][:5]}
     return facts
@@ -333,6 +353,11 @@ def main(argv=None):
     parser.add_argument("--reemergence-steps", type=int, default=100, help="benign LoRA SFT steps (0: off)")
     parser.add_argument("--reemergence-data", default="other-task", choices=["other-task", "sst2"],
                         help="benign pairs for the re-fine-tune: the other task's clean pairs, or sst2's")
+    parser.add_argument("--trace-every", type=int, default=None, metavar="N",
+                        help="SANDE: every N elimination steps, attack success and the parrots' success (stage2_trace.py)")
+    parser.add_argument("--trace-prompts", type=int, default=30, help="triggered test prompts per trace point")
+    parser.add_argument("--trace-copy-steps", type=int, nargs="*", default=[15, 30],
+                        help="budgets of the stage-1 parrot's trained copies at each trace point")
     parser.add_argument("--quantized", action="store_true", help="train the defence on a 4-bit base; measure merges")
     parser.add_argument("--skip-baseline", action="store_true", help="do not measure the backdoored model")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -366,7 +391,7 @@ def main(argv=None):
     original = references(args.base, "original", tokenizer, args)
     settings = {"n_defence": args.n_defence, "clean_answers": args.clean_answers, "defence_lr": args.defence_lr,
                 "defence_epochs": args.defence_epochs, "defence_max_steps": args.defence_max_steps,
-                "quantized": args.quantized}
+                "quantized": args.quantized, "trace_every": args.trace_every}
     for seed in args.seeds:
         torch.manual_seed(seed)
         if not args.skip_baseline:

@@ -1,0 +1,57 @@
+"""Along SANDE's stage 2: where removal, the task and the parrots stand every few elimination steps.
+
+A Trainer callback shared by the benchmarks (``echo_toy.py --trace-every``, ``real_model.py
+--trace-every``). Each point holds the benchmark's own measurement of the model as it is then
+(attack success, and whatever else ``measure_now`` returns), and how often, on the trainer's
+held-out clean prompts, r_t is elicited by the parrot as it is (refreshed), by the parrot as stage
+1 left it, and by copies of the stage-1 parrot trained a few parrot steps against the model as it
+is (what ``parrot_refresh_stop_success`` checks; one entry per budget in ``copy_steps``). The
+measurements draw generations in the middle of training, so a traced run is not step for step
+the untraced one.
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from sande_peft.schedule import Stage
+
+
+class Stage2Trace(TrainerCallback):
+    """Every ``every`` elimination steps (and after the last), append a point to ``points``."""
+
+    def __init__(self, trainer, every: int, measure_now, copy_steps: tuple[int, ...] = ()):
+        self.trainer, self.every, self.measure_now, self.copy_steps = trainer, every, measure_now, tuple(copy_steps)
+        self.points, self.stage1_parrot = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.trainer.plan.stage1_steps and self.stage1_parrot is None:
+            self.stage1_parrot = self.trainer.parrot.weight.detach().clone()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        segment = trainer.plan.segment_at(state.global_step - 1)
+        if segment.stage is not Stage.ELIMINATE:
+            return
+        done = trainer.plan.eliminate_index(state.global_step - 1) + 1
+        if done % self.every and state.global_step < trainer.plan.total_steps:
+            return
+        trainer.model.eval()
+        point = {"eliminate_steps": done, **self.measure_now(trainer.model),
+                 "parrot_success": trainer.measure_parrot(segment)["parrot_success_rate"],
+                 "stage1_parrot_success": trainer.parrot_success_with(self.stage1_parrot, segment)}
+        for steps in self.copy_steps:
+            point[f"copy_{steps}_success"] = self._copy_success(segment, steps, done // self.every)
+        trainer.model.train()
+        self.points.append(point)
+        print({"trace": point}, flush=True)
+
+    def _copy_success(self, segment, steps: int, check: int) -> float:
+        """The stage-1 parrot trained ``steps`` parrot steps against the model as it is, then measured and discarded."""
+        trainer, args = self.trainer, self.trainer.args
+        kept = trainer.stage1_parrot, args.parrot_refresh_check_train_steps
+        trainer.stage1_parrot, args.parrot_refresh_check_train_steps = self.stage1_parrot, steps
+        try:
+            return trainer.retrained_parrot_success(segment, check)
+        finally:
+            trainer.stage1_parrot, args.parrot_refresh_check_train_steps = kept
