@@ -14,7 +14,8 @@ Every (variant, toy seed, defence seed) is one JSON line: attack success and cle
 
 ``--trace-every N`` adds a ``trace`` to each record: every N elimination steps, attack success and
 clean accuracy, and how often the parrot elicits r_t on the trainer's held-out prompts, as it is
-then (refreshed) and as stage 1 left it.
+then (refreshed) and as stage 1 left it; ``--trace-copy-steps 15`` adds copies of the stage-1 parrot
+trained 15 steps against the model as it is (``stage2_trace.py``).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def measure(model, tokenizer, task, test, triggered) -> dict:
 
 
 def run(model, tokenizer, task, overrides: dict, seed: int, output_dir: str, trace_every: int | None = None,
-        measure_now=None) -> tuple[object, dict]:
+        measure_now=None, trace_copy_steps=()) -> tuple[object, dict]:
     import copy
 
     from peft import LoraConfig
@@ -72,7 +73,7 @@ def run(model, tokenizer, task, overrides: dict, seed: int, output_dir: str, tra
     trainer = SANDETrainer(model=copy.deepcopy(model), args=config, train_dataset=task.clean_dataset(256, seed=5),
                            processing_class=tokenizer,
                            peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
-    trace = Stage2Trace(trainer, trace_every, measure_now) if trace_every else None
+    trace = Stage2Trace(trainer, trace_every, measure_now, trace_copy_steps) if trace_every else None
     if trace is not None:
         trainer.add_callback(trace)
     start = time.perf_counter()
@@ -99,6 +100,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--toy-seeds", type=int, nargs="+", default=[0], help="seeds of the backdoored toy's training")
     parser.add_argument("--trace-every", type=int, default=None, metavar="N",
                         help="measure removal, clean accuracy and the parrots every N elimination steps")
+    parser.add_argument("--trace-copy-steps", type=int, nargs="*", default=[],
+                        help="with --trace-every: budgets of trained copies of the stage-1 parrot at each point")
     parser.add_argument("--out", default=None, help="JSON-lines file to append results to")
     args = parser.parse_args(argv)
 
@@ -111,7 +114,8 @@ def main(argv=None) -> list[dict]:
             for label, overrides in variants:
                 for seed in args.seeds:
                     cleaned, info = run(model, tokenizer, task, overrides, seed, str(Path(tmp) / "out"),
-                                        args.trace_every, lambda m: measure(m, tokenizer, task, test, triggered))
+                                        args.trace_every, lambda m: measure(m, tokenizer, task, test, triggered),
+                                        args.trace_copy_steps)
                     after = measure(cleaned, tokenizer, task, test, triggered)
                     drop = before["clean_exact_match"] - after["clean_exact_match"]
                     records.append(print_record({
