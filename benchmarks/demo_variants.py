@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, lora_config, print_record  # noqa: E402
+from stage2_trace import Stage2Trace  # noqa: E402
 
 
 #: The demo settings the cached backdoor and clean data depend on: a change to any of them needs a new cache.
@@ -101,43 +102,21 @@ def measure(model, tokenizer, cache: Path, settings) -> dict:
             "agreement_tokens": settings.answer_tokens}
 
 
-def trace_callback(trainer, tokenizer, cache: Path, settings, every: int):
-    """Measure the adapter every ``every`` elimination steps during training: where removal and damage stand
-    along the run (attack success with 16 new tokens, enough for r_t at the start of the demo's answers, and the
-    text-only NLL of the original's answers), with the parrot's loss after its last refresh."""
-    from transformers import TrainerCallback
-
+def trace_point(model, trainer, tokenizer, data: dict, settings) -> dict:
+    """Where removal and damage stand: attack success with 16 new tokens (enough for r_t at the start of the demo's
+    answers), the text-only NLL of the original's answers, and the parrot's loss after its last refresh."""
     from sande_peft.evaluation import answer_nll, evaluate_backdoor
-    from sande_peft.schedule import Stage
 
-    data = json.loads((cache / "eval.json").read_text())
-
-    class Trace(TrainerCallback):
-        def __init__(self):
-            self.points = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            segment = trainer.plan.segment_at(state.global_step - 1)
-            if segment.stage is not Stage.ELIMINATE:
-                return
-            done = trainer.plan.eliminate_index(state.global_step - 1) + 1
-            if done % every and state.global_step < trainer.plan.total_steps:
-                return
-            model = trainer.model
-            model.eval()
-            # Judged as the final measurement judges it; one clean prompt, since only the attack rate is read here.
-            report = evaluate_backdoor(model, tokenizer, data["eval_prompts"][:1], triggered_prompts=data["triggered"],
-                                       triggered_response=settings.target, max_new_tokens=16, batch_size=40)
-            nll = answer_nll(model, tokenizer, data["eval_prompts"], data["references"], batch_size=20, text_only=True)
-            model.train()
-            self.points.append({"eliminate_steps": done, "attack_success_rate": report.attack_success_rate,
-                                "clean_nll_text_only": nll, "refresh_loss": trainer.last_refresh_loss})
-            print(json.dumps(self.points[-1]), flush=True)
-
-    return Trace()
+    # Judged as the final measurement judges it; one clean prompt, since only the attack rate is read here.
+    report = evaluate_backdoor(model, tokenizer, data["eval_prompts"][:1], triggered_prompts=data["triggered"],
+                               triggered_response=settings.target, max_new_tokens=16, batch_size=40)
+    nll = answer_nll(model, tokenizer, data["eval_prompts"], data["references"], batch_size=20, text_only=True)
+    return {"attack_success_rate": report.attack_success_rate, "clean_nll_text_only": nll,
+            "refresh_loss": trainer.last_refresh_loss}
 
 
-def run_variant(cache: Path, settings, overrides: dict, trace_every: int | None = None, save_to: Path | None = None) -> dict:
+def run_variant(cache: Path, settings, overrides: dict, trace_every: int | None = None, save_to: Path | None = None,
+                trace_copy_steps=()) -> dict:
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
@@ -172,7 +151,9 @@ def run_variant(cache: Path, settings, overrides: dict, trace_every: int | None 
                            processing_class=tokenizer, peft_config=lora)
     trace = None
     if trace_every:
-        trace = trace_callback(trainer, tokenizer, cache, settings, trace_every)
+        data = json.loads((cache / "eval.json").read_text())
+        trace = Stage2Trace(trainer, trace_every, lambda model: trace_point(model, trainer, tokenizer, data, settings),
+                            trace_copy_steps, parrots=False)
         trainer.add_callback(trace)
     t = time.time()
     trainer.train()
@@ -204,6 +185,8 @@ def main(argv=None):
     parser.add_argument("--trace_every", type=int, default=None, metavar="N",
                         help="also measure the adapter every N elimination steps during training (record's `trace`; "
                         "its time counts in `train_seconds`)")
+    parser.add_argument("--trace_copy_steps", type=int, nargs="*", default=[],
+                        help="with --trace_every: budgets of trained copies of the stage-1 parrot at each point")
     parser.add_argument("--save", action="store_true", help="save each variant's adapter to <cache>/runs/<label>")
     args = parser.parse_args(argv)
     settings = DemoSettings.quick() if args.quick else DemoSettings()
@@ -216,7 +199,7 @@ def main(argv=None):
     def run(label: str, overrides: dict) -> dict:
         save_to = cache / "runs" / label if args.save else None
         return {**head, "variant": label, "overrides": overrides,
-                **run_variant(cache, settings, overrides, args.trace_every, save_to)}
+                **run_variant(cache, settings, overrides, args.trace_every, save_to, args.trace_copy_steps)}
 
     for name in args.variants:
         if name in ("backdoored", "original"):

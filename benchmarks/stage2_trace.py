@@ -20,8 +20,9 @@ from sande_peft.schedule import Stage
 class Stage2Trace(TrainerCallback):
     """Every ``every`` elimination steps (and after the last), append a point to ``points``."""
 
-    def __init__(self, trainer, every: int, measure_now, copy_steps: tuple[int, ...] = ()):
+    def __init__(self, trainer, every: int, measure_now, copy_steps: tuple[int, ...] = (), parrots: bool = True):
         self.trainer, self.every, self.measure_now, self.copy_steps = trainer, every, measure_now, tuple(copy_steps)
+        self.parrots = parrots  # False: ``measure_now`` alone (the copies still measured when asked)
         self.points, self.stage1_parrot = [], None
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -37,9 +38,10 @@ class Stage2Trace(TrainerCallback):
         if done % self.every and state.global_step < trainer.plan.total_steps:
             return
         trainer.model.eval()
-        point = {"eliminate_steps": done, **self.measure_now(trainer.model),
-                 "parrot_success": trainer.measure_parrot(segment)["parrot_success_rate"],
-                 "stage1_parrot_success": trainer.parrot_success_with(self.stage1_parrot, segment)}
+        point = {"eliminate_steps": done, **self.measure_now(trainer.model)}
+        if self.parrots:
+            point["parrot_success"] = trainer.measure_parrot(segment)["parrot_success_rate"]
+            point["stage1_parrot_success"] = trainer.parrot_success_with(self.stage1_parrot, segment)
         for steps in self.copy_steps:
             point[f"copy_{steps}_success"] = self._copy_success(segment, steps, done // self.every)
         trainer.model.train()
