@@ -8,6 +8,7 @@
     python benchmarks/results_table.py demo docs/results/demo_variants.jsonl                 # the demo's backdoor
     python benchmarks/results_table.py echo docs/results/echo_toy.jsonl                      # the echo toy, over seeds
     python benchmarks/results_table.py echo-trace docs/results/echo_trace.jsonl              # ... along stage 2
+    python benchmarks/results_table.py trace docs/results/heldout.jsonl                      # one run along stage 2
     python benchmarks/results_table.py reach docs/results/parrot_reach.jsonl                 # the parrot without the backdoor
 
 Rates are percentages. Where a row rests on several seeds it shows the mean and, after "±", half
@@ -246,9 +247,38 @@ def echo_trace(records: list[dict]) -> str:
         rows.append([str(step), str(len(points)), _cell(asr, "rate1"), _cell(drops, ""), _cell([max(drops)], ""),
                      _cell([p["parrot_success"] for _, p in points], "rate"),
                      _cell([p["stage1_parrot_success"] for _, p in points], "rate"),
+                     *[_cell([p.get(key) for _, p in points], "rate") for key in _copy_keys(traced)],
                      f"{sum(a <= 0.05 for a in asr)} of {len(points)}"])
     header = ["elimination steps", "runs", "attack success", "clean accuracy drop (points)", "worst drop",
-              "refreshed parrot elicits r_t", "stage-1 parrot elicits r_t", "runs with the trigger gone"]
+              "refreshed parrot elicits r_t", "stage-1 parrot elicits r_t", *_copy_headers(traced),
+              "runs with the trigger gone"]
+    return _table(header, rows) + _footer(traced)
+
+
+def _copy_keys(traced: list[dict]) -> list[str]:
+    """The trace's trained-copy columns (``copy_15_success``...), fewest steps first."""
+    keys = {k for r in traced for p in r["trace"] for k in p if k.startswith("copy_")}
+    return sorted(keys, key=lambda k: int(k.split("_")[1]))
+
+
+def _copy_headers(traced: list[dict]) -> list[str]:
+    return [f"stage-1 parrot trained {k.split('_')[1]} steps elicits r_t" for k in _copy_keys(traced)]
+
+
+def trace(records: list[dict]) -> str:
+    """One run along stage 2 per record (``real_model.py --trace-every``, ``demo_variants.py --trace_every``): at each
+    traced elimination step, attack success (on the trace's own prompts and budget), and how often the parrots
+    elicit r_t on the trainer's held-out prompts, where measured."""
+    traced = [r for r in records if r.get("trace")]
+    rows = []
+    for r in traced:
+        label = " ".join(str(x) for x in (r.get("case"), r.get("variant"), f"seed {r.get('seed')}") if x is not None)
+        for p in r["trace"]:
+            rows.append([label, str(p["eliminate_steps"]), _cell([p["attack_success_rate"]], "rate1"),
+                         _cell([p.get("parrot_success")], "rate"), _cell([p.get("stage1_parrot_success")], "rate"),
+                         *[_cell([p.get(key)], "rate") for key in _copy_keys(traced)]])
+    header = ["run", "elimination steps", "attack success", "refreshed parrot elicits r_t",
+              "stage-1 parrot elicits r_t", *_copy_headers(traced)]
     return _table(header, rows) + _footer(traced)
 
 
@@ -269,7 +299,7 @@ def json_overrides(record: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=["removal", "contrast", "scan", "demo", "echo", "echo-trace", "reach"])
+    parser.add_argument("table", choices=["removal", "contrast", "scan", "demo", "echo", "echo-trace", "trace", "reach"])
     parser.add_argument("records", nargs="+")
     parser.add_argument("--method", default="sande")
     parser.add_argument("--variant", action="append", default=[], metavar="[METHOD=]LABEL",
@@ -294,6 +324,8 @@ def main(argv=None):
         print(echo(records))
     elif args.table == "echo-trace":
         print(echo_trace(records))
+    elif args.table == "trace":
+        print(trace(records))
     elif args.table == "reach":
         print(reach(records))
     else:
