@@ -276,9 +276,10 @@ def trace(records: list[dict]) -> str:
         for p in r["trace"]:
             rows.append([label, str(p["eliminate_steps"]), _cell([p["attack_success_rate"]], "rate1"),
                          _cell([p.get("parrot_success")], "rate"), _cell([p.get("stage1_parrot_success")], "rate"),
-                         *[_cell([p.get(key)], "rate") for key in _copy_keys(traced)]])
+                         *[_cell([p.get(key)], "rate") for key in _copy_keys(traced)],
+                         _cell([p.get("refresh_loss")], "float")])
     header = ["run", "elimination steps", "attack success", "refreshed parrot elicits r_t",
-              "stage-1 parrot elicits r_t", *_copy_headers(traced)]
+              "stage-1 parrot elicits r_t", *_copy_headers(traced), "refreshed parrot's loss on r_t"]
     return _table(header, rows) + _footer(traced)
 
 

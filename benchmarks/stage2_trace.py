@@ -5,7 +5,8 @@ A Trainer callback shared by the benchmarks (``echo_toy.py --trace-every``, ``re
 (attack success, and whatever else ``measure_now`` returns), and how often, on the trainer's
 held-out clean prompts, r_t is elicited by the parrot as it is (refreshed), by the parrot as stage
 1 left it, and by copies of the stage-1 parrot trained a few parrot steps against the model as it
-is (what ``parrot_refresh_stop_success`` checks; one entry per budget in ``copy_steps``). The
+is (what ``parrot_refresh_stop_success`` checks; one entry per budget in ``copy_steps``), with the
+refreshed parrot's loss on r_t at its latest refresh step. The
 measurements draw generations in the middle of training, so a traced run is not step for step
 the untraced one.
 """
@@ -42,6 +43,8 @@ class Stage2Trace(TrainerCallback):
         if self.parrots:
             point["parrot_success"] = trainer.measure_parrot(segment)["parrot_success_rate"]
             point["stage1_parrot_success"] = trainer.parrot_success_with(self.stage1_parrot, segment)
+            # Teacher-forced, per r_t token: graded where the greedy success above is all or nothing.
+            point["refresh_loss"] = trainer.last_refresh_loss
         for steps in self.copy_steps:
             point[f"copy_{steps}_success"] = self._copy_success(segment, steps, done // self.every)
         trainer.model.train()
