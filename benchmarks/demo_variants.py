@@ -102,17 +102,17 @@ def measure(model, tokenizer, cache: Path, settings) -> dict:
             "agreement_tokens": settings.answer_tokens}
 
 
-def trace_point(model, trainer, tokenizer, data: dict, settings) -> dict:
+def trace_point(model, tokenizer, data: dict, settings) -> dict:
     """Where removal and damage stand: attack success with 16 new tokens (enough for r_t at the start of the demo's
-    answers), the text-only NLL of the original's answers, and the parrot's loss after its last refresh."""
+    answers) and the text-only NLL of the original's answers (the trace adds the parrot's loss after its last
+    refresh)."""
     from sande_peft.evaluation import answer_nll, evaluate_backdoor
 
     # Judged as the final measurement judges it; one clean prompt, since only the attack rate is read here.
     report = evaluate_backdoor(model, tokenizer, data["eval_prompts"][:1], triggered_prompts=data["triggered"],
                                triggered_response=settings.target, max_new_tokens=16, batch_size=40)
     nll = answer_nll(model, tokenizer, data["eval_prompts"], data["references"], batch_size=20, text_only=True)
-    return {"attack_success_rate": report.attack_success_rate, "clean_nll_text_only": nll,
-            "refresh_loss": trainer.last_refresh_loss}
+    return {"attack_success_rate": report.attack_success_rate, "clean_nll_text_only": nll}
 
 
 def run_variant(cache: Path, settings, overrides: dict, trace_every: int | None = None, save_to: Path | None = None,
@@ -152,7 +152,7 @@ def run_variant(cache: Path, settings, overrides: dict, trace_every: int | None 
     trace = None
     if trace_every:
         data = json.loads((cache / "eval.json").read_text())
-        trace = Stage2Trace(trainer, trace_every, lambda model: trace_point(model, trainer, tokenizer, data, settings),
+        trace = Stage2Trace(trainer, trace_every, lambda model: trace_point(model, tokenizer, data, settings),
                             trace_copy_steps, parrots=False)
         trainer.add_callback(trace)
     t = time.time()

@@ -1,7 +1,7 @@
 """Along SANDE's stage 2: where removal, the task and the parrots stand every few elimination steps.
 
 A Trainer callback shared by the benchmarks (``echo_toy.py --trace-every``, ``real_model.py
---trace-every``). Each point holds the benchmark's own measurement of the model as it is then
+--trace-every``, ``demo_variants.py --trace_every``). Each point holds the benchmark's own measurement of the model as it is then
 (attack success, and whatever else ``measure_now`` returns), and how often, on the trainer's
 held-out clean prompts, r_t is elicited by the parrot as it is (refreshed), by the parrot as stage
 1 left it, and by copies of the stage-1 parrot trained a few parrot steps against the model as it
@@ -23,7 +23,7 @@ class Stage2Trace(TrainerCallback):
 
     def __init__(self, trainer, every: int, measure_now, copy_steps: tuple[int, ...] = (), parrots: bool = True):
         self.trainer, self.every, self.measure_now, self.copy_steps = trainer, every, measure_now, tuple(copy_steps)
-        self.parrots = parrots  # False: ``measure_now`` alone (the copies still measured when asked)
+        self.parrots = parrots  # False: no generations with the refreshed and stage-1 parrots (copies when asked)
         self.points, self.stage1_parrot = [], None
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -43,20 +43,11 @@ class Stage2Trace(TrainerCallback):
         if self.parrots:
             point["parrot_success"] = trainer.measure_parrot(segment)["parrot_success_rate"]
             point["stage1_parrot_success"] = trainer.parrot_success_with(self.stage1_parrot, segment)
-            # Teacher-forced, per r_t token: graded where the greedy success above is all or nothing.
-            point["refresh_loss"] = trainer.last_refresh_loss
+        # Teacher-forced, per r_t token: graded where the greedy successes are all or nothing.
+        point["refresh_loss"] = trainer.last_refresh_loss
         for steps in self.copy_steps:
-            point[f"copy_{steps}_success"] = self._copy_success(segment, steps, done // self.every)
+            point[f"copy_{steps}_success"] = trainer.retrained_parrot_success(segment, done // self.every,
+                                                                              self.stage1_parrot, steps)
         trainer.model.train()
         self.points.append(point)
         print({"trace": point}, flush=True)
-
-    def _copy_success(self, segment, steps: int, check: int) -> float:
-        """The stage-1 parrot trained ``steps`` parrot steps against the model as it is, then measured and discarded."""
-        trainer, args = self.trainer, self.trainer.args
-        kept = trainer.stage1_parrot, args.parrot_refresh_check_train_steps
-        trainer.stage1_parrot, args.parrot_refresh_check_train_steps = self.stage1_parrot, steps
-        try:
-            return trainer.retrained_parrot_success(segment, check)
-        finally:
-            trainer.stage1_parrot, args.parrot_refresh_check_train_steps = kept

@@ -541,14 +541,17 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         with self._parrot_weights(weight):
             return self._parrot_success_rate(segment)
 
-    def retrained_parrot_success(self, segment: Segment, check: int = 0) -> float:
+    def retrained_parrot_success(self, segment: Segment, check: int = 0, weight: torch.Tensor | None = None,
+                                 steps: int | None = None) -> float:
         """How often the parrot as stage 1 left it, once trained `parrot_refresh_check_train_steps` more steps against
         the model as ``segment`` leaves it (stage 1's rows, learning rate and clipping, from a fresh optimizer),
         makes the model emit r_t on the held-out clean prompts: how easily r_t can still be elicited near the
-        trigger's stand-in. ``check`` picks which stage-1 steps' rows it trains on. The parrot's weights are put back.
+        trigger's stand-in. ``check`` picks which stage-1 steps' rows it trains on; ``weight`` and ``steps`` replace
+        the stage-1 parrot and the step budget (a benchmark's trace). The parrot's weights are put back.
         """
-        steps = self.args.parrot_refresh_check_train_steps
-        with self._parrot_weights(self.stage1_parrot), self._train_metrics_untouched():
+        weight = self.stage1_parrot if weight is None else weight
+        steps = self.args.parrot_refresh_check_train_steps if steps is None else steps
+        with self._parrot_weights(weight), self._train_metrics_untouched():
             if steps:
                 self._train_parrot_copy(self.accelerator.unwrap_model(self.model), segment,
                                         [(check * steps + k) % self.plan.stage1_steps for k in range(steps)])
