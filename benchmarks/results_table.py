@@ -248,21 +248,34 @@ def echo_trace(records: list[dict]) -> str:
                      _cell([p["parrot_success"] for _, p in points], "rate"),
                      _cell([p["stage1_parrot_success"] for _, p in points], "rate"),
                      *[_cell([p.get(key) for _, p in points], "rate") for key in _copy_keys(traced)],
+                     *[_cell([p.get(key) for _, p in points], "float") for key in _nll_keys(traced)],
                      f"{sum(a <= 0.05 for a in asr)} of {len(points)}"])
     header = ["elimination steps", "runs", "attack success", "clean accuracy drop (points)", "worst drop",
               "refreshed parrot elicits r_t", "stage-1 parrot elicits r_t", *_copy_headers(traced),
-              "runs with the trigger gone"]
+              *_nll_headers(_nll_keys(traced)), "runs with the trigger gone"]
     return _table(header, rows) + _footer(traced)
 
 
 def _copy_keys(traced: list[dict]) -> list[str]:
     """The trace's trained-copy columns (``copy_15_success``...), fewest steps first."""
-    keys = {k for r in traced for p in r["trace"] for k in p if k.startswith("copy_")}
+    keys = {k for r in traced for p in r["trace"] for k in p if k.startswith("copy_") and k.endswith("_success")}
     return sorted(keys, key=lambda k: int(k.split("_")[1]))
 
 
 def _copy_headers(traced: list[dict]) -> list[str]:
     return [f"stage-1 parrot trained {k.split('_')[1]} steps elicits r_t" for k in _copy_keys(traced)]
+
+
+def _nll_keys(traced: list[dict]) -> list[str]:
+    """The trace's graded columns, where recorded: the NLL of r_t under each parrot, and under none."""
+    recorded = {k for r in traced for p in r["trace"] for k in p}
+    copies = [k.replace("_success", "_nll") for k in _copy_keys(traced)]
+    return [k for k in ("parrot_nll", "stage1_parrot_nll", *copies, "no_parrot_nll") if k in recorded]
+
+
+def _nll_headers(keys: list[str]) -> list[str]:
+    names = {"parrot_nll": "refreshed parrot", "stage1_parrot_nll": "stage-1 parrot", "no_parrot_nll": "no parrot"}
+    return ["r_t NLL, " + names.get(k, f"copy {k.split('_')[1]} steps") for k in keys]
 
 
 def trace(records: list[dict]) -> str:
@@ -277,9 +290,11 @@ def trace(records: list[dict]) -> str:
             rows.append([label, str(p["eliminate_steps"]), _cell([p["attack_success_rate"]], "rate1"),
                          _cell([p.get("parrot_success")], "rate"), _cell([p.get("stage1_parrot_success")], "rate"),
                          *[_cell([p.get(key)], "rate") for key in _copy_keys(traced)],
-                         _cell([p.get("refresh_loss")], "float")])
+                         _cell([p.get("refresh_loss")], "float"),
+                         *[_cell([p.get(key)], "float") for key in _nll_keys(traced)]])
     header = ["run", "elimination steps", "attack success", "refreshed parrot elicits r_t",
-              "stage-1 parrot elicits r_t", *_copy_headers(traced), "refreshed parrot's loss on r_t"]
+              "stage-1 parrot elicits r_t", *_copy_headers(traced), "refreshed parrot's loss on r_t",
+              *_nll_headers(_nll_keys(traced))]
     return _table(header, rows) + _footer(traced)
 
 

@@ -6,7 +6,8 @@ A Trainer callback shared by the benchmarks (``echo_toy.py --trace-every``, ``re
 held-out clean prompts, r_t is elicited by the parrot as it is (refreshed), by the parrot as stage
 1 left it, and by copies of the stage-1 parrot trained a few parrot steps against the model as it
 is (what ``parrot_refresh_stop_success`` checks; one entry per budget in ``copy_steps``), with the
-refreshed parrot's loss on r_t at its latest refresh step. The
+refreshed parrot's loss on r_t at its latest refresh step and, graded, the mean per-token NLL of r_t
+on the held-out prompts under each parrot and under none (``*_nll``). The
 measurements draw generations in the middle of training, so a traced run is not step for step
 the untraced one.
 """
@@ -42,12 +43,18 @@ class Stage2Trace(TrainerCallback):
         point = {"eliminate_steps": done, **self.measure_now(trainer.model)}
         if self.parrots:
             point["parrot_success"] = trainer.measure_parrot(segment)["parrot_success_rate"]
-            point["stage1_parrot_success"] = trainer.parrot_success_with(self.stage1_parrot, segment)
-        # Teacher-forced, per r_t token: graded where the greedy successes are all or nothing.
+        # Teacher-forced, per r_t token on the held-out prompts: graded where the greedy successes are all or nothing.
         point["refresh_loss"] = trainer.last_refresh_loss
+        point["parrot_nll"] = trainer.parrot_target_nll(segment)
+        point["no_parrot_nll"] = trainer.parrot_target_nll(segment, with_parrot=False)
+        with trainer.parrot_weights(self.stage1_parrot):
+            if self.parrots:
+                point["stage1_parrot_success"] = trainer.parrot_success_rate(segment)
+            point["stage1_parrot_nll"] = trainer.parrot_target_nll(segment)
         for steps in self.copy_steps:
-            point[f"copy_{steps}_success"] = trainer.retrained_parrot_success(segment, done // self.every,
-                                                                              self.stage1_parrot, steps)
+            with trainer.retrained_parrot(segment, done // self.every, self.stage1_parrot, steps):
+                point[f"copy_{steps}_success"] = trainer.parrot_success_rate(segment)
+                point[f"copy_{steps}_nll"] = trainer.parrot_target_nll(segment)
         trainer.model.train()
         self.points.append(point)
         print({"trace": point}, flush=True)

@@ -24,6 +24,7 @@ from .checks import (
 )
 from .data import as_prompt_completion, hold_out_prompts
 from .echo import ECHO_MIN_RATE, ECHO_PROBE_PROMPTS, echo_rate
+from .evaluation.backdoor import answer_nll
 from .evaluation.generation import generate_texts
 from .evaluation.judges import TargetMatch
 from .osft_trainer import reject_formatting_func, require_config
@@ -102,7 +103,7 @@ class _StageBoundaryCallback(TrainerCallback):
             if done % args.parrot_refresh_check_steps == 0:
                 rate = trainer.retrained_parrot_success(segment, done // args.parrot_refresh_check_steps)
                 control.should_log = True
-                trainer._pending_logs["refresh_check_parrot_success_rate"] = rate
+                trainer._pending_logs["refresh_checkparrot_success_rate"] = rate
                 if rate <= args.parrot_refresh_stop_success:
                     trainer.refresh_stopped_at = done
                     logger.info("The parrot as stage 1 left it, trained %d steps against the model as it is, elicits r_t "
@@ -504,12 +505,12 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         """How often the parrot alone makes the model emit r_t on the held-out clean prompts, after ``segment``."""
         if not self.parrot_eval_prompts:
             return {}
-        rate = self._parrot_success_rate(segment)
+        rate = self.parrot_success_rate(segment)
         self.parrot_success["after_simulate" if segment.stage is Stage.SIMULATE else "after_eliminate"] = rate
         return {"parrot_success_rate": rate}
 
     @contextmanager
-    def _parrot_weights(self, weight: torch.Tensor):
+    def parrot_weights(self, weight: torch.Tensor):
         """While inside, the parrot holds ``weight`` (a copy: training it leaves ``weight`` as it is); its own weights,
         and no gradient, come back after."""
         live = self.parrot.weight.detach().clone()
@@ -535,12 +536,6 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             self._metrics["train"].update(metrics)
             self._total_train_tokens = tokens
 
-    def parrot_success_with(self, weight: torch.Tensor, segment: Segment) -> float:
-        """How often a parrot with these weights (the stage-1 parrot, say, not the refreshed one) makes the model, as
-        ``segment`` leaves it, emit r_t on the held-out clean prompts. The parrot's own weights are put back."""
-        with self._parrot_weights(weight):
-            return self._parrot_success_rate(segment)
-
     def retrained_parrot_success(self, segment: Segment, check: int = 0, weight: torch.Tensor | None = None,
                                  steps: int | None = None) -> float:
         """How often the parrot as stage 1 left it, once trained `parrot_refresh_check_train_steps` more steps against
@@ -549,13 +544,32 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         trigger's stand-in. ``check`` picks which stage-1 steps' rows it trains on; ``weight`` and ``steps`` replace
         the stage-1 parrot and the step budget (a benchmark's trace). The parrot's weights are put back.
         """
+        with self.retrained_parrot(segment, check, weight, steps):
+            return self.parrot_success_rate(segment)
+
+    @contextmanager
+    def retrained_parrot(self, segment: Segment, check: int = 0, weight: torch.Tensor | None = None,
+                         steps: int | None = None):
+        """While inside, the parrot is the copy `retrained_parrot_success` measures (see there); its own weights, and
+        no gradient, come back after."""
         weight = self.stage1_parrot if weight is None else weight
         steps = self.args.parrot_refresh_check_train_steps if steps is None else steps
-        with self._parrot_weights(weight), self._train_metrics_untouched():
+        with self.parrot_weights(weight), self._train_metrics_untouched():
             if steps:
                 self._train_parrot_copy(self.accelerator.unwrap_model(self.model), segment,
                                         [(check * steps + k) % self.plan.stage1_steps for k in range(steps)])
-            return self._parrot_success_rate(segment)
+            yield
+
+    def parrot_target_nll(self, segment: Segment, with_parrot: bool = True) -> float:
+        """Mean per-token NLL of r_t on the held-out clean prompts, the model as ``segment`` leaves it, carrying the
+        parrot as it now is (``with_parrot=False``: none). Graded where `measure_parrot`'s greedy success is all
+        or nothing: a parrot can leave r_t likely token by token while greedy decoding no longer says all of it."""
+        model = self.accelerator.unwrap_model(self.model)
+        with self._adapter_off(model, segment):
+            return answer_nll(model, self.processing_class, self.parrot_eval_prompts,
+                              [self.args.triggered_response] * len(self.parrot_eval_prompts),
+                              batch_size=self.args.per_device_eval_batch_size * 2, text_only=True,
+                              parrot=self.parrot if with_parrot else None, seed=self.args.seed)
 
     def _train_parrot_copy(self, model, segment: Segment, stage1_steps: list[int]) -> None:
         """Train the parrot's weights (not through the optimizer of the run) on the rows of these stage-1 steps."""
@@ -588,7 +602,9 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-    def _parrot_success_rate(self, segment: Segment) -> float:
+    def parrot_success_rate(self, segment: Segment) -> float:
+        """How often the parrot as it now is makes the model, as ``segment`` leaves it, emit r_t verbatim (greedy)
+        on the held-out clean prompts."""
         model = self.accelerator.unwrap_model(self.model)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         max_new_tokens = len(tokenizer(self.args.triggered_response, add_special_tokens=False)["input_ids"]) + 8

@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from sande_peft.evaluation import generate_texts
+from sande_peft.evaluation import answer_nll, generate_texts
+from sande_peft.evaluation.utility import answer_logprobs
 from sande_peft.parrot import Parrot, ParrotConfig
 from sande_peft.parrot_data import ParrotCollator, ScheduledParrotDataset
 from sande_peft.schedule import Row, Stage, StagePlan
@@ -268,3 +269,27 @@ def test_hybrid_loss_rows_learn_the_answer_with_the_parrot_and_the_suspect_witho
     assert [distill[s].get("teacher_key") for s in range(3)] == [0, 0, None]
     assert [hybrid[s].get("teacher_key") for s in range(3)] == [-1, 0, None]
     assert all(hybrid[s]["labels"] == distill[s]["labels"] for s in range(3))  # the same tokens, another target
+
+
+@pytest.mark.parametrize("space", ["input", "latent"])
+def test_teacher_forced_scores_carry_the_parrot_as_generation_does(space):
+    """`answer_logprobs(parrot=...)`: greedy decoding with the parrot is the argmax of its teacher-forced scores at
+    every token of what was generated; without the parrot it is not."""
+    tok, model = toy_tokenizer(), tiny_model("llama")
+    if space == "input":
+        parrot = Parrot(ParrotConfig(space="input", num_vectors=2, hidden_size=model.config.hidden_size, position="start"))
+    else:
+        parrot = latent_parrot(model)
+    with torch.no_grad():
+        parrot.weight.normal_(0, 2.0, generator=torch.Generator().manual_seed(0))
+    prompts = [[{"role": "user", "content": " ".join(f"w{i}" for i in range(1, n))}] for n in (3, 6, 4, 8)]
+    answers = generate_texts(model, tok, prompts, parrot=parrot, max_new_tokens=5)
+
+    def argmax_agrees(**kwargs):
+        scored = answer_logprobs(model, tok, prompts, answers, batch_size=3, text_only=True, **kwargs)
+        return [ids == logprobs.argmax(-1).tolist() for ids, logprobs in scored]
+
+    assert all(argmax_agrees(parrot=parrot))
+    assert not all(argmax_agrees())
+    assert answer_nll(model, tok, prompts, answers, text_only=True, parrot=parrot) < answer_nll(
+        model, tok, prompts, answers, text_only=True)

@@ -440,6 +440,12 @@ def test_refresh_stops_once_the_stage1_parrot_fails_and_the_echo_toy_keeps_its_t
     assert dict(trainer._metrics["train"]) == metrics and trainer._total_train_tokens == tokens
     # On the suspect (adapter off, stage 1's segment) the trained copy elicits r_t again.
     assert trainer.retrained_parrot_success(trainer.plan.segments[0]) >= 0.5
+    # Graded: the stage-1 parrot makes r_t far likelier than no parrot on the suspect, and much less so after.
+    suspect, cleaned = trainer.plan.segments[0], trainer.plan.segments[-1]
+    with trainer.parrot_weights(trainer.stage1_parrot):
+        on_suspect, on_cleaned = trainer.parrot_target_nll(suspect), trainer.parrot_target_nll(cleaned)
+    assert on_suspect + 1.0 < trainer.parrot_target_nll(suspect, with_parrot=False)
+    assert on_cleaned > on_suspect + 1.0
     after = b.measure(trainer.model)
     assert after.attack_success_rate <= 0.05
     assert after.clean_exact_match >= before.clean_exact_match - 0.03

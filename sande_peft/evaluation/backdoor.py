@@ -139,11 +139,14 @@ def _rates(outputs: Sequence[str], *tests) -> list[float | None]:
 
 
 def answer_nll(model, tokenizer, prompts: Sequence, answers: Sequence, batch_size: int = 8,
-               text_only: bool = False) -> float:
+               text_only: bool = False, parrot: Parrot | None = None, seed: int = 0) -> float:
     """Mean per-token negative log-likelihood of ``answers`` given ``prompts`` (completion tokens only; with
-    ``text_only``, the answer's text without the end of turn the chat template closes it with)."""
+    ``text_only``, the answer's text without the end of turn the chat template closes it with). With ``parrot``,
+    the prompts carry it as `generate_texts` gives it to them: how likely a parrot makes r_t, graded where
+    greedy success is all or nothing."""
     total, count = 0.0, 0
-    for ids, logprobs in answer_logprobs(model, tokenizer, list(prompts), list(answers), batch_size, text_only=text_only):
+    for ids, logprobs in answer_logprobs(model, tokenizer, list(prompts), list(answers), batch_size,
+                                         text_only=text_only, parrot=parrot, seed=seed):
         total -= logprobs.gather(-1, torch.tensor(ids, dtype=torch.long)[:, None]).sum().item()
         count += len(ids)
     return total / max(count, 1)

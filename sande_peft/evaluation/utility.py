@@ -30,12 +30,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
-from ..tokenization import encode_pair
+from ..parrot import Parrot
+from ..tokenization import choose_boundary, encode_pair, encode_prompt, insert_slots, mark_whole_prompt
 from .generation import _pad_id, generate_texts
 
 DRIFT_ANSWER_TOKENS = 64
@@ -110,14 +112,18 @@ def _batches(n: int, size: int):
 
 
 @torch.no_grad()
-def answer_logprobs(model, tokenizer, prompts: Sequence, answers: Sequence, batch_size: int, text_only: bool = False):
+def answer_logprobs(model, tokenizer, prompts: Sequence, answers: Sequence, batch_size: int, text_only: bool = False,
+                    parrot: Parrot | None = None, seed: int = 0):
     """Per prompt: the answer's token ids and the model's log-probabilities at each of them (a list of tensors).
 
     ``text_only``: only the tokens of the answer's text, not the end of turn the chat template
     closes it with (a generated answer cut by its token budget did not end there).
+    ``parrot``: the prompts carry it as generation gives it to them (a latent one on every prompt
+    token; an input-space one at its position, random places drawn from ``seed``).
     """
     pad = _pad_id(tokenizer)
     device = next(model.parameters()).device
+    rng = random.Random(seed)
     was_training = model.training
     model.eval()
     out = []
@@ -126,18 +132,39 @@ def answer_logprobs(model, tokenizer, prompts: Sequence, answers: Sequence, batc
             pairs = [encode_pair(tokenizer, prompts[i], _as_conversation(prompts[i], answers[i]),
                                  known_completion_prefix=answer_text(answers[i]) if text_only and answers[i] else None)
                      for i in batch]
-            rows = [p.prompt_ids + p.completion_ids for p in pairs]
+            prompt_rows, marks = [p.prompt_ids for p in pairs], [[-1] * len(p.prompt_ids) for p in pairs]
+            if parrot is not None:
+                prompt_rows, marks = zip(*(_with_parrot(tokenizer, prompts[i], parrot, pad, rng) for i in batch))
+            rows = [ids + p.completion_ids for ids, p in zip(prompt_rows, pairs, strict=True)]
             width = max(len(r) for r in rows)
             input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
             attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-            logprobs = model(input_ids=input_ids, attention_mask=attention).logits.float().log_softmax(-1).cpu()
-            for row, pair in enumerate(pairs):
+            parrot_index = torch.tensor([m + [-1] * (width - len(m)) for m in marks], device=device)
+            logprobs = _forward(model, input_ids, attention, parrot, parrot_index).logits.float().log_softmax(-1).cpu()
+            for row, (ids, pair) in enumerate(zip(prompt_rows, pairs, strict=True)):
                 n = pair.target_length if text_only else len(pair.completion_ids)
-                start = len(pair.prompt_ids)
+                start = len(ids)
                 out.append((pair.completion_ids[:n], logprobs[row, start - 1 : start + n - 1]))  # t predicts t + 1
     finally:
         model.train(was_training)
     return out
+
+
+def _with_parrot(tokenizer, prompt, parrot: Parrot, pad: int, rng) -> tuple[list[int], list[int]]:
+    """A prompt's ids and parrot index, as `generate_texts` builds them."""
+    ids, boundaries = encode_prompt(tokenizer, prompt)
+    if parrot.is_latent:
+        return ids, mark_whole_prompt(ids)
+    return insert_slots(ids, choose_boundary(boundaries, parrot.config.position, rng), parrot.num_vectors, pad)
+
+
+def _forward(model, input_ids, attention_mask, parrot: Parrot | None, parrot_index):
+    if parrot is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask)
+    if parrot.is_latent:
+        with parrot.steer(model, parrot_index):
+            return model(input_ids=input_ids, attention_mask=attention_mask)
+    return model(inputs_embeds=parrot.embed(model, input_ids, parrot_index), attention_mask=attention_mask)
 
 
 def reference_answers(
