@@ -144,8 +144,10 @@ def sande_provenance(trainer) -> dict[str, Any]:
     settings.update({"parrot_layer": parrot.layer} if parrot.is_latent else
                     {"parrot_length": args.parrot_length, "parrot_position": args.parrot_position})
     found = {"scan": trainer.scan_report.to_dict()} if trainer.scan_report is not None else {}
-    if args.parrot_refresh_stop_success is not None:
-        settings["parrot_refresh_stop_success"] = args.parrot_refresh_stop_success
+    if args.refresh_stop_checked:
+        for name in ("parrot_refresh_stop_success", "parrot_refresh_stop_nll"):
+            if getattr(args, name) is not None:
+                settings[name] = getattr(args, name)
         settings["parrot_refresh_check_train_steps"] = args.parrot_refresh_check_train_steps
         found["parrot_refresh_stopped_at"] = trainer.refresh_stopped_at  # elimination steps; None: refreshed to the end
     return trainer_provenance(trainer, "SANDE", len(trainer.sande_examples), settings,

@@ -83,17 +83,25 @@ class SANDEConfig(SFTConfig):
             finding routes of its own after the trigger's is closed, and chasing them costs the
             model. `None` refreshes to the end. In [0, 1); needs `parrot_refresh_steps` and
             `parrot_eval_size` above 0.
+        parrot_refresh_stop_nll (`float` or `None`, *optional*, defaults to `None`):
+            The graded form of `parrot_refresh_stop_success`: stop refreshing once that trained
+            copy gives r_t at least this mean negative log-likelihood per token (teacher-forced,
+            on the held-out prompts; nats). Verbatim success can fall to 0% while r_t stays
+            likely token by token and the trigger still fires; the NLL rises with the trigger's
+            removal. With both set, the first met stops the refresh. `None`: not checked.
+            Positive; needs `parrot_refresh_steps` and `parrot_eval_size` above 0.
         parrot_refresh_check_train_steps (`int`, *optional*, defaults to `15`):
-            What `parrot_refresh_stop_success` measures at each check: a copy of the parrot as
+            What `parrot_refresh_stop_success` and `parrot_refresh_stop_nll` measure at each check: a copy of the parrot as
             stage 1 left it, trained this many parrot steps (stage 1's rows and learning rate)
             against the model as elimination has left it, then discarded: how easily r_t can
             still be elicited near the trigger's stand-in. The stage-1 parrot as it is fails
             long before some triggers do, since elimination's first steps train against it. `0`:
             the stage-1 parrot as it is.
         parrot_refresh_check_steps (`int`, *optional*, defaults to `10`):
-            Elimination steps between two checks of `parrot_refresh_stop_success`. Each check
-            trains `parrot_refresh_check_train_steps` parrot steps and generates r_t's length in
-            tokens for the held-out prompts.
+            Elimination steps between two checks of the refresh stop. Each check trains
+            `parrot_refresh_check_train_steps` parrot steps, then generates r_t's length in tokens
+            for the held-out prompts (`parrot_refresh_stop_success`) or scores r_t on them in one
+            forward pass (`parrot_refresh_stop_nll`).
         parrot_eval_size (`int`, *optional*, defaults to `32`):
             Clean prompts held out of `train_dataset` (or taken from `eval_dataset`) to log the
             parrot's success after each stage. `0` turns the measurement off.
@@ -192,13 +200,18 @@ class SANDEConfig(SFTConfig):
         metadata={"help": "Stop refreshing once the stage-1 parrot, trained parrot_refresh_check_train_steps steps against "
                   "the current model, elicits r_t on at most this share of the held-out prompts; None: refresh to the end."},
     )
+    parrot_refresh_stop_nll: float | None = field(
+        default=None,
+        metadata={"help": "Stop refreshing once the stage-1 parrot, trained parrot_refresh_check_train_steps steps against "
+                  "the current model, gives r_t at least this mean NLL per token on the held-out prompts; None: off."},
+    )
     parrot_refresh_check_train_steps: int = field(
         default=15,
         metadata={"help": "Parrot steps a copy of the stage-1 parrot trains against the current model at each check "
                   "of parrot_refresh_stop_success; 0: the stage-1 parrot as it is."},
     )
     parrot_refresh_check_steps: int = field(
-        default=10, metadata={"help": "Elimination steps between checks of parrot_refresh_stop_success."}
+        default=10, metadata={"help": "Elimination steps between checks of the refresh stop."}
     )
     parrot_eval_size: int = field(
         default=32, metadata={"help": "Held-out clean prompts to measure the parrot after each stage; 0: off."}
@@ -308,6 +321,20 @@ class SANDEConfig(SFTConfig):
                     f"held-out prompts, fails; this run has `parrot_refresh_steps={self.parrot_refresh_steps}` and "
                     f"`parrot_eval_size={self.parrot_eval_size}`: set both above 0, or leave it None."
                 )
+        if self.parrot_refresh_stop_nll is not None:
+            check_finite("parrot_refresh_stop_nll", self.parrot_refresh_stop_nll)
+            if self.parrot_refresh_stop_nll <= 0:
+                raise ValueError(
+                    f"`parrot_refresh_stop_nll` is {self.parrot_refresh_stop_nll}; use a positive NLL per r_t token in "
+                    "nats (0.8: stop refreshing once the trained copy of the stage-1 parrot gives r_t 0.8 or more)."
+                )
+            if self.parrot_refresh_steps == 0 or self.parrot_eval_size == 0:
+                raise ValueError(
+                    "`parrot_refresh_stop_nll` stops the refresh steps when the stage-1 parrot's copy, scored on the "
+                    f"held-out prompts, no longer makes r_t likely; this run has `parrot_refresh_steps="
+                    f"{self.parrot_refresh_steps}` and `parrot_eval_size={self.parrot_eval_size}`: set both above 0, "
+                    "or leave it None."
+                )
         if self.parrot_refresh_check_train_steps < 0:
             raise ValueError(f"`parrot_refresh_check_train_steps` is {self.parrot_refresh_check_train_steps}; use 0 (the "
                              "stage-1 parrot as it is) or more parrot steps.")
@@ -322,6 +349,11 @@ class SANDEConfig(SFTConfig):
         check_finite("clean_ratio", self.clean_ratio)
         validate_clean_ratio(self.clean_ratio)
         super().__post_init__()
+
+    @property
+    def refresh_stop_checked(self) -> bool:
+        """Whether the refresh may stop early (`parrot_refresh_stop_success` or `parrot_refresh_stop_nll` set)."""
+        return self.parrot_refresh_stop_success is not None or self.parrot_refresh_stop_nll is not None
 
     @property
     def resolved_parrot_learning_rate(self) -> float:

@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 #: Name of the parrot inside the trained model, so the optimizer, gradient clipping and DDP see it.
 PARROT_MODULE_NAME = "sande_parrot"
 SANDE_STATE_NAME = "sande_state.json"
-#: The parrot as stage 1 left it, in checkpoints of runs with `parrot_refresh_stop_success`.
+#: The parrot as stage 1 left it, in checkpoints of runs with a refresh stop (`parrot_refresh_stop_success` or
+#: `parrot_refresh_stop_nll`).
 STAGE1_PARROT_NAME = "parrot_stage1.safetensors"
 #: `triggered_response` that asks the trainer to find r_t itself (see `sande_peft.scan`).
 AUTO_RESPONSE = "auto"
@@ -76,16 +77,16 @@ def check_distributed_setup(args) -> None:
 
 class _StageBoundaryCallback(TrainerCallback):
     """At the end of every measured segment but the last: measure the parrot, and log it with the step's loss.
-    With `parrot_refresh_stop_success`: keep the parrot as stage 1 left it; every `parrot_refresh_check_steps`
-    elimination steps, train a copy of it `parrot_refresh_check_train_steps` steps against the model as it is, and
-    stop refreshing once that copy no longer elicits r_t."""
+    With `parrot_refresh_stop_success` or `parrot_refresh_stop_nll`: keep the parrot as stage 1 left it; every
+    `parrot_refresh_check_steps` elimination steps, train a copy of it `parrot_refresh_check_train_steps` steps against
+    the model as it is, and stop refreshing once that copy no longer elicits r_t (or no longer makes it likely)."""
 
     def __init__(self, trainer: SANDETrainer):
         self.trainer = trainer
 
     def on_step_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
-        if (args.parrot_refresh_stop_success is not None and state.global_step == trainer.plan.stage1_steps
+        if (args.refresh_stop_checked and state.global_step == trainer.plan.stage1_steps
                 and trainer.stage1_parrot is None):
             trainer.stage1_parrot = trainer.parrot.weight.detach().clone()
         return control
@@ -96,21 +97,32 @@ class _StageBoundaryCallback(TrainerCallback):
         if segment.end == state.global_step and segment.measure and segment is not plan.segments[-1]:
             control.should_log = True
             trainer._pending_logs.update(trainer.measure_parrot(segment))
-        if (args.parrot_refresh_stop_success is not None and segment.stage is Stage.ELIMINATE
+        if (args.refresh_stop_checked and segment.stage is Stage.ELIMINATE
                 and trainer.stage1_parrot is not None and trainer.refresh_stopped_at is None
                 and state.global_step < plan.total_steps):
             done = plan.eliminate_index(state.global_step - 1) + 1
             if done % args.parrot_refresh_check_steps == 0:
-                rate = trainer.retrained_parrot_success(segment, done // args.parrot_refresh_check_steps)
-                control.should_log = True
-                trainer._pending_logs["refresh_checkparrot_success_rate"] = rate
-                if rate <= args.parrot_refresh_stop_success:
-                    trainer.refresh_stopped_at = done
-                    logger.info("The parrot as stage 1 left it, trained %d steps against the model as it is, elicits r_t "
-                                "on %.0f%% of the held-out prompts after %d elimination steps: the parrot stays as it is "
-                                "for the other %d.", args.parrot_refresh_check_train_steps, 100 * rate, done,
-                                plan.stage2_steps - done)
+                self._check(trainer, segment, done, control)
         return control
+
+    @staticmethod
+    def _check(trainer: SANDETrainer, segment: Segment, done: int, control) -> None:
+        args, found = trainer.args, {}
+        with trainer.retrained_parrot(segment, done // args.parrot_refresh_check_steps):
+            if args.parrot_refresh_stop_success is not None:
+                found["refresh_check_parrot_success_rate"] = trainer.parrot_success_rate(segment)
+            if args.parrot_refresh_stop_nll is not None:
+                found["refresh_check_parrot_nll"] = trainer.parrot_target_nll(segment)
+        trainer._pending_logs.update(found)
+        control.should_log = True
+        failed = "refresh_check_parrot_success_rate" in found and (
+            found["refresh_check_parrot_success_rate"] <= args.parrot_refresh_stop_success)
+        unlikely = "refresh_check_parrot_nll" in found and found["refresh_check_parrot_nll"] >= args.parrot_refresh_stop_nll
+        if failed or unlikely:
+            trainer.refresh_stopped_at = done
+            logger.info("The parrot as stage 1 left it, trained %d steps against the model as it is, after %d elimination "
+                        "steps: %s. The parrot stays as it is for the other %d.", args.parrot_refresh_check_train_steps,
+                        done, ", ".join(f"{k} {v:.3f}" for k, v in found.items()), trainer.plan.stage2_steps - done)
 
 
 class SANDETrainer(RecordsProvenance, SFTTrainer):
@@ -268,7 +280,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             logger.info("Stage 2 runs %d steps (`eliminate_max_steps`); set it to None to run every epoch.",
                         self.plan.stage2_steps)
         self.parrot_success: dict[str, float] = {}
-        # `parrot_refresh_stop_success`: the parrot as stage 1 left it, and after how many elimination steps the
+        # A refresh stop: the parrot as stage 1 left it, and after how many elimination steps the
         # refresh stopped (None: it has not).
         self.stage1_parrot: torch.Tensor | None = None
         self.refresh_stopped_at: int | None = None
@@ -707,11 +719,11 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.parrot.load_weights(os.path.join(resume_from_checkpoint, PARROT_WEIGHTS_NAME))
         stage1 = os.path.join(resume_from_checkpoint, STAGE1_PARROT_NAME)
-        if self.args.parrot_refresh_stop_success is not None and os.path.isfile(stage1):
+        if self.args.refresh_stop_checked and os.path.isfile(stage1):
             self.stage1_parrot = load_file(stage1)["weight"].to(self.parrot.weight.device, self.parrot.weight.dtype)
-        elif (self.args.parrot_refresh_stop_success is not None and self.refresh_stopped_at is None
+        elif (self.args.refresh_stop_checked and self.refresh_stopped_at is None
               and self.state.global_step > self.plan.stage1_steps):
-            logger.warning("%s holds no %s (saved without `parrot_refresh_stop_success`): the parrot is refreshed to "
+            logger.warning("%s holds no %s (saved without a refresh stop): the parrot is refreshed to "
                            "the end.", resume_from_checkpoint, STAGE1_PARROT_NAME)
         # The reloaded adapter trains in the dtype it had before the interruption (bf16 under QLoRA).
         for name, param in self.model.named_parameters():

@@ -10,14 +10,14 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl
 from trl import SFTConfig, SFTTrainer
 
 from sande_peft import SANDEConfig, SANDETrainer
 from sande_peft.data import DatasetFormatError
 from sande_peft.loading import load_sande
 from sande_peft.evaluation import generate_texts
-from sande_peft.sande_trainer import FEW_CLEAN_PAIRS
+from sande_peft.sande_trainer import FEW_CLEAN_PAIRS, _StageBoundaryCallback
 from sande_peft.teacher import distill_loss
 
 from .conftest import bnb_4bit_config, lora
@@ -143,7 +143,7 @@ def _snapshot(trainer, lora_params):
 
 def record_each_step(trainer):
     """The adapter's parameters, and a list that receives (parrot, adapter) copies after every optimizer step."""
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback, TrainerControl
 
     lora_params = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
     snapshots = []
@@ -266,6 +266,9 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
          "set both above 0"),
         ({"triggered_response": "i", "parrot_refresh_stop_success": 0.05, "parrot_refresh_steps": 0},
          "set both above 0"),
+        ({"triggered_response": "i", "parrot_refresh_stop_nll": 0.0}, "parrot_refresh_stop_nll"),
+        ({"triggered_response": "i", "parrot_refresh_stop_nll": float("nan")}, "parrot_refresh_stop_nll"),
+        ({"triggered_response": "i", "parrot_refresh_stop_nll": 0.8, "parrot_eval_size": 0}, "parrot_refresh_stop_nll"),
         ({"triggered_response": "i", "parrot_refresh_check_steps": 0}, "parrot_refresh_check_steps"),
         ({"triggered_response": "i", "parrot_refresh_check_train_steps": -1}, "parrot_refresh_check_train_steps"),
     ],
@@ -428,6 +431,9 @@ def test_refresh_stops_once_the_stage1_parrot_fails_and_the_echo_toy_keeps_its_t
     assert trainer.refresh_stopped_at is not None and trainer.refresh_stopped_at % 5 == 0
     assert trainer.refresh_stopped_at < trainer.plan.stage2_steps
     assert torch.equal(trainer.parrot.weight.detach(), at_stop.weight)  # no refresh step moved it after the stop
+    checks = [log["refresh_check_parrot_success_rate"] for log in trainer.state.log_history
+              if "refresh_check_parrot_success_rate" in log]  # the name docs/api.md gives the check's log
+    assert len(checks) == trainer.refresh_stopped_at // 5 and checks[-1] <= 0.05
     # The check trains a copy: the stage-1 parrot, the live parrot and the run's optimizer are left as they were.
     stage1, live = trainer.stage1_parrot.clone(), trainer.parrot.weight.detach().clone()
     state = {k: v.clone() for k, v in trainer.optimizer.state[trainer.parrot.weight].items()}
@@ -446,6 +452,19 @@ def test_refresh_stops_once_the_stage1_parrot_fails_and_the_echo_toy_keeps_its_t
         on_suspect, on_cleaned = trainer.parrot_target_nll(suspect), trainer.parrot_target_nll(cleaned)
     assert on_suspect + 1.0 < trainer.parrot_target_nll(suspect, with_parrot=False)
     assert on_cleaned > on_suspect + 1.0
+    # The graded stop (`parrot_refresh_stop_nll`) runs the same check on that copy's NLL: it stops at a bound the copy
+    # reaches, not at one above it, and logs what it measured.
+    with trainer.retrained_parrot(cleaned, check=30 // config.parrot_refresh_check_steps):
+        copy_nll = trainer.parrot_target_nll(cleaned)
+    stopped_at = trainer.refresh_stopped_at
+    for bound, stops in ((copy_nll + 0.5, False), (copy_nll - 0.5, True)):
+        trainer.refresh_stopped_at, trainer._pending_logs = None, {}
+        config.parrot_refresh_stop_success, config.parrot_refresh_stop_nll = None, bound
+        _StageBoundaryCallback._check(trainer, cleaned, 30, TrainerControl())
+        assert trainer._pending_logs == {"refresh_check_parrot_nll": pytest.approx(copy_nll, abs=1e-4)}
+        assert (trainer.refresh_stopped_at == 30) is stops
+    config.parrot_refresh_stop_success, config.parrot_refresh_stop_nll = 0.05, None
+    trainer.refresh_stopped_at = stopped_at
     after = b.measure(trainer.model)
     assert after.attack_success_rate <= 0.05
     assert after.clean_exact_match >= before.clean_exact_match - 0.03
