@@ -38,12 +38,12 @@ TOY_SETTINGS = dict(per_device_train_batch_size=8, parrot_max_steps=60, max_step
                     logging_steps=20, disable_tqdm=True, gradient_checkpointing=False)
 
 
-def build_toy(toy_seed: int):
+def build_toy(toy_seed: int, num_layers: int = 3):
     """The backdoored echo toy and its held-out clean and triggered prompts."""
     from sande_peft.toy import ToyTask, train_toy_backdoor
 
     model, tokenizer, task = train_toy_backdoor(ToyTask(trigger_position="start", echo=True), steps=800,
-                                                num_layers=3, seed=toy_seed)
+                                                num_layers=num_layers, seed=toy_seed)
     test = task.clean_dataset(200, seed=777)
     empty = [{"role": "assistant", "content": ""}]
     triggered = [task.poison({"prompt": p, "completion": empty}, random.Random(i))["prompt"]
@@ -98,6 +98,7 @@ def main(argv=None) -> list[dict]:
                         help="SANDEConfig overrides under a label; the defaults always run first")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="defence seeds (SANDEConfig.seed)")
     parser.add_argument("--toy-seeds", type=int, nargs="+", default=[0], help="seeds of the backdoored toy's training")
+    parser.add_argument("--toy-layers", type=int, default=3, help="decoder layers of the toy (the issue's: 3)")
     parser.add_argument("--trace-every", type=int, default=None, metavar="N",
                         help="measure removal, clean accuracy and the parrots every N elimination steps")
     parser.add_argument("--trace-copy-steps", type=int, nargs="*", default=[],
@@ -109,7 +110,7 @@ def main(argv=None) -> list[dict]:
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for toy_seed in args.toy_seeds:
-            model, tokenizer, task, test, triggered = build_toy(toy_seed)
+            model, tokenizer, task, test, triggered = build_toy(toy_seed, args.toy_layers)
             before = measure(model, tokenizer, task, test, triggered)
             for label, overrides in variants:
                 for seed in args.seeds:
@@ -120,6 +121,7 @@ def main(argv=None) -> list[dict]:
                     drop = before["clean_exact_match"] - after["clean_exact_match"]
                     records.append(print_record({
                         "benchmark": "echo_toy", "variant": label, "overrides": overrides, "toy_seed": toy_seed,
+                        **({"toy_layers": args.toy_layers} if args.toy_layers != 3 else {}),
                         "seed": seed, "before": before, "after": after, "clean_accuracy_drop": round(drop, 4),
                         **info}, args.out))
     return records
