@@ -91,8 +91,8 @@ class SANDEConfig(SFTConfig):
             removal. With both set, the first met stops the refresh. `None`: not checked.
             Positive; needs `parrot_refresh_steps` and `parrot_eval_size` above 0.
         parrot_refresh_check_train_steps (`int`, *optional*, defaults to `15`):
-            What `parrot_refresh_stop_success` and `parrot_refresh_stop_nll` measure at each check: a copy of the parrot as
-            stage 1 left it, trained this many parrot steps (stage 1's rows and learning rate)
+            What `parrot_refresh_stop_success` and `parrot_refresh_stop_nll` measure at each check:
+            a copy of the parrot as stage 1 left it, trained this many parrot steps (stage 1's rows and learning rate)
             against the model as elimination has left it, then discarded: how easily r_t can
             still be elicited near the trigger's stand-in. The stage-1 parrot as it is fails
             long before some triggers do, since elimination's first steps train against it. `0`:
