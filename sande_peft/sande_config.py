@@ -208,7 +208,7 @@ class SANDEConfig(SFTConfig):
     parrot_refresh_check_train_steps: int = field(
         default=15,
         metadata={"help": "Parrot steps a copy of the stage-1 parrot trains against the current model at each check "
-                  "of parrot_refresh_stop_success; 0: the stage-1 parrot as it is."},
+                  "of the refresh stop; 0: the stage-1 parrot as it is."},
     )
     parrot_refresh_check_steps: int = field(
         default=10, metadata={"help": "Elimination steps between checks of the refresh stop."}
@@ -315,12 +315,6 @@ class SANDEConfig(SFTConfig):
                     f"`parrot_refresh_stop_success` is {self.parrot_refresh_stop_success}; use a share in [0, 1) (0.05: "
                     "stop refreshing once the stage-1 parrot elicits r_t on 5% of the held-out prompts or fewer)."
                 )
-            if self.parrot_refresh_steps == 0 or self.parrot_eval_size == 0:
-                raise ValueError(
-                    "`parrot_refresh_stop_success` stops the refresh steps when the stage-1 parrot, measured on the "
-                    f"held-out prompts, fails; this run has `parrot_refresh_steps={self.parrot_refresh_steps}` and "
-                    f"`parrot_eval_size={self.parrot_eval_size}`: set both above 0, or leave it None."
-                )
         if self.parrot_refresh_stop_nll is not None:
             check_finite("parrot_refresh_stop_nll", self.parrot_refresh_stop_nll)
             if self.parrot_refresh_stop_nll <= 0:
@@ -328,13 +322,14 @@ class SANDEConfig(SFTConfig):
                     f"`parrot_refresh_stop_nll` is {self.parrot_refresh_stop_nll}; use a positive NLL per r_t token in "
                     "nats (0.8: stop refreshing once the trained copy of the stage-1 parrot gives r_t 0.8 or more)."
                 )
-            if self.parrot_refresh_steps == 0 or self.parrot_eval_size == 0:
-                raise ValueError(
-                    "`parrot_refresh_stop_nll` stops the refresh steps when the stage-1 parrot's copy, scored on the "
-                    f"held-out prompts, no longer makes r_t likely; this run has `parrot_refresh_steps="
-                    f"{self.parrot_refresh_steps}` and `parrot_eval_size={self.parrot_eval_size}`: set both above 0, "
-                    "or leave it None."
-                )
+        if self.refresh_stop_checked and (self.parrot_refresh_steps == 0 or self.parrot_eval_size == 0):
+            name = ("parrot_refresh_stop_success" if self.parrot_refresh_stop_success is not None
+                    else "parrot_refresh_stop_nll")
+            raise ValueError(
+                f"`{name}` stops the refresh steps when a copy of the stage-1 parrot, measured on the held-out prompts, "
+                f"no longer elicits r_t; this run has `parrot_refresh_steps={self.parrot_refresh_steps}` and "
+                f"`parrot_eval_size={self.parrot_eval_size}`: set both above 0, or leave it None."
+            )
         if self.parrot_refresh_check_train_steps < 0:
             raise ValueError(f"`parrot_refresh_check_train_steps` is {self.parrot_refresh_check_train_steps}; use 0 (the "
                              "stage-1 parrot as it is) or more parrot steps.")

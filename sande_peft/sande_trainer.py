@@ -107,18 +107,18 @@ class _StageBoundaryCallback(TrainerCallback):
 
     @staticmethod
     def _check(trainer: SANDETrainer, segment: Segment, done: int, control) -> None:
-        args, found = trainer.args, {}
+        args, rate, nll = trainer.args, None, None
         with trainer.retrained_parrot(segment, done // args.parrot_refresh_check_steps):
             if args.parrot_refresh_stop_success is not None:
-                found["refresh_check_parrot_success_rate"] = trainer.parrot_success_rate(segment)
+                rate = trainer.parrot_success_rate(segment)
             if args.parrot_refresh_stop_nll is not None:
-                found["refresh_check_parrot_nll"] = trainer.parrot_target_nll(segment)
+                nll = trainer.parrot_target_nll(segment)
+        found = {key: value for key, value in (("refresh_check_parrot_success_rate", rate),
+                                                ("refresh_check_parrot_nll", nll)) if value is not None}
         trainer._pending_logs.update(found)
         control.should_log = True
-        failed = "refresh_check_parrot_success_rate" in found and (
-            found["refresh_check_parrot_success_rate"] <= args.parrot_refresh_stop_success)
-        unlikely = "refresh_check_parrot_nll" in found and found["refresh_check_parrot_nll"] >= args.parrot_refresh_stop_nll
-        if failed or unlikely:
+        if (rate is not None and rate <= args.parrot_refresh_stop_success) or (
+                nll is not None and nll >= args.parrot_refresh_stop_nll):
             trainer.refresh_stopped_at = done
             logger.info("The parrot as stage 1 left it, trained %d steps against the model as it is, after %d elimination "
                         "steps: %s. The parrot stays as it is for the other %d.", args.parrot_refresh_check_train_steps,
@@ -548,22 +548,20 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             self._metrics["train"].update(metrics)
             self._total_train_tokens = tokens
 
-    def retrained_parrot_success(self, segment: Segment, check: int = 0, weight: torch.Tensor | None = None,
-                                 steps: int | None = None) -> float:
-        """How often the parrot as stage 1 left it, once trained `parrot_refresh_check_train_steps` more steps against
-        the model as ``segment`` leaves it (stage 1's rows, learning rate and clipping, from a fresh optimizer),
-        makes the model emit r_t on the held-out clean prompts: how easily r_t can still be elicited near the
-        trigger's stand-in. ``check`` picks which stage-1 steps' rows it trains on; ``weight`` and ``steps`` replace
-        the stage-1 parrot and the step budget (a benchmark's trace). The parrot's weights are put back.
-        """
-        with self.retrained_parrot(segment, check, weight, steps):
+    def retrained_parrot_success(self, segment: Segment, check: int = 0) -> float:
+        """How often the refresh stop's trained copy of the stage-1 parrot (`retrained_parrot`) makes the model emit
+        r_t on the held-out clean prompts: how easily r_t can still be elicited near the trigger's stand-in."""
+        with self.retrained_parrot(segment, check):
             return self.parrot_success_rate(segment)
 
     @contextmanager
     def retrained_parrot(self, segment: Segment, check: int = 0, weight: torch.Tensor | None = None,
                          steps: int | None = None):
-        """While inside, the parrot is the copy `retrained_parrot_success` measures (see there); its own weights, and
-        no gradient, come back after."""
+        """While inside, the parrot is the parrot as stage 1 left it, trained `parrot_refresh_check_train_steps` more
+        steps against the model as ``segment`` leaves it (stage 1's rows, learning rate and clipping, from a fresh
+        optimizer). ``check`` picks which stage-1 steps' rows it trains on; ``weight`` and ``steps`` replace the
+        stage-1 parrot and the step budget (a benchmark's trace). Its own weights, and no gradient, come back after.
+        """
         weight = self.stage1_parrot if weight is None else weight
         steps = self.args.parrot_refresh_check_train_steps if steps is None else steps
         with self.parrot_weights(weight), self._train_metrics_untouched():
