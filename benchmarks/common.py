@@ -19,11 +19,35 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _vector_extension() -> str | None:
+    """The widest x86 vector extension the CPU has ("AVX-512", "AVX2"), read from /proc/cpuinfo; None elsewhere.
+
+    Named in the records because two CPUs of the same core count gave different step times and, on the echo toy,
+    different outcomes (docs/results.md).
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+
+
 def machine() -> str:
-    """The machine in words: the GPU when one is used, else the CPU's architecture and cores."""
+    """The machine in words: the GPU when one is used, else the CPU's architecture, vector extension and cores."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU"
+    extension = _vector_extension()
+    arch = f"{platform.machine()} ({extension})" if extension else platform.machine()
+    return f"{arch}, {os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU"
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average when a record is written: how busy the cores were, to read its timings against."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def commit() -> str:
@@ -39,10 +63,10 @@ def commit() -> str:
 
 
 def provenance() -> dict:
-    """The fields every record carries: commit, command, machine and date."""
+    """The fields every record carries: commit, command, machine, the load on its cores, and date."""
     command = " ".join([Path(sys.argv[0]).as_posix().split(f"{REPO.name}/")[-1], *sys.argv[1:]])
     return {"commit": commit(), "command": f"python {command}", "machine": machine(),
-            "date": time.strftime("%Y-%m-%d")}
+            "load_average": _load_average(), "date": time.strftime("%Y-%m-%d")}
 
 
 def print_record(record: dict, out: str | None = None) -> dict:
