@@ -49,6 +49,7 @@ def _cell(values: list, kind: str) -> str:
 
 
 def _footer(records: list[dict]) -> str:
+    """The machines and commits of ``records``: pass the records a table shows (and their baselines), not the file."""
     machines = sorted({r.get("machine", "?") for r in records})
     commits = sorted({r.get("commit", r.get("recorded_in", "?")) for r in records})
     return f"\nMachine: {'; '.join(machines)}. Records from commit(s) {', '.join(commits)}."
@@ -112,15 +113,22 @@ def _groups(records: list[dict], methods: tuple[str, ...], variant: str | dict |
     return groups
 
 
+def _shown(groups: OrderedDict) -> list[dict]:
+    """The records behind ``groups``' rows and the baselines their "before" columns came from."""
+    shown = [r for group in groups.values() for r in group]
+    return shown + [r["before"] for r in shown if r["before"]]
+
+
 def removal(records: list[dict], method: str = "sande", variant: str = "default") -> str:
     """One row per backdoor: attack success (greedy, sampled, worst trigger variant, after a benign re-fine-tune)
     and utility beside it, mean ± half-range over seeds."""
     rows = []
-    for (case, _, _), group in _groups(records, (method,), variant).items():
+    groups = _groups(records, (method,), variant)
+    for (case, _, _), group in groups.items():
         rows.append([case, str(len(group))] + [_cell([_value(r, key) for r in group], kind)
                                                for _, key, kind in REMOVAL_COLUMNS])
     header = ["backdoor", "seeds"] + [title for title, _, _ in REMOVAL_COLUMNS]
-    return _table(header, rows) + _footer(records)
+    return _table(header, rows) + _footer(_shown(groups))
 
 
 def contrast(records: list[dict], variant: str | dict = "default") -> str:
@@ -130,7 +138,8 @@ def contrast(records: list[dict], variant: str | dict = "default") -> str:
     ["default", "eliminate_loss_type=sft"]}``; "default" else). A row names a variant other than the default."""
     rows = []
     order = ["sft", "osft", "sande"]
-    for (case, method, label), group in _groups(records, tuple(order), variant).items():
+    groups = _groups(records, tuple(order), variant)
+    for (case, method, label), group in groups.items():
         wanted = _variants_of(variant, method) or [label]
         name = method if label == "default" else f"{method} ({label})"
         rows.append(([case, name, str(len(group))] + [_cell([_value(r, key) for r in group], kind)
@@ -138,7 +147,7 @@ def contrast(records: list[dict], variant: str | dict = "default") -> str:
                      (case, order.index(method), wanted.index(label) if label in wanted else 0)))
     rows.sort(key=lambda row: row[1])
     header = ["backdoor", "method", "seeds"] + [title for title, _, _ in REMOVAL_COLUMNS[1:8]]
-    return _table(header, [row for row, _ in rows]) + _footer(records)
+    return _table(header, [row for row, _ in rows]) + _footer(_shown(groups))
 
 
 def scan_table(records: list[dict]) -> str:

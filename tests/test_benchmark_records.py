@@ -34,3 +34,29 @@ def test_a_record_is_appended_with_its_provenance(tmp_path):
     assert first["commit"] and first["command"].startswith("python ") and first["date"]
     # Timings are read against how busy the cores were.
     assert first["load_average"] is None or first["load_average"] >= 0
+
+
+def _results_table():
+    path = COMMON.parent / "results_table.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_results_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_table_names_the_commits_of_the_rows_it_shows_and_of_their_baselines():
+    table = _results_table()
+    machine = "x86_64, 2 CPU cores"
+    records = [
+        {"case": "a", "method": "none", "attack_success_rate": 1.0, "commit": "base", "machine": machine},
+        {"case": "a", "method": "sande", "attack_success_rate": 0.0, "commit": "shown", "machine": machine},
+        {"case": "a", "method": "sande", "variant": "other", "attack_success_rate": 0.5, "commit": "hidden",
+         "machine": "elsewhere"},
+    ]
+    removal = table.removal(records)
+    assert "| a | 1 | 100% | 0% |" in removal
+    assert removal.splitlines()[-1] == f"Machine: {machine}. Records from commit(s) base, shown."
+    # A record appended later, in a row the table does not show, leaves the table as it was.
+    contrast = table.contrast(records + [{"case": "b", "method": "osft", "variant": "other", "commit": "later",
+                                          "machine": machine}])
+    assert contrast.splitlines()[-1] == f"Machine: {machine}. Records from commit(s) base, shown."
