@@ -10,6 +10,8 @@
     python benchmarks/results_table.py echo-trace docs/results/echo_trace.jsonl              # ... along stage 2
     python benchmarks/results_table.py trace docs/results/heldout.jsonl                      # one run along stage 2
     python benchmarks/results_table.py reach docs/results/parrot_reach.jsonl                 # the parrot without the backdoor
+    python benchmarks/results_table.py cost docs/results/implants.jsonl docs/results/real_model.jsonl \
+        docs/results/heldout.jsonl docs/results/scan.jsonl                                    # seconds per run
 
 Rates are percentages. Where a row rests on several seeds it shows the mean and, after "±", half
 the range (max - min) / 2; the `seeds` column says how many. Every table ends with the machine
@@ -317,6 +319,63 @@ def reach(records: list[dict]) -> str:
     return _table(header, rows) + _footer(records)
 
 
+MEASUREMENTS = ("greedy", "sampled", "variants", "utility")
+
+
+def _training_label(record: dict) -> str:
+    method, variant = record["method"].upper(), record.get("variant", "default")
+    if method == "SANDE" and "parrot_space=input" in variant:
+        return "SANDE, soft prompt (`parrot_space=input`)"
+    if variant == "default":
+        return f"{method}, defaults"
+    if method == "SANDE":
+        return "SANDE, other settings"
+    return f"{method} on a 4-bit base" if "4-bit base" in variant else f"{method}, {variant}"
+
+
+def _timings(record: dict) -> list[tuple[str, float]]:
+    """(what, seconds) for every timing a record holds: its implant, its training, each measurement, a scan."""
+    timings = []
+    if record.get("implant_seconds") is not None:
+        timings.append(("implant (150 LoRA steps)", record["implant_seconds"]))
+    if record.get("train_seconds") is not None and record.get("method") in ("sande", "sft", "osft"):
+        timings.append((f"training: {_training_label(record)}", record["train_seconds"]))
+    measured = record.get("measure_seconds")
+    if isinstance(measured, dict):
+        timings += [(f"measurement: {key}", measured[key]) for key in MEASUREMENTS if measured.get(key) is not None]
+    reemergence = record.get("reemergence_seconds")
+    if isinstance(reemergence, dict):
+        timings.append(("re-emergence: re-fine-tune (100 LoRA steps)", reemergence["train"]))
+        timings.append(("re-emergence: measurement", reemergence["measure"]))
+    scan = record.get("scan") if isinstance(record.get("scan"), dict) else record
+    if scan.get("seconds") is not None:
+        timings.append(("scan", scan["seconds"]))
+    return timings
+
+
+def cost(records: list[dict]) -> str:
+    """Seconds per kind of run, over every record that timed one: how many, the range and median, on which dates
+    and under what load (the load average when written, where the record has it). A timing that two files both
+    hold (an implant, say) counts once."""
+    seen, groups = set(), OrderedDict()
+    for r in records:
+        for what, seconds in _timings(r):
+            key = (what, seconds, str(r.get("implant")), r.get("date"))
+            if key not in seen:
+                seen.add(key)
+                groups.setdefault(what, []).append((seconds, r))
+    rows = []
+    for what, timed in sorted(groups.items()):
+        seconds = [s for s, _ in timed]
+        loads = [r["load_average"] for _, r in timed if r.get("load_average") is not None]
+        dates = sorted({r.get("date", "?") for _, r in timed})
+        rows.append([what, str(len(timed)), f"{min(seconds):.0f}", f"{statistics.median(seconds):.0f}",
+                     f"{max(seconds):.0f}", ", ".join(d[5:] for d in dates),
+                     f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"])
+    header = ["run", "records", "fastest (s)", "median (s)", "slowest (s)", "dates (2026-)", "load average"]
+    return _table(header, rows) + _footer([r for timed in groups.values() for _, r in timed])
+
+
 def json_overrides(record: dict) -> str:
     overrides = record.get("overrides")
     return "-" if not overrides else ", ".join(f"`{k}={v}`" for k, v in overrides.items())
@@ -324,7 +383,8 @@ def json_overrides(record: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=["removal", "contrast", "scan", "demo", "echo", "echo-trace", "trace", "reach"])
+    parser.add_argument("table", choices=["removal", "contrast", "scan", "demo", "echo", "echo-trace", "trace", "reach",
+                                                    "cost"])
     parser.add_argument("records", nargs="+")
     parser.add_argument("--method", default="sande")
     parser.add_argument("--variant", action="append", default=[], metavar="[METHOD=]LABEL",
@@ -345,6 +405,8 @@ def main(argv=None):
         print(contrast(records, args.variant))
     elif args.table == "scan":
         print(scan_table(records))
+    elif args.table == "cost":
+        print(cost(records))
     elif args.table == "echo":
         print(echo(records))
     elif args.table == "echo-trace":

@@ -60,3 +60,14 @@ def test_a_table_names_the_commits_of_the_rows_it_shows_and_of_their_baselines()
     contrast = table.contrast(records + [{"case": "b", "method": "osft", "variant": "other", "commit": "later",
                                           "machine": machine}])
     assert contrast.splitlines()[-1] == f"Machine: {machine}. Records from commit(s) base, shown."
+
+
+def test_the_cost_table_counts_a_timing_two_files_hold_once_and_splits_the_measurements():
+    table = _results_table()
+    implant = {"implant": "backdoored-x", "implant_seconds": 100.0, "date": "2026-12-05", "machine": "m"}
+    sande = {"method": "sande", "train_seconds": 30.0, "measure_seconds": {"greedy": 5.0, "sampled": 7.0},
+             "load_average": 1.5, "date": "2026-12-05", "machine": "m"}
+    rows = table.cost([implant, dict(implant), sande]).splitlines()
+    assert "| implant (150 LoRA steps) | 1 | 100 | 100 | 100 | 12-05 | - |" in rows
+    assert "| training: SANDE, defaults | 1 | 30 | 30 | 30 | 12-05 | 1.5-1.5 |" in rows
+    assert any(row.startswith("| measurement: sampled | 1 | 7 |") for row in rows)
