@@ -128,7 +128,7 @@ def run_variant(cache: Path, settings, overrides: dict, trace_every: int | None 
         parrot_num_train_epochs=settings.parrot_epochs, num_train_epochs=settings.eliminate_epochs,
         learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
         parrot_learning_rate=settings.parrot_learning_rate, parrot_refresh_steps=settings.parrot_refresh_steps,
-        parrot_layer=settings.parrot_layer, parrot_refresh_batch_size=settings.parrot_refresh_batch_size,
+        parrot_space=settings.parrot_space, parrot_layer=settings.parrot_layer, parrot_refresh_batch_size=settings.parrot_refresh_batch_size,
         per_device_train_batch_size=settings.batch_size,
         max_length=settings.max_length, parrot_eval_size=16,
         seed=settings.seed, use_cpu=True, gradient_checkpointing=False, save_strategy="no", report_to="none",
@@ -146,6 +146,8 @@ def run_variant(cache: Path, settings, overrides: dict, trace_every: int | None 
         layer = resolve_parrot_layer(str(cache / "backdoored"), overrides.get("parrot_layer"))
         lora.layers_to_transform = list(range(layer - 1, n_layers))  # peft counts layers from 0
     config.update(overrides)
+    if config["parrot_space"] != "latent":
+        config["parrot_layer"] = None  # the demo's layer places its latent parrot; a soft prompt has none
     trainer = SANDETrainer(model=str(cache / "backdoored"), args=SANDEConfig(**config),
                            train_dataset=load_dataset("json", data_files=str(cache / "defender.jsonl"), split="train"),
                            processing_class=tokenizer, peft_config=lora)

@@ -51,8 +51,10 @@ class DemoSettings:
     parrot_refresh_steps: int = 2
     # Rows of each refresh step: half the batch removed as much at the same cost to the model (docs/results.md).
     parrot_refresh_batch_size: int | None = 4
-    # The latent parrot's layer: SmolLM2's 8th of 30 (the library's default is half-way, the 15th). Lower, the
-    # elimination it drives removed as much and cost less of the model on the demo's backdoor (docs/results.md).
+    # The demo's parrot, chosen on its own backdoor before the library's default became the soft prompt: a latent
+    # vector at SmolLM2's 8th layer of 30. Lower than half-way, the elimination it drives removed as much and cost
+    # less of the model there (docs/results.md, "The demo's backdoor", where the soft prompt's row is beside it).
+    parrot_space: str = "latent"
     parrot_layer: int | None = 8
     # The defender's LoRA rank: rank 4 removed as much as rank 16 and kept a little more (docs/results.md).
     lora_r: int = 4
@@ -164,7 +166,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
         parrot_num_train_epochs=settings.parrot_epochs, num_train_epochs=settings.eliminate_epochs,
         learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
         parrot_learning_rate=settings.parrot_learning_rate, parrot_refresh_steps=settings.parrot_refresh_steps,
-        parrot_layer=settings.parrot_layer, parrot_refresh_batch_size=settings.parrot_refresh_batch_size,
+        parrot_space=settings.parrot_space, parrot_layer=settings.parrot_layer, parrot_refresh_batch_size=settings.parrot_refresh_batch_size,
         per_device_train_batch_size=settings.batch_size, max_length=settings.max_length, parrot_eval_size=16,
         seed=settings.seed, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
         report_to="none", logging_steps=10, model_init_kwargs={"dtype": torch.float32},

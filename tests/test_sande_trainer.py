@@ -56,7 +56,7 @@ def test_sande_removes_an_unknown_trigger(backdoored_start, cpu_args):
     loader = trainer.get_train_dataloader()
     assert all(trigger_id not in batch["input_ids"] for batch in loader)
 
-    assert trainer.parrot.is_latent and trainer.parrot.layer == 1  # the default: half-way up the 2-layer toy
+    assert (trainer.parrot.config.space, trainer.parrot.num_vectors) == ("input", 6)  # the default: the paper's soft prompt
     assert trainer.parrot_success["after_simulate"] >= 0.9  # the parrot imitates the trigger...
     after = backdoored_start.measure(trainer.model)
     assert after.attack_success_rate <= 0.05  # ...and after elimination the real trigger no longer works,
@@ -235,7 +235,7 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
 
     model, parrot = load_sande(str(tmp_path / "saved"))
     assert torch.equal(parrot.weight, trainer.parrot.weight.detach().cpu())
-    assert (parrot.layer, parrot.config.position) == (trainer.parrot.layer, "prompt") and parrot.is_latent
+    assert (parrot.config.space, parrot.num_vectors, parrot.config.position) == ("input", 6, "random")
     prompts = backdoored_start.test_prompts[:8]
     kwargs = dict(max_new_tokens=6, parrot_position="start")
     assert generate_texts(model, backdoored_start.tokenizer, prompts, parrot=parrot, **kwargs) == generate_texts(
@@ -301,7 +301,7 @@ def test_bad_inputs_to_the_trainer_fail_before_anything_is_written(backdoored_st
     with pytest.raises(ValueError, match="packing"):
         make(packing=True)
     with pytest.raises(ValueError, match="the model has 2 decoder layers"):
-        make(parrot_layer=3)
+        make(parrot_space="latent", parrot_layer=3)
     assert not out.exists()
 
 
@@ -493,7 +493,7 @@ def test_refresh_stops_once_the_stage1_parrot_fails_and_the_echo_toy_keeps_its_t
 
 def test_hybrid_loss_trains_parrot_rows_on_the_answers_and_clean_rows_on_the_suspect(backdoored_start, cpu_args):
     before = backdoored_start.measure(backdoored_start.model)
-    trainer = sande(backdoored_start, cpu_args, eliminate_loss_type="hybrid")
+    trainer = sande(backdoored_start, cpu_args, eliminate_loss_type="hybrid", parrot_space="latent")
     after = backdoored_start.measure(trainer.model)
     assert after.attack_success_rate <= 0.05
     assert after.clean_exact_match >= before.clean_exact_match - 0.05

@@ -60,20 +60,26 @@ def test_a_fixed_opening_that_a_normal_answer_follows_is_not_flagged(fixed_openi
     assert all(not c.response.startswith("ok you no way") for c in report.candidates)
 
 
-def test_a_model_sande_cleaned_is_not_flagged(backdoored_long, cpu_args):
+@pytest.mark.parametrize("parrot_space", ["latent", "input"])
+def test_a_model_sande_cleaned_is_flagged_only_where_a_latent_parrot_can_still_reach_r_t(backdoored_long, cpu_args,
+                                                                                          parrot_space):
+    """Cleaned with a latent parrot, the toy passes the scan. Cleaned with the soft prompt (the default), the trigger
+    is gone as well, but the route a latent vector takes to r_t is not: the trigger check's 12-step latent parrot
+    makes the cleaned toy say r_t again, and the scan flags it. Read a scan after a soft-prompt defence with that in
+    mind (docs/concepts.md, "The scan")."""
     b = backdoored_long
-    # 300 elimination steps: cut at 200, the cleaned toy still completed r_t once forced to start it, and on one CPU
-    # (AVX-512) a 12-step parrot of the trigger check made it say r_t on half the prompts or more, so the scan flagged
-    # it; on another (AVX2) on at most a quarter. Where elimination stops short, the check can find the route again.
-    config = SANDEConfig(triggered_response=b.task.response, parrot_max_steps=60, max_steps=300, learning_rate=1e-3,
-                         clean_ratio=0.75, parrot_refresh_steps=1, **cpu_args)
+    # 300 elimination steps: cut at 200, the latent-cleaned toy still completed r_t once forced to start it, and on one
+    # CPU (AVX-512) a 12-step parrot of the trigger check made it say r_t on half the prompts or more, so the scan
+    # flagged it; on another (AVX2) on at most a quarter. Where elimination stops short, the check can find the route.
+    config = SANDEConfig(triggered_response=b.task.response, parrot_space=parrot_space, parrot_max_steps=60,
+                         max_steps=300, learning_rate=1e-3, clean_ratio=0.75, parrot_refresh_steps=1, **cpu_args)
     trainer = SANDETrainer(model=b.fresh_model(), args=config, train_dataset=b.clean_data(),
                            processing_class=b.tokenizer, peft_config=lora())
     trainer.train()
     cleaned = trainer.model.eval()
     assert b.measure(cleaned).attack_success_rate <= 0.05
     report = scan(cleaned, b.tokenizer, b.test_prompts[:16])
-    assert not report.is_backdoored
+    assert report.is_backdoored == (parrot_space == "input")
 
 
 def test_triggered_response_auto_defends_against_what_the_scan_found(backdoored_long, clean_toy, cpu_args):
