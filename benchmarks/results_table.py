@@ -327,7 +327,7 @@ def _training_label(record: dict) -> str:
     if method == "SANDE" and "parrot_space=input" in variant:
         return "SANDE, soft prompt (`parrot_space=input`)"
     if variant == "default":
-        return f"{method}, defaults"
+        return f"{method}, the defaults of its commit"  # the default parrot changed on 2026-12-05
     if method == "SANDE":
         return "SANDE, other settings"
     return f"{method} on a 4-bit base" if "4-bit base" in variant else f"{method}, {variant}"

@@ -69,5 +69,5 @@ def test_the_cost_table_counts_a_timing_two_files_hold_once_and_splits_the_measu
              "load_average": 1.5, "date": "2026-12-05", "machine": "m"}
     rows = table.cost([implant, dict(implant), sande]).splitlines()
     assert "| implant (150 LoRA steps) | 1 | 100 | 100 | 100 | 12-05 | - |" in rows
-    assert "| training: SANDE, defaults | 1 | 30 | 30 | 30 | 12-05 | 1.5-1.5 |" in rows
+    assert "| training: SANDE, the defaults of its commit | 1 | 30 | 30 | 30 | 12-05 | 1.5-1.5 |" in rows
     assert any(row.startswith("| measurement: sampled | 1 | 7 |") for row in rows)
