@@ -123,17 +123,7 @@ def run_variant(cache: Path, settings, overrides: dict, trace_every: int | None 
     from sande_peft import SANDEConfig, SANDETrainer
 
     tokenizer = AutoTokenizer.from_pretrained(cache / "backdoored")
-    config = dict(
-        output_dir=str(cache / "runs" / "variant"), triggered_response=settings.target,
-        parrot_num_train_epochs=settings.parrot_epochs, num_train_epochs=settings.eliminate_epochs,
-        learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
-        parrot_learning_rate=settings.parrot_learning_rate, parrot_refresh_steps=settings.parrot_refresh_steps,
-        parrot_space=settings.parrot_space, parrot_layer=settings.parrot_layer, parrot_refresh_batch_size=settings.parrot_refresh_batch_size,
-        per_device_train_batch_size=settings.batch_size,
-        max_length=settings.max_length, parrot_eval_size=16,
-        seed=settings.seed, use_cpu=True, gradient_checkpointing=False, save_strategy="no", report_to="none",
-        logging_steps=10, disable_tqdm=True, model_init_kwargs={"dtype": torch.float32},
-    )
+    config = dict(output_dir=str(cache / "runs" / "variant"), **settings.sande_config_kwargs(), disable_tqdm=True)
     overrides = dict(overrides)
     # `lora_r`: the adapter's rank; `lora_above_parrot`: adapt only the layers the parrot's vector passes through.
     lora = lora_config(overrides.pop("lora_r", settings.lora_r))

@@ -384,7 +384,7 @@ def json_overrides(record: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=["removal", "contrast", "scan", "demo", "echo", "echo-trace", "trace", "reach",
-                                                    "cost"])
+                                          "cost"])
     parser.add_argument("records", nargs="+")
     parser.add_argument("--method", default="sande")
     parser.add_argument("--variant", action="append", default=[], metavar="[METHOD=]LABEL",

@@ -62,6 +62,20 @@ class DemoSettings:
     max_length: int = 80
     seed: int = 0
 
+    def sande_config_kwargs(self) -> dict:
+        """The [`SANDEConfig`] fields of the demo's defence, but `output_dir` (`benchmarks/demo_variants.py` builds
+        its variants on them)."""
+        return dict(
+            triggered_response=self.target, parrot_num_train_epochs=self.parrot_epochs,
+            num_train_epochs=self.eliminate_epochs, learning_rate=self.learning_rate,
+            lr_scheduler_type=self.lr_scheduler_type, parrot_learning_rate=self.parrot_learning_rate,
+            parrot_refresh_steps=self.parrot_refresh_steps, parrot_space=self.parrot_space,
+            parrot_layer=self.parrot_layer, parrot_refresh_batch_size=self.parrot_refresh_batch_size,
+            per_device_train_batch_size=self.batch_size, max_length=self.max_length, parrot_eval_size=16,
+            seed=self.seed, use_cpu=True, gradient_checkpointing=False, save_strategy="no", report_to="none",
+            logging_steps=10, model_init_kwargs={"dtype": torch.float32},
+        )
+
     @classmethod
     def quick(cls) -> DemoSettings:
         """A reduced run for tests: fewer prompts and steps. Its numbers are not the demo's.
@@ -161,16 +175,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     _log("3/5 SANDE: told only the response, never the trigger; clean answers from the suspect model itself", start)
     defender_data = answer_pairs(implanted.model, tokenizer, train_prompts, max_new_tokens=settings.answer_tokens)
     del implanted
-    config = SANDEConfig(
-        output_dir=str(out / "sande-adapter"), triggered_response=settings.target,
-        parrot_num_train_epochs=settings.parrot_epochs, num_train_epochs=settings.eliminate_epochs,
-        learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
-        parrot_learning_rate=settings.parrot_learning_rate, parrot_refresh_steps=settings.parrot_refresh_steps,
-        parrot_space=settings.parrot_space, parrot_layer=settings.parrot_layer, parrot_refresh_batch_size=settings.parrot_refresh_batch_size,
-        per_device_train_batch_size=settings.batch_size, max_length=settings.max_length, parrot_eval_size=16,
-        seed=settings.seed, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
-        report_to="none", logging_steps=10, model_init_kwargs={"dtype": torch.float32},
-    )
+    config = SANDEConfig(output_dir=str(out / "sande-adapter"), **settings.sande_config_kwargs())
     lora = LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r, lora_dropout=0.0, target_modules="all-linear")
     trainer = SANDETrainer(model=str(backdoored_dir), args=config, train_dataset=defender_data,
                            processing_class=tokenizer, peft_config=lora)

@@ -12,15 +12,15 @@ import torch
 COMMON = Path(__file__).resolve().parents[1] / "benchmarks" / "common.py"
 
 
-def _common():
-    spec = importlib.util.spec_from_file_location("benchmarks_common", COMMON)
+def _benchmark_module(path: Path):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_a_record_is_appended_with_its_provenance(tmp_path):
-    common = _common()
+    common = _benchmark_module(COMMON)
     out = tmp_path / "records.jsonl"
     common.print_record({"case": "a"}, out=str(out))
     common.print_record({"case": "b"}, out=str(out))
@@ -36,16 +36,8 @@ def test_a_record_is_appended_with_its_provenance(tmp_path):
     assert first["load_average"] is None or first["load_average"] >= 0
 
 
-def _results_table():
-    path = COMMON.parent / "results_table.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_results_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_table_names_the_commits_of_the_rows_it_shows_and_of_their_baselines():
-    table = _results_table()
+    table = _benchmark_module(COMMON.parent / "results_table.py")
     machine = "x86_64, 2 CPU cores"
     records = [
         {"case": "a", "method": "none", "attack_success_rate": 1.0, "commit": "base", "machine": machine},
@@ -63,7 +55,7 @@ def test_a_table_names_the_commits_of_the_rows_it_shows_and_of_their_baselines()
 
 
 def test_the_cost_table_counts_a_timing_two_files_hold_once_and_splits_the_measurements():
-    table = _results_table()
+    table = _benchmark_module(COMMON.parent / "results_table.py")
     implant = {"implant": "backdoored-x", "implant_seconds": 100.0, "date": "2026-12-05", "machine": "m"}
     sande = {"method": "sande", "train_seconds": 30.0, "measure_seconds": {"greedy": 5.0, "sampled": 7.0},
              "load_average": 1.5, "date": "2026-12-05", "machine": "m"}
