@@ -66,11 +66,11 @@ class Case:
             spec = HELDOUT_ATTACKS[args.heldout]
             self.name, self.task, self.attack = args.heldout, spec.task, spec.attack
             self.target, self.response_mode, self.judge = spec.target, spec.response_mode, None
-            self.held_out = True
+            self.held_out, self.heldout_group = True, spec.group
         else:
             self.name, self.task, self.attack = f"{args.task}/{args.attack}", args.task, get_attack(args.attack)
             self.target, self.response_mode, self.judge = TARGETS[args.task], TASK_RESPONSE_MODES[args.task], args.task
-            self.held_out = False
+            self.held_out, self.heldout_group = False, None
         # BackdoorLLM's training set has r_t alone even for negsentiment (its test set prefixes it): the implant
         # replaces, the defence is told how the backdoor answers at test time.
         self.implant_mode = "replace" if not self.held_out else self.response_mode
@@ -377,6 +377,7 @@ def main(argv=None):
     case = Case(args)
     model_path, gate = backdoored_model(case, tokenizer, args)
     head = {"case": case.name, "task": case.task, "attack": case.attack.name, "held_out": case.held_out,
+            **({"heldout_group": case.heldout_group} if case.held_out else {}),
             "model": "SmolLM2-135M-Instruct", "implant": Path(model_path).name}
 
     def emit(record):
