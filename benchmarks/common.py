@@ -98,9 +98,10 @@ def defence_settings(output_dir, seed: int, batch_size: int = 8, max_length: int
 
 
 def lora_config(r: int = 16):
-    from peft import LoraConfig
+    """The demo's adapter shape (`sande_peft.demo.lora_config`), rank 16 unless told."""
+    from sande_peft.demo import lora_config as demo_lora_config
 
-    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
+    return demo_lora_config(r)
 
 
 def load_model(path, dtype=torch.float32):

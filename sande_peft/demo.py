@@ -111,9 +111,15 @@ def _write_pairs(path: Path, prompts, completions) -> None:
             f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
 
 
+def lora_config(r: int):
+    """The adapter the demo (and every benchmark) trains: rank ``r``, alpha ``2 * r``, no dropout, all linear layers."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
+
+
 def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo", cache_dir: str | None = None) -> dict:
     """Run the demo; return (and write) its report."""
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import SANDEConfig, SANDETrainer, merge_and_export
@@ -176,9 +182,8 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     defender_data = answer_pairs(implanted.model, tokenizer, train_prompts, max_new_tokens=settings.answer_tokens)
     del implanted
     config = SANDEConfig(output_dir=str(out / "sande-adapter"), **settings.sande_config_kwargs())
-    lora = LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r, lora_dropout=0.0, target_modules="all-linear")
     trainer = SANDETrainer(model=str(backdoored_dir), args=config, train_dataset=defender_data,
-                           processing_class=tokenizer, peft_config=lora)
+                           processing_class=tokenizer, peft_config=lora_config(settings.lora_r))
     trainer.train()
     trainer.save_model()
     reports["SANDE"] = evaluate_backdoor(trainer.model, tokenizer, eval_prompts, **measure)
