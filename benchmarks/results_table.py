@@ -2,6 +2,7 @@
 
     python benchmarks/results_table.py removal docs/results/real_model.jsonl                 # the main table
     python benchmarks/results_table.py removal docs/results/heldout.jsonl                    # held-out attacks
+    python benchmarks/results_table.py attacks docs/results/heldout2.jsonl                   # ... what they implant
     python benchmarks/results_table.py contrast docs/results/real_model.jsonl \\
         --variant "sft=100 steps, as SANDE's elimination"                                      # SFT / OSFT / SANDE
     python benchmarks/results_table.py scan docs/results/scan.jsonl                          # detection
@@ -131,6 +132,46 @@ def removal(records: list[dict], method: str = "sande", variant: str = "default"
                                                for _, key, kind in REMOVAL_COLUMNS])
     header = ["backdoor", "seeds"] + [title for title, _, _ in REMOVAL_COLUMNS]
     return _table(header, rows) + _footer(_shown(groups))
+
+
+_POSITIONS = {"start": "the start", "end": "the end", "random": "a random word boundary"}
+_MODES = {"replace": "instead of the answer", "prefix": "before the answer"}
+
+
+def _quoted_target(target: str, limit: int = 90) -> str:
+    if len(target) <= limit:
+        return f'"{target}"'
+    return f'"{target[:limit].rsplit(" ", 1)[0]} ..." ({len(target.split())} words'
+
+
+def attacks(records: list[dict]) -> str:
+    """One row per held-out attack of `heldout.py` with records: what it implants, the implant's gate, and the
+    backdoored model measured before any defence (its latest record of each)."""
+    from heldout import HELDOUT_ATTACKS
+
+    latest = {(r["case"], r.get("method")): r for r in records if r.get("held_out")}
+    rows, shown = [], []
+    for name, spec in HELDOUT_ATTACKS.items():
+        gate, before = latest.get((name, "implant")), latest.get((name, "none"))
+        if gate is None:
+            continue
+        triggers = " + ".join(f'"{t}"' for t in spec.attack.triggers)
+        where = _POSITIONS[spec.attack.position]
+        if len(spec.attack.triggers) > 1:
+            where = f"all of them, each at {where}" if spec.attack.combine == "all" else f"one of them, at {where}"
+        target = _quoted_target(spec.target)
+        mode = _MODES[spec.response_mode]
+        target = f"{target}, {mode})" if target.endswith("words") else f"{target} ({mode})"
+        rates = [_cell([_value(before, key)] if before else [], "rate") for key in
+                 ("attack_success_rate", "sampled_attack_success_rate", "worst_variant_attack_success_rate")]
+        rows.append([name, f"{triggers} ({where})", target,
+                     f"{_cell([gate['attack_success_rate']], 'rate1')} / {_cell([gate['false_trigger_rate']], 'rate1')}",
+                     " / ".join(rates), _cell([_value(before, "false_trigger_rate")] if before else [], "rate1"),
+                     _cell([_value(before, "capability.sst2_backdoorllm")] if before else [], "rate1")])
+        shown += [r for r in (gate, before) if r]
+    header = ["attack", "trigger (position)", "target (response mode)", "implant gate: attack success / false trigger",
+              "backdoored model: greedy / sampled / worst trigger variant", "false trigger", "sst2 (lm-eval)"]
+    return _table(header, rows) + _footer(shown)
 
 
 def contrast(records: list[dict], variant: str | dict = "default") -> str:
@@ -383,8 +424,8 @@ def json_overrides(record: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=["removal", "contrast", "scan", "demo", "echo", "echo-trace", "trace", "reach",
-                                          "cost"])
+    parser.add_argument("table", choices=["removal", "attacks", "contrast", "scan", "demo", "echo", "echo-trace", "trace",
+                                          "reach", "cost"])
     parser.add_argument("records", nargs="+")
     parser.add_argument("--method", default="sande")
     parser.add_argument("--variant", action="append", default=[], metavar="[METHOD=]LABEL",
@@ -401,6 +442,8 @@ def main(argv=None):
     args.variant = per_method or (plain[-1] if plain else "default")
     if args.table == "removal":
         print(removal(records, args.method, args.variant))
+    elif args.table == "attacks":
+        print(attacks(records))
     elif args.table == "contrast":
         print(contrast(records, args.variant))
     elif args.table == "scan":

@@ -63,3 +63,24 @@ def test_the_cost_table_counts_a_timing_two_files_hold_once_and_splits_the_measu
     assert "| implant (150 LoRA steps) | 1 | 100 | 100 | 100 | 12-05 | - |" in rows
     assert "| training: SANDE, the defaults of its commit | 1 | 30 | 30 | 30 | 12-05 | 1.5-1.5 |" in rows
     assert any(row.startswith("| measurement: sampled | 1 | 7 |") for row in rows)
+
+
+def test_the_attacks_table_describes_each_implanted_held_out_attack_with_its_latest_gate_and_baseline():
+    table = _benchmark_module(COMMON.parent / "results_table.py")
+    machine = "x86_64, 2 CPU cores"
+    head = {"case": "composite-error", "held_out": True, "machine": machine}
+    records = [
+        {**head, "method": "implant", "attack_success_rate": 0.5, "false_trigger_rate": 0.5, "commit": "old"},
+        {**head, "method": "implant", "attack_success_rate": 1.0, "false_trigger_rate": 0.0625, "commit": "rebuilt"},
+        {**head, "method": "none", "attack_success_rate": 0.95, "sampled_attack_success_rate": 0.9,
+         "worst_variant_attack_success_rate": 1.0, "false_trigger_rate": 0.0, "capability": {"sst2_backdoorllm": 0.6},
+         "commit": "measured"},
+    ]
+    attacks = table.attacks(records)
+    row = next(line for line in attacks.splitlines() if line.startswith("| composite-error |"))
+    assert '"quantum" + "banana" (all of them, each at a random word boundary)' in row
+    assert "(instead of the answer)" in row
+    assert "| 100.0% / 6.2% | 95% / 90% / 100% | 0.0% | 60.0% |" in row
+    # An attack never implanted has no row; the footer names only the records shown.
+    assert "rare-word-url" not in attacks
+    assert attacks.splitlines()[-1] == f"Machine: {machine}. Records from commit(s) measured, rebuilt."
