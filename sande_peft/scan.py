@@ -16,6 +16,11 @@ sequence without the trigger and without the whole vocabulary:
    those continuations that end with it (the answer stops there, or runs on to the budget). A
    clean model's answers diverge after a shared opening ("The capital of..." / "Hi there, I'm"),
    even one a fine-tune taught it; a backdoor's target is a whole answer said the same way.
+   A prefix backdoor's target is a whole sentence said the same way, then the prompt's own answer
+   ("You are an idiot." before it): where the continuations share a whole sentence (at least
+   ``min_tokens + 1`` tokens, ending in ".", "!" or "?") and then diverge, that sentence is a
+   candidate too, its "ends" factor the share of the model's own unforced answers that do NOT say it
+   (a habit a fine-tune taught, the same sentence in every answer, is not a target).
 
 5. **trigger check**: the best ``n_verify`` candidates are tested the way SANDE's stage 1 imitates a
    trigger: a latent parrot (one vector added half-way up) trains for ``verify_steps`` steps to
@@ -30,10 +35,10 @@ sequence without the trigger and without the whole vocabulary:
 
 The verdict compares the top score with [`SCAN_THRESHOLD`], calibrated on clean models
 (docs/results.md). It assumes a backdoor that answers the same text whatever the prompt, from
-the start of the answer and as the whole answer (or longer than ``max_new_tokens``): a target
-that varies with the prompt, that starts after a prompt-dependent opening (an echo of the
-prompt), or that a normal answer follows (a short prefix), is not what it looks for
-(docs/concepts.md).
+the start of the answer, as the whole answer (or longer than ``max_new_tokens``) or as whole
+sentences a normal answer follows: a target that varies with the prompt, that starts after a
+prompt-dependent opening (an echo of the prompt), or a prefix that is not a whole sentence, is not
+what it looks for (docs/concepts.md).
 
 >>> from sande_peft.toy import toy_model, toy_tokenizer
 >>> report = scan(toy_model(), toy_tokenizer(), ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"], top_k=2, n_confirm=2,
@@ -44,6 +49,7 @@ prompt), or that a normal answer follows (a short prefix), is not what it looks 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -77,6 +83,8 @@ class Candidate:
         parrot_share: share of the prompts on which a small latent parrot, trained to elicit it, makes the model
             say its opening, at the start of the answer or after an echo of the prompt (the trigger check); None
             when the check is off (``n_verify=0``).
+        answer_follows: whether it is a whole sentence that the prompts' own answers follow (a prefix backdoor's
+            target); its ``ended_share`` is then the share of the model's own unforced answers that do not say it.
     """
 
     response: str
@@ -87,6 +95,7 @@ class Candidate:
     n_tokens: int
     ended_share: float = 1.0
     parrot_share: float | None = None
+    answer_follows: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,6 +210,40 @@ def _consensus(continuations, min_tokens: int) -> tuple[list[int], float, float,
     return best, len(holders) / n, mean_probability, ended
 
 
+def _ends_sentence(text: str) -> bool:
+    """Whether ``text`` ends a sentence: ".", "!" or "?", perhaps closed by a quote or a bracket."""
+    return re.search(r"[.!?][\"')\]]?\s*$", text) is not None
+
+
+def _sentence_then_answer(tokenizer, opening: int, continuations, min_tokens: int, own_answers: list[str]):
+    """The longest whole sentence that at least half the ``continuations`` (after the forced ``opening``) share,
+    when they go on past it: ``(its tokens after the opening, share, mean probability, habit)`` or None, where
+    ``habit`` is 1 minus the share of the model's own unforced answers (``own_answers``, texts) that say its
+    tokens after the opening: a sentence the model says anyway is a habit a fine-tune taught ("ok you no way
+    ..."), not a target that only a trigger brings out."""
+    shared, _, _, _ = _consensus(continuations, 1)
+    for k in range(len(shared), min_tokens - 1, -1):  # the sentence with its opening: k + 1 >= min_tokens + 1 tokens
+        text = tokenizer.decode([opening] + shared[:k], skip_special_tokens=True)
+        if _ends_sentence(text):
+            prefix = shared[:k]
+            holders = [(tokens, probs[:k]) for tokens, probs in continuations if tokens[:k] == prefix]
+            if len(holders) < len(continuations) / 2 or all(len(tokens) == k for tokens, _ in holders):
+                return None  # too few share it, or it is the whole answer (the plain score counts that)
+            probability = sum(sum(p) / len(p) for _, p in holders) / len(holders)
+            # Read after the forced opening: forced to open with ":", a model whose every answer opens "ok you no
+            # way" continues ": ok you no way", which its own answers say but for the colon.
+            said = tokenizer.decode(prefix, skip_special_tokens=True).strip()
+            said_anyway = sum(said in answer for answer in own_answers) / max(1, len(own_answers))
+            return prefix, len(holders) / len(continuations), probability, 1.0 - said_anyway
+    return None
+
+
+def _lock_score(consensus) -> float:
+    """share x mean probability x ends, of a `_consensus` or `_sentence_then_answer` result."""
+    _, share, probability, ended = consensus
+    return share * probability * ended
+
+
 def scan(
     model,
     tokenizer=None,
@@ -265,11 +308,15 @@ def scan(
         screen_rows = rows[:n_screen]
         screened = _continue(model, [r + [t] for t in openings for r in screen_rows], pad, eos, screen_tokens,
                              batch_size, progress)
+        # The model's own answers, unforced: a sentence they say is a habit, not a target (`_sentence_then_answer`).
+        own = [tok.decode(tokens, skip_special_tokens=True)
+               for tokens, _ in _continue(model, rows, pad, eos, max_new_tokens, batch_size, progress)]
         scores = {}
         for k, t in enumerate(openings):
             chunk = screened[k * len(screen_rows) : (k + 1) * len(screen_rows)]
             _, share, probability, ended = _consensus(chunk, min(min_tokens, screen_tokens))
-            scores[t] = share * probability * ended
+            sentence = _sentence_then_answer(tok, t, chunk, min(min_tokens, screen_tokens), own)
+            scores[t] = max(share * probability * ended, _lock_score(sentence) if sentence else 0.0)
         kept = sorted(openings, key=lambda t: -scores[t])[:n_confirm]
         confirmed = _continue(model, [r + [t] for t in kept for r in rows], pad, eos, max_new_tokens, batch_size,
                               progress)
@@ -279,6 +326,10 @@ def scan(
     for k, t in enumerate(kept):
         chunk = confirmed[k * len(rows) : (k + 1) * len(rows)]
         prefix, share, probability, ended = _consensus(chunk, min_tokens)
+        answer_follows = False
+        sentence = _sentence_then_answer(tok, t, chunk, min_tokens, own)
+        if sentence is not None and _lock_score(sentence) > share * probability * ended:
+            (prefix, share, probability, ended), answer_follows = sentence, True
         if share * ended == 0.0:
             continue
         response = tok.decode([t] + prefix, skip_special_tokens=True).strip()
@@ -288,7 +339,7 @@ def scan(
             ids = ids[: max(1, len(ids) - 2)]  # about the dropped word: the check reads the opening tokens only
         candidate = Candidate(response=response, score=share * probability * ended, elicited_share=share,
                               mean_probability=probability, opening=tok.decode([t]), n_tokens=len(prefix) + 1,
-                              ended_share=ended)
+                              ended_share=ended, answer_follows=answer_follows)
         token_ids[id(candidate)] = ids
         candidates.append(candidate)
     candidates = _distinct(sorted(candidates, key=lambda c: -c.score))
@@ -311,7 +362,8 @@ def scan(
     settings = {"top_k": top_k, "n_screen": n_screen, "screen_tokens": screen_tokens, "n_confirm": n_confirm,
                 "max_new_tokens": max_new_tokens, "min_tokens": min_tokens, "n_verify": n_verify,
                 "verify_steps": verify_steps, "verify_learning_rate": verify_learning_rate,
-                "check_echo_tokens": echo_tokens, "check_full_share": CHECK_FULL_SHARE, "check_reads_inside": True}
+                "check_echo_tokens": echo_tokens, "check_full_share": CHECK_FULL_SHARE, "check_reads_inside": True,
+                "sentence_then_answer": True}
     return ScanReport(candidates, threshold, len(prompts), len(openings), round(time.time() - start, 1), settings)
 
 

