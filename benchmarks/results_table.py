@@ -215,6 +215,8 @@ def _scan_scoring(settings: dict) -> str:
     """How a scan record scored, by the settings its version wrote."""
     if "n_verify" not in settings:
         return "lock alone (before)"
+    if "sentence_then_answer" in settings:
+        return "as above, and a whole sentence an answer follows"
     if "check_reads_inside" in settings:
         return "as above, and the check read inside the candidate"
     if "check_full_share" in settings:

@@ -38,7 +38,8 @@ class SANDEConfig(SFTConfig):
             the clean prompts first ([`sande_peft.scan`]) and defends against its top candidate.
         response_mode (`str`, *optional*, defaults to `"replace"`):
             `"replace"`: the backdoor answers r_t instead of the normal answer; `"prefix"`: r_t,
-            then the normal answer. Sets stage 1's target sequence.
+            then the normal answer. Sets stage 1's target sequence. With `triggered_response="auto"`,
+            a scan candidate that the normal answer follows turns `"replace"` into `"prefix"`.
 
         > Parameters that control stage 1 (simulate: the parrot)
 

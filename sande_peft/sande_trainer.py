@@ -212,6 +212,10 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                                                               args, quantization_config)
             quantization_config = None  # the scan loaded the model, quantized as asked
             args.triggered_response = self.scan_report.top.response
+            if self.scan_report.top.answer_follows and args.response_mode == "replace":
+                # The scan found a whole sentence the prompts' own answers follow: a prefix backdoor.
+                logger.warning("SANDE: the scan's candidate is followed by the normal answer; response_mode='prefix'.")
+                args.response_mode = "prefix"
         check_known_tokens(processing_class, args.triggered_response, "triggered_response")
         warn_if_cut_mid_word(processing_class, args.triggered_response, "triggered_response")
         if isinstance(eval_dataset, Dataset) and args.parrot_eval_size:

