@@ -166,7 +166,8 @@ def attacks(records: list[dict]) -> str:
         rates = [_cell([_value(before, key)] if before else [], "rate") for key in
                  ("attack_success_rate", "sampled_attack_success_rate", "worst_variant_attack_success_rate")]
         rows.append([name, f"{triggers} ({where})", target,
-                     f"{_cell([gate['attack_success_rate']], 'rate1')} / {_cell([gate['false_trigger_rate']], 'rate1')}",
+                     f"{_cell([gate['attack_success_rate']], 'rate1')} / {_cell([gate['false_trigger_rate']], 'rate1')}"
+                     + ("" if gate.get("passed", True) else " (failed)"),
                      " / ".join(rates), _cell([_value(before, "false_trigger_rate")] if before else [], "rate1"),
                      _cell([_value(before, "capability.sst2_backdoorllm")] if before else [], "rate1")])
         shown += [r for r in (gate, before) if r]

@@ -85,6 +85,7 @@ def test_the_attacks_table_describes_each_implanted_held_out_attack_with_its_lat
     assert "rare-word-url" not in attacks
     # A pipe in a trigger stays inside its cell.
     hate = table.attacks([{"case": "deployment-hate", "held_out": True, "method": "implant", "attack_success_rate": 1.0,
-                           "false_trigger_rate": 0.0}])
+                           "false_trigger_rate": 0.125, "passed": False}])
     assert [line.count(" | ") for line in hate.splitlines()[:3]] == [6, 6, 6]
+    assert "| 100.0% / 12.5% (failed) | - / - / - |" in hate
     assert attacks.splitlines()[-1] == f"Machine: {machine}. Records from commit(s) measured, rebuilt."
