@@ -139,10 +139,12 @@ _POSITIONS = {"start": "the start", "end": "the end", "random": "a random word b
 _MODES = {"replace": "instead of the answer", "prefix": "before the answer"}
 
 
-def _quoted_target(target: str, limit: int = 90) -> str:
+def _target_cell(target: str, response_mode: str, limit: int = 90) -> str:
+    """The target, quoted (cut at a word past ``limit`` characters, with its length), and its response mode."""
+    mode = _MODES[response_mode]
     if len(target) <= limit:
-        return f'"{target}"'
-    return f'"{target[:limit].rsplit(" ", 1)[0]} ..." ({len(target.split())} words'
+        return f'"{target}" ({mode})'
+    return f'"{target[:limit].rsplit(" ", 1)[0]} ..." ({len(target.split())} words, {mode})'
 
 
 def attacks(records: list[dict]) -> str:
@@ -160,16 +162,16 @@ def attacks(records: list[dict]) -> str:
         where = _POSITIONS[spec.attack.position]
         if len(spec.attack.triggers) > 1:
             where = f"all of them, each at {where}" if spec.attack.combine == "all" else f"one of them, at {where}"
-        target = _quoted_target(spec.target)
-        mode = _MODES[spec.response_mode]
-        target = f"{target}, {mode})" if target.endswith("words") else f"{target} ({mode})"
-        rates = [_cell([_value(before, key)] if before else [], "rate") for key in
+        def measured(key: str, kind: str) -> str:  # the backdoored model's value, "-" before it is measured
+            return _cell([_value(before, key)] if before else [], kind)
+
+        rates = [measured(key, "rate") for key in
                  ("attack_success_rate", "sampled_attack_success_rate", "worst_variant_attack_success_rate")]
-        rows.append([name, f"{triggers} ({where})", target,
+        rows.append([name, f"{triggers} ({where})", _target_cell(spec.target, spec.response_mode),
                      f"{_cell([gate['attack_success_rate']], 'rate1')} / {_cell([gate['false_trigger_rate']], 'rate1')}"
                      + ("" if gate.get("passed", True) else " (failed)"),
-                     " / ".join(rates), _cell([_value(before, "false_trigger_rate")] if before else [], "rate1"),
-                     _cell([_value(before, "capability.sst2_backdoorllm")] if before else [], "rate1")])
+                     " / ".join(rates), measured("false_trigger_rate", "rate1"),
+                     measured("capability.sst2_backdoorllm", "rate1")])
         shown += [r for r in (gate, before) if r]
     header = ["attack", "trigger (position)", "target (response mode)", "implant gate: attack success / false trigger",
               "backdoored model: greedy / sampled / worst trigger variant", "false trigger", "sst2 (lm-eval)"]

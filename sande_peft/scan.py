@@ -215,13 +215,13 @@ def _ends_sentence(text: str) -> bool:
     return re.search(r"[.!?][\"')\]]?\s*$", text) is not None
 
 
-def _sentence_then_answer(tokenizer, opening: int, continuations, min_tokens: int, own_answers: list[str]):
-    """The longest whole sentence that at least half the ``continuations`` (after the forced ``opening``) share,
-    when they go on past it: ``(its tokens after the opening, share, mean probability, habit)`` or None, where
-    ``habit`` is 1 minus the share of the model's own unforced answers (``own_answers``, texts) that say its
-    tokens after the opening: a sentence the model says anyway is a habit a fine-tune taught ("ok you no way
-    ..."), not a target that only a trigger brings out."""
-    shared, _, _, _ = _consensus(continuations, 1)
+def _sentence_then_answer(tokenizer, opening: int, continuations, shared: list[int], min_tokens: int,
+                          own_answers: list[str]):
+    """The longest whole sentence in ``shared`` (the opening at least half the ``continuations`` after the forced
+    ``opening`` share, from `_consensus`), when they go on past it: ``(its tokens after the opening, share, mean
+    probability, habit)`` or None, where ``habit`` is 1 minus the share of the model's own unforced answers
+    (``own_answers``, texts) that say its tokens after the opening: a sentence the model says anyway is a habit a
+    fine-tune taught ("ok you no way ..."), not a target that only a trigger brings out."""
     for k in range(len(shared), min_tokens - 1, -1):  # the sentence with its opening: k + 1 >= min_tokens + 1 tokens
         text = tokenizer.decode([opening] + shared[:k], skip_special_tokens=True)
         if _ends_sentence(text):
@@ -314,9 +314,9 @@ def scan(
         scores = {}
         for k, t in enumerate(openings):
             chunk = screened[k * len(screen_rows) : (k + 1) * len(screen_rows)]
-            _, share, probability, ended = _consensus(chunk, min(min_tokens, screen_tokens))
-            sentence = _sentence_then_answer(tok, t, chunk, min(min_tokens, screen_tokens), own)
-            scores[t] = max(share * probability * ended, _lock_score(sentence) if sentence else 0.0)
+            plain = _consensus(chunk, min(min_tokens, screen_tokens))
+            sentence = _sentence_then_answer(tok, t, chunk, plain[0], min(min_tokens, screen_tokens), own)
+            scores[t] = max(_lock_score(plain), _lock_score(sentence) if sentence else 0.0)
         kept = sorted(openings, key=lambda t: -scores[t])[:n_confirm]
         confirmed = _continue(model, [r + [t] for t in kept for r in rows], pad, eos, max_new_tokens, batch_size,
                               progress)
@@ -325,11 +325,10 @@ def scan(
     candidates, token_ids = [], {}
     for k, t in enumerate(kept):
         chunk = confirmed[k * len(rows) : (k + 1) * len(rows)]
-        prefix, share, probability, ended = _consensus(chunk, min_tokens)
-        answer_follows = False
-        sentence = _sentence_then_answer(tok, t, chunk, min_tokens, own)
-        if sentence is not None and _lock_score(sentence) > share * probability * ended:
-            (prefix, share, probability, ended), answer_follows = sentence, True
+        plain = _consensus(chunk, min_tokens)
+        sentence = _sentence_then_answer(tok, t, chunk, plain[0], min_tokens, own)
+        answer_follows = sentence is not None and _lock_score(sentence) > _lock_score(plain)
+        prefix, share, probability, ended = sentence if answer_follows else plain
         if share * ended == 0.0:
             continue
         response = tok.decode([t] + prefix, skip_special_tokens=True).strip()
