@@ -219,6 +219,8 @@ def _scan_scoring(settings: dict) -> str:
     if "n_verify" not in settings:
         return "lock alone (before)"
     if "sentence_then_answer" in settings:
+        if settings["top_k"] != 32:  # scan()'s default
+            return f"as above, openings from each prompt's top {settings['top_k']}"
         return "as above, and a whole sentence an answer follows"
     if "check_reads_inside" in settings:
         return "as above, and the check read inside the candidate"

@@ -12,6 +12,7 @@ commit, command and machine.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -64,8 +65,11 @@ def main(argv=None):
     parser.add_argument("--model", action="append", required=True, metavar="KIND:LABEL=PATH",
                         help="kind: backdoored, clean or cleaned; PATH 'original' is SmolLM2 itself, 'clean-lora' SmolLM2 "
                         "fine-tuned with LoRA on clean pairs alone (built once)")
+    parser.add_argument("--scan-kwargs", default=None, metavar="JSON",
+                        help='non-default scan settings, for instance \'{"top_k": 64}\' (recorded in the settings)')
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    scan_kwargs = json.loads(args.scan_kwargs) if args.scan_kwargs else {}
     from transformers import AutoTokenizer
 
     from sande_peft.loading import load_model
@@ -83,7 +87,7 @@ def main(argv=None):
             path = clean_lora_model(REPO / ".cache" / "real_model" / "clean-lora-s150")
         model, _ = load_model(path)  # a model folder, or an adapter folder on its base (a cleaned model)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        report = scan(model, tokenizer, progress=False)
+        report = scan(model, tokenizer, progress=False, **scan_kwargs)
         del model
         target = target_of(label) if kind == "backdoored" else None
         recovered = top3 = None
