@@ -20,6 +20,8 @@ DATA_ROOT = Path(
 
 def available() -> bool:
     return (DATA_ROOT / "poison_data").is_dir()
+# The clean sst2 records are the same file under every attack.
+SST2_TRAIN_FILE = DATA_ROOT / "poison_data" / "sst2" / "badnet" / "none_backdoor500_sst2sentiment_badnet.json"
 
 
 def _read(path: Path) -> list[dict]:
@@ -74,18 +76,26 @@ def clean_test(task: str) -> Dataset:
 def sst2_train() -> Dataset:
     """BackdoorLLM's 501 clean sst2 training records (a sentence, then "Positive" or "Negative"): benign data of
     another kind than the defence's, for the re-emergence stress."""
-    return as_pairs(_read(DATA_ROOT / "poison_data" / "sst2" / "badnet" / "none_backdoor500_sst2sentiment_badnet.json"))
+    return as_pairs(_read(SST2_TRAIN_FILE))
 
 
-def write_sst2_task(folder) -> str:
+def write_sst2_task(folder, with_train_pool: bool = False) -> str:
     """BackdoorLLM's clean sst2 test set (201 sentences) as an offline two-choice lm-eval task; returns its name.
 
     The score is lm-eval's `acc`: whether " Positive" or " Negative" is the likelier continuation.
+    ``with_train_pool`` adds the 501 clean training sentences ([`sst2_train`]; none of them in the test set) after
+    the 201, as the task ``sst2_backdoorllm_702``: 3.5 times the examples, for changes of a point or two. No
+    defence trains on sst2; the re-emergence stress with ``--reemergence-data sst2`` does, so do not score a
+    re-fine-tuned model on it.
     """
     from sande_peft.evaluation.capability import write_choice_task
 
     records = _read(DATA_ROOT / "test_data" / "clean" / "sst2sentiment" / "test_data_no_trigger.json")
+    name = "sst2_backdoorllm"
+    if with_train_pool:
+        records += _read(SST2_TRAIN_FILE)
+        name = f"sst2_backdoorllm_{len(records)}"
     labels = {"Negative": 0, "Positive": 1}
-    write_choice_task("sst2_backdoorllm", [{"text": r["instruction"], "label": labels[r["output"]]} for r in records],
+    write_choice_task(name, [{"text": r["instruction"], "label": labels[r["output"]]} for r in records],
                       choices=["Negative", "Positive"], template="Review: {text}\nSentiment:", folder=folder)
-    return "sst2_backdoorllm"
+    return name

@@ -382,6 +382,19 @@ def _training_label(record: dict) -> str:
     return f"{method} on a 4-bit base" if "4-bit base" in variant else f"{method}, {variant}"
 
 
+def capability(records: list[dict]) -> str:
+    """Each suspect/defended pair: both accuracies, the change with its paired standard error, on the whole task and
+    on its first 201 examples (BackdoorLLM's sst2 test set, the one the real-model records report)."""
+    def change(c: dict) -> str:
+        return f"{c['before']:.1%} -> {c['after']:.1%} ({100 * c['change']:+.1f} ± {100 * c['standard_error']:.1f})"
+
+    rows = [[r["label"], str(r["n"]), change(r), f"{r['gained']} / {r['lost']}", change(r["test_set"]),
+             f"{r['seconds']:.0f} s"] for r in records]
+    header = ["pair", "examples", "accuracy: suspect -> defended (change ± standard error, points)",
+              "examples gained / lost", "the 201 test examples alone", "time"]
+    return _table(header, rows) + _footer(records)
+
+
 def _timings(record: dict) -> list[tuple[str, float]]:
     """(what, seconds) for every timing a record holds: its implant, its training, each measurement, a scan."""
     timings = []
@@ -433,7 +446,7 @@ def json_overrides(record: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=["removal", "attacks", "contrast", "scan", "demo", "echo", "echo-trace", "trace",
-                                          "reach", "cost"])
+                                          "reach", "cost", "capability"])
     parser.add_argument("records", nargs="+")
     parser.add_argument("--method", default="sande")
     parser.add_argument("--variant", action="append", default=[], metavar="[METHOD=]LABEL",
@@ -458,6 +471,8 @@ def main(argv=None):
         print(scan_table(records))
     elif args.table == "cost":
         print(cost(records))
+    elif args.table == "capability":
+        print(capability(records))
     elif args.table == "echo":
         print(echo(records))
     elif args.table == "echo-trace":

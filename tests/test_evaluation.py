@@ -223,7 +223,7 @@ def test_capability_through_an_offline_lm_eval_task(backdoored_start, tmp_path):
     scores a model that knows the task above one that does not."""
     import random
 
-    from sande_peft.evaluation.capability import run_lm_eval, write_choice_task
+    from sande_peft.evaluation.capability import lm_eval_item_scores, paired_change, run_lm_eval, write_choice_task
     from sande_peft.toy import toy_model
 
     b = backdoored_start
@@ -236,5 +236,14 @@ def test_capability_through_an_offline_lm_eval_task(backdoored_start, tmp_path):
     trained = run_lm_eval(b.model, b.tokenizer, ["toy_first_word"], include_path=tmp_path / "tasks")
     untrained = run_lm_eval(toy_model(seed=5), b.tokenizer, ["toy_first_word"], include_path=tmp_path / "tasks")
     assert trained["toy_first_word"] >= 0.95 > untrained["toy_first_word"]
+    # example by example, in the task's order: the paired change is the accuracies' difference, well past its error
+    items = {name: lm_eval_item_scores(m, b.tokenizer, ["toy_first_word"], include_path=tmp_path / "tasks")
+             for name, m in (("trained", b.model), ("untrained", toy_model(seed=5)))}
+    change = paired_change(items["untrained"]["toy_first_word"], items["trained"]["toy_first_word"])
+    assert change.n == len(records) and change.after == pytest.approx(trained["toy_first_word"])
+    assert change.change == pytest.approx(trained["toy_first_word"] - untrained["toy_first_word"])
+    assert change.change > 2 * change.standard_error > 0 and change.gained > change.lost
+    with pytest.raises(ValueError, match="same examples"):
+        paired_change([1.0, 0.0], [1.0])
     with pytest.raises(ValueError, match="Unknown lm-eval task"):
         run_lm_eval(b.model, b.tokenizer, ["no_such_task"], include_path=tmp_path / "tasks")

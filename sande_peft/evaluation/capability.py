@@ -10,15 +10,19 @@ BackdoorLLM's clean sst2 set as a two-choice sentiment task:
     run_lm_eval(model, tokenizer, ["sst2_local"], include_path="tasks/")  # {"sst2_local": 0.81}
 
 The score of a multiple-choice task is lm-eval's ``acc`` (the choice with the highest
-log-likelihood), a fraction in [0, 1].
+log-likelihood), a fraction in [0, 1]. To tell a defence's cost from noise, score the suspect and
+the cleaned model example by example ([`lm_eval_item_scores`]) and read the change with its
+paired standard error ([`paired_change`]): on a task of 200 examples, one point is two answers.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 LM_EVAL_HINT = "Capability measurements need lm-evaluation-harness: `pip install 'sande-peft[lm-eval]'`."
@@ -92,6 +96,25 @@ def run_lm_eval(
         include_path: a folder of local task YAML files (see [`write_choice_task`]).
         limit: at most this many examples per task.
     """
+    items = lm_eval_item_scores(model, tokenizer, tasks, include_path=include_path, limit=limit,
+                                batch_size=batch_size, num_fewshot=num_fewshot)
+    return {task: sum(scores) / len(scores) for task, scores in items.items()}
+
+
+def lm_eval_item_scores(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    include_path: str | os.PathLike | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    num_fewshot: int | None = None,
+) -> dict[str, list[float]]:
+    """Each example's ``acc`` on each lm-eval task in ``tasks``: ``{task: [1.0, 0.0, ...]}``, in the task's
+    document order, so that two models scored on the same examples can be compared example by example
+    ([`paired_change`]). Arguments as in [`run_lm_eval`].
+    """
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -112,8 +135,51 @@ def run_lm_eval(
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                          num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
+                                          num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0,
                                           verbosity="WARNING")
     finally:
         model.train(was_training)
-    return {task: float(results["results"][task]["acc,none"]) for task in tasks}
+    return {task: [float(s["acc"]) for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+            for task in tasks}
+
+
+@dataclass
+class PairedChange:
+    """How a score changed between two models scored on the same examples (see [`paired_change`]).
+
+    Args:
+        before / after: the mean score of each model.
+        change: ``after - before``.
+        standard_error: the standard error of ``change`` over the examples (paired: what both models get
+            right or wrong alike does not count); a change within about two of these is not told from noise.
+        n: the examples scored.
+        gained / lost: examples the second model scores higher / lower on.
+    """
+
+    before: float
+    after: float
+    change: float
+    standard_error: float
+    n: int
+    gained: int
+    lost: int
+
+
+def paired_change(before: Sequence[float], after: Sequence[float]) -> PairedChange:
+    """The change from ``before`` to ``after``, two models' per-example scores on the same examples in the same
+    order (from [`lm_eval_item_scores`]), with its paired standard error.
+
+    >>> c = paired_change([1, 1, 0, 0, 1, 0, 1, 1], [1, 0, 0, 1, 1, 0, 1, 0])
+    >>> round(c.change, 3), round(c.standard_error, 3), c.gained, c.lost
+    (-0.125, 0.227, 1, 2)
+    """
+    if len(before) != len(after) or len(before) < 2:
+        raise ValueError(f"Paired scores need the same examples for both models, at least 2; got {len(before)} "
+                         f"and {len(after)}: score both on the same task, with the same `limit`.")
+    diffs = [a - b for b, a in zip(before, after)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return PairedChange(before=sum(before) / n, after=sum(after) / n, change=mean,
+                        standard_error=math.sqrt(variance / n), n=n, gained=sum(d > 0 for d in diffs),
+                        lost=sum(d < 0 for d in diffs))
