@@ -89,3 +89,13 @@ def test_the_attacks_table_describes_each_implanted_held_out_attack_with_its_lat
     assert [line.count(" | ") for line in hate.splitlines()[:3]] == [6, 6, 6]
     assert "| 100.0% / 12.5% (failed) | - / - / - |" in hate
     assert attacks.splitlines()[-1] == f"Machine: {machine}. Records from commit(s) measured, rebuilt."
+
+
+def test_the_capability_table_gives_each_change_with_its_paired_standard_error():
+    table = _benchmark_module(COMMON.parent / "results_table.py")
+    whole = {"before": 0.56, "after": 0.549, "change": -0.011, "standard_error": 0.0067, "n": 702, "gained": 7,
+             "lost": 15}
+    record = {"label": "x", **whole, "test_set": {**whole, "n": 201, "change": -0.015, "standard_error": 0.015},
+              "seconds": 250.0, "commit": "c", "machine": "m"}
+    rows = table.capability([record]).splitlines()
+    assert rows[2] == ("| x | 702 | 56.0% -> 54.9% (-1.1 ± 0.7) | 7 / 15 | 56.0% -> 54.9% (-1.5 ± 1.5) | 250 s |")
