@@ -219,7 +219,7 @@ def _scan_scoring(settings: dict) -> str:
     if "n_verify" not in settings:
         return "lock alone (before)"
     if "sentence_then_answer" in settings:
-        if settings["top_k"] != 32:  # scan()'s default
+        if settings["top_k"] != 32:  # the default until 2026-12-05 (then 64)
             return f"as above, openings from each prompt's top {settings['top_k']}"
         return "as above, and a whole sentence an answer follows"
     if "check_reads_inside" in settings:

@@ -249,7 +249,7 @@ def scan(
     tokenizer=None,
     prompts: Sequence | None = None,
     *,
-    top_k: int = 32,
+    top_k: int = 64,
     n_screen: int = 4,
     screen_tokens: int = 8,
     n_confirm: int = 12,

@@ -23,7 +23,7 @@ class ScanArguments:
         "help": "Clean prompts (.json/.jsonl/...); default: the package's own general questions."})
     output_dir: str | None = field(default=None, metadata={"help": "Where scan_report.json goes (optional)."})
     max_prompts: int = field(default=16, metadata={"help": "Clean prompts used."})
-    top_k: int = field(default=32, metadata={"help": "Opening tokens taken from each prompt's first-token distribution."})
+    top_k: int = field(default=64, metadata={"help": "Opening tokens taken from each prompt's first-token distribution."})
     n_confirm: int = field(default=12, metadata={"help": "Openings kept for the second pass."})
     max_new_tokens: int = field(default=24, metadata={"help": "Tokens of each candidate response."})
     n_verify: int = field(default=3, metadata={"help": "Best candidates given the trigger check (a small latent "
