@@ -172,7 +172,7 @@ def measure(model, tokenizer, case: Case, seed: int, args, suspect, original) ->
                                 lm_eval_include_path=args.lm_eval_dir, lm_eval_limit=args.lm_eval_limit,
                                 batch_size=args.eval_batch_size)
     for key in ("kl_to_suspect", "agreement_with_suspect", "kl_to_original", "nll_original", "agreement_with_original",
-                "capability"):
+                "capability", "capability_items"):  # each example's score: changes told from noise, pair by pair
         setattr(report, key, getattr(utility, key))
     report.set_score()
     seconds["utility"] = round(time.time() - t, 1)

@@ -164,6 +164,14 @@ def test_table_and_plot(tmp_path):
     assert table.splitlines()[0] == "| model | attack success (greedy) | starts like r_t | false trigger | NLL of the reference answers |"
     assert "| backdoored | 100.0% | 100.0% | 0.0% | 1.000 |" in table
     assert "| SANDE | 0.0% | - | 0.0% | 1.020 (+2.0%) |" in table  # the change from the baseline row
+    # lm-eval accuracy: the change example by example, with its paired standard error
+    reports["backdoored"]["capability_items"] = {"t": [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]}
+    reports["SANDE"]["capability_items"] = {"t": [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0]}
+    for report in reports.values():
+        report["capability"] = {"t": sum(report["capability_items"]["t"]) / 8}
+    rows = markdown_table(reports, baseline="backdoored").splitlines()
+    assert rows[0].endswith("| lm-eval t |") and rows[2].endswith("| 62.5% |")
+    assert rows[3].endswith("| 50.0% (-12.5 ± 22.7 points) |")
     plot_reports(reports, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not math.isnan(reports["SANDE"]["clean_nll"])

@@ -66,7 +66,8 @@ class BackdoorReport:
         kl_to_suspect / agreement_with_suspect: drift from the suspect model on its own answers
             (see [`model_drift`]); ``*_original`` the same against the original clean model, and
             ``nll_original`` the NLL of its answers.
-        capability: lm-eval accuracy per task.
+        capability: lm-eval accuracy per task; ``capability_items`` each example's score, in the task's order,
+            so that two models' reports compare example by example ([`paired_change`]; the table does).
         score / score_utility: sqrt(utility x (100 - attack success)) and the utility it used.
     """
 
@@ -93,6 +94,7 @@ class BackdoorReport:
     nll_original: float | None = None
     agreement_with_original: float | None = None
     capability: dict[str, float] | None = None
+    capability_items: dict[str, list[float]] | None = field(default=None, repr=False)
     score: float | None = None
     score_utility: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
@@ -331,9 +333,11 @@ def evaluate_backdoor(
         report.kl_to_original, report.nll_original = drift.kl, drift.nll
         report.agreement_with_original = drift.agreement
     if lm_eval_tasks:
-        from .capability import run_lm_eval
+        from .capability import lm_eval_item_scores
 
-        report.capability = run_lm_eval(model, tokenizer, list(lm_eval_tasks), include_path=lm_eval_include_path,
-                                        limit=lm_eval_limit, batch_size=batch_size)
+        report.capability_items = lm_eval_item_scores(model, tokenizer, list(lm_eval_tasks),
+                                                      include_path=lm_eval_include_path, limit=lm_eval_limit,
+                                                      batch_size=batch_size)
+        report.capability = {task: sum(scores) / len(scores) for task, scores in report.capability_items.items()}
     report.set_score()
     return report

@@ -1,7 +1,9 @@
 """Reports for people: a markdown table and a PNG plot of removal and utility side by side.
 
 Columns appear only when some row measured them, and every utility column names what it
-measures. With a ``baseline`` row (the backdoored model), each measure also shows its change.
+measures. With a ``baseline`` row (the backdoored model), each measure also shows its change; an lm-eval
+accuracy, where both rows kept each example's score, its change in points with the paired standard
+error (a change within about two of these is not told from noise).
 
 >>> from sande_peft.evaluation.backdoor import BackdoorReport
 >>> before = BackdoorReport(n_prompts=64, attack_success_rate=0.97, clean_nll=1.20)
@@ -17,6 +19,7 @@ import os
 from collections.abc import Mapping
 
 from .backdoor import BackdoorReport
+from .capability import paired_change
 
 #: (column title, field, kind): rates print as percentages, other numbers with 3 decimals.
 COLUMNS = (
@@ -53,6 +56,17 @@ def _capabilities(reports: Mapping) -> list[str]:
     return names
 
 
+def _capability_change(report, base, task: str) -> str:
+    """A cell's suffix, " (-1.1 ± 0.7 points)": ``task``'s change from ``base``, example by example, where both kept
+    each example's score; empty otherwise."""
+    items, base_items = ((_value(r, "capability_items") or {}).get(task) if r is not None else None
+                         for r in (report, base))
+    if report is base or not items or not base_items or len(items) != len(base_items):
+        return ""
+    change = paired_change(base_items, items)
+    return f" ({100 * change.change:+.1f} ± {100 * change.standard_error:.1f} points)"
+
+
 def markdown_table(reports: Mapping[str, BackdoorReport | Mapping], baseline: str | None = None) -> str:
     """One row per model (for instance "original", "backdoored", then each defence).
 
@@ -73,7 +87,7 @@ def markdown_table(reports: Mapping[str, BackdoorReport | Mapping], baseline: st
                 cell += f" ({100 * (value / reference - 1):+.1f}%)"
             cells.append(cell)
         capability = _value(report, "capability") or {}
-        cells += [_format(capability.get(t), "rate") for t in tasks]
+        cells += [_format(capability.get(t), "rate") + _capability_change(report, base, t) for t in tasks]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     utility = {_value(r, "score_utility") for r in reports.values()} - {None}
     if utility:
