@@ -99,3 +99,15 @@ def test_the_capability_table_gives_each_change_with_its_paired_standard_error()
               "seconds": 250.0, "commit": "c", "machine": "m"}
     rows = table.capability([record]).splitlines()
     assert rows[2] == ("| x | 702 | 56.0% -> 54.9% (-1.1 ± 0.7) | 7 / 15 | 56.0% -> 54.9% (-1.5 ± 1.5) | 250 s |")
+
+
+def test_the_wider_sst2_task_puts_the_test_sentences_first_and_adds_only_unseen_ones(tmp_path):
+    backdoorllm = _benchmark_module(COMMON.parent / "backdoorllm.py")
+    small = backdoorllm.write_sst2_task(tmp_path, with_train_pool=False)
+    wide = backdoorllm.write_sst2_task(tmp_path, with_train_pool=True)
+    read = {name: [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+            for name in (small, wide)}
+    assert (small, wide) == ("sst2_backdoorllm", "sst2_backdoorllm_702")
+    # capability_models.py reads the first 201 as the test set the real-model records score
+    assert read[wide][:201] == read[small] and len(read[small]) == 201
+    assert not {r["text"] for r in read[small]} & {r["text"] for r in read[wide][201:]}
