@@ -17,11 +17,12 @@ DATA_ROOT = Path(
     os.environ.get("BACKDOORLLM_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "backdoorllm")
 )
 
+# The clean sst2 records are the same file under every attack.
+SST2_TRAIN_FILE = DATA_ROOT / "poison_data" / "sst2" / "badnet" / "none_backdoor500_sst2sentiment_badnet.json"
+
 
 def available() -> bool:
     return (DATA_ROOT / "poison_data").is_dir()
-# The clean sst2 records are the same file under every attack.
-SST2_TRAIN_FILE = DATA_ROOT / "poison_data" / "sst2" / "badnet" / "none_backdoor500_sst2sentiment_badnet.json"
 
 
 def _read(path: Path) -> list[dict]:

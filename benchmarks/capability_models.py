@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import backdoorllm  # noqa: E402
-from common import REPO, print_record  # noqa: E402
+from common import REPO, model_path, print_record  # noqa: E402
 
 TEST_EXAMPLES = 201  # the test sentences come first in the 702-example task
 
@@ -39,11 +39,9 @@ def item_scores(path: str, task: str, folder: str, cache: dict) -> list[float]:
 
         from sande_peft.evaluation.capability import lm_eval_item_scores
         from sande_peft.loading import load_model
-        from sande_peft.offline_models import smollm2_path
 
-        folder_or_base = smollm2_path() if path == "original" else path
-        model, _ = load_model(folder_or_base, dtype=torch.float32)  # as the real-model records measured
-        tokenizer = AutoTokenizer.from_pretrained(folder_or_base)
+        model, _ = load_model(model_path(path), dtype=torch.float32)  # as the real-model records measured
+        tokenizer = AutoTokenizer.from_pretrained(model_path(path))
         cache[path] = lm_eval_item_scores(model, tokenizer, [task], include_path=folder)[task]
         del model
     return cache[path]

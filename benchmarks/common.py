@@ -104,6 +104,13 @@ def lora_config(r: int = 16):
     return demo_lora_config(r)
 
 
+def model_path(path: str) -> str:
+    """A model path as the benchmarks' command lines take it: ``original`` is SmolLM2-135M-Instruct itself."""
+    from sande_peft.offline_models import smollm2_path
+
+    return smollm2_path() if path == "original" else path
+
+
 def load_model(path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 

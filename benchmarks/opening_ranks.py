@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_record  # noqa: E402
+from common import model_path, print_record  # noqa: E402
 
 
 def main(argv=None):
@@ -35,13 +35,12 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     from sande_peft.loading import load_model
-    from sande_peft.offline_models import smollm2_path
     from sande_peft.scan import _as_messages, _first_token_logprobs, _pad_id, default_scan_prompts
     from sande_peft.tokenization import prompt_token_ids
 
     for entry in args.model:
         label, _, path = entry.partition("=")
-        path = smollm2_path() if path == "original" else path
+        path = model_path(path)
         model, _ = load_model(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
         rows = [prompt_token_ids(tokenizer, _as_messages(p)) for p in default_scan_prompts()]

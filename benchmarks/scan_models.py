@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_record  # noqa: E402
+from common import model_path, print_record  # noqa: E402
 from heldout import HELDOUT_ATTACKS  # noqa: E402
 
 from sande_peft.attacks import TARGETS  # noqa: E402
@@ -73,15 +73,13 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     from sande_peft.loading import load_model
-    from sande_peft.offline_models import smollm2_path
     from sande_peft.scan import scan
 
     for entry in args.model:
         kind_label, _, path = entry.partition("=")
         kind, _, label = kind_label.partition(":")
-        if path == "original":
-            path = smollm2_path()
-        elif path == "clean-lora":
+        path = model_path(path)
+        if path == "clean-lora":
             from common import REPO
 
             path = clean_lora_model(REPO / ".cache" / "real_model" / "clean-lora-s150")

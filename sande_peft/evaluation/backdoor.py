@@ -333,11 +333,11 @@ def evaluate_backdoor(
         report.kl_to_original, report.nll_original = drift.kl, drift.nll
         report.agreement_with_original = drift.agreement
     if lm_eval_tasks:
-        from .capability import lm_eval_item_scores
+        from .capability import lm_eval_item_scores, mean_scores
 
         report.capability_items = lm_eval_item_scores(model, tokenizer, list(lm_eval_tasks),
                                                       include_path=lm_eval_include_path, limit=lm_eval_limit,
                                                       batch_size=batch_size)
-        report.capability = {task: sum(scores) / len(scores) for task, scores in report.capability_items.items()}
+        report.capability = mean_scores(report.capability_items)
     report.set_score()
     return report

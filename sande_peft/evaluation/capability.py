@@ -96,8 +96,12 @@ def run_lm_eval(
         include_path: a folder of local task YAML files (see [`write_choice_task`]).
         limit: at most this many examples per task.
     """
-    items = lm_eval_item_scores(model, tokenizer, tasks, include_path=include_path, limit=limit,
-                                batch_size=batch_size, num_fewshot=num_fewshot)
+    return mean_scores(lm_eval_item_scores(model, tokenizer, tasks, include_path=include_path, limit=limit,
+                                           batch_size=batch_size, num_fewshot=num_fewshot))
+
+
+def mean_scores(items: dict[str, Sequence[float]]) -> dict[str, float]:
+    """``{task: accuracy}`` from [`lm_eval_item_scores`]' per-example scores (lm-eval's own ``acc``)."""
     return {task: sum(scores) / len(scores) for task, scores in items.items()}
 
 
