@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import tempfile
 import time
@@ -399,7 +400,9 @@ def main(argv=None):
             emit({"method": "none", "seed": seed,
                   **measure(load_model(model_path), tokenizer, case, seed, args, suspect, original)})
         for method in args.methods:
-            run_dir = Path(args.cache) / "runs" / f"{case.name.replace('/', '-')}-{method}-{seed}"
+            # a variant keeps its own adapter: the default's stays on disk for the capability pairs
+            label = "" if args.variant == "default" else "-" + re.sub(r"[^A-Za-z0-9_.=-]+", "_", args.variant)
+            run_dir = Path(args.cache) / "runs" / f"{case.name.replace('/', '-')}-{method}{label}-{seed}"
             trainer, seconds = defend(method, model_path, tokenizer, case, seed, args, run_dir)
             record = {"method": method, "variant": args.variant, "seed": seed, "train_seconds": seconds,
                       "defence_settings": {**settings, "sande_overrides": json.loads(args.sande_overrides or "{}")
