@@ -40,7 +40,9 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
     placeholder tokens at a word boundary of the user's text (``parrot_position``). With
     ``echo_share``, that share of parrot rows put an echo of the user's text before their answer.
     Elimination rows carry a ``teacher_key`` (the suspect's targets for their answer tokens); with
-    ``parrot_rows_distill=False`` the parrot rows' key is -1: they learn the dataset's answer.
+    ``parrot_rows_distill=False`` the parrot rows' key is -1: they learn the dataset's answer. With
+    ``retain_prompt``, every row also carries a ``retain_key``: the example's index on clean elimination
+    rows (the suspect's targets for their prompt tokens, [`retain_rows`]), -1 elsewhere.
 
     Sequences end at their last labelled token: later tokens cannot change the loss of a
     causal model, so computing them would be wasted work (stage 1 labels only a few tokens).
@@ -59,6 +61,7 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         latent: bool = False,
         echo_share: float = 0.0,
         parrot_rows_distill: bool = True,
+        retain_prompt: bool = False,
     ):
         if echo_share > 0 and any(e.echo_ids is None for e in examples):
             raise ValueError("`echo_share` needs examples encoded with `echo=True` (see `encode_sande_example`).")
@@ -73,6 +76,7 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         self.latent = latent
         self.echo_share = echo_share
         self.parrot_rows_distill = parrot_rows_distill
+        self.retain_prompt = retain_prompt
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -84,7 +88,8 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
             # With echo rows, the parrot also learns to elicit r_t after an echo of the prompt (and, in the refresh
             # steps, keeps finding what still does), so that elimination has that path to close.
             n_target = example.target.target_length
-            return self._row(example.target, n_target, slot, parrot=True, echo=self._echo_for(slot, example, n_target))
+            item = self._row(example.target, n_target, slot, parrot=True, echo=self._echo_for(slot, example, n_target))
+            return {**item, "retain_key": -1} if self.retain_prompt else item
         # Elimination rows with an echo: the clean answer after an unlabelled copy of the user's text, which carries
         # the parrot as an echoed trigger would.
         echo = self._echo_for(slot, example, 1) if row.parrot else []
@@ -92,6 +97,8 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         # The suspect's targets for these answer tokens; -1: none, the row learns the dataset's answer.
         distilled = self.parrot_rows_distill or not row.parrot
         item["teacher_key"] = teacher_key(row.index, bool(echo)) if distilled else -1
+        if self.retain_prompt:
+            item["retain_key"] = -1 if row.parrot else row.index
         return item
 
     def _answer_tokens(self, example: SANDEExample) -> int:
@@ -107,6 +114,15 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
             if self.echo_share > 0 and self._fits_echo(example, 1):
                 rows[teacher_key(index, True)] = self._row(example.clean, n_labels, 0, parrot=False,
                                                            echo=example.echo_ids)
+        return rows
+
+    def retain_rows(self) -> dict[int, dict]:
+        """Every clean prompt, by example index, with its tokens after the first labelled: the suspect model's
+        distributions over them are the retain term's targets (`eliminate_retain_prompt`)."""
+        rows = {}
+        for index, example in enumerate(self.examples):
+            prompt = list(example.clean.prompt_ids)[: self.max_length]
+            rows[index] = {"input_ids": prompt, "labels": [-100] + prompt[1:]}
         return rows
 
     def _echo_for(self, slot: int, example: SANDEExample, needed: int) -> list[int]:
@@ -171,8 +187,9 @@ class ParrotCollator:
         if any("parrot_index" in e for e in rows):
             rows = [{"parrot_index": [-1] * len(e["input_ids"]), **e} for e in rows]
             batch["parrot_index"] = pad("parrot_index", -1)
-        if all("teacher_key" in e for e in rows):
-            batch["teacher_key"] = torch.tensor([e["teacher_key"] for e in rows], dtype=torch.long)
+        for key in ("teacher_key", "retain_key"):
+            if all(key in e for e in rows):
+                batch[key] = torch.tensor([e[key] for e in rows], dtype=torch.long)
         return batch
 
 

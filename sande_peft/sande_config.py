@@ -119,6 +119,13 @@ class SANDEConfig(SFTConfig):
             clean behaviour has nothing else to move toward. `"sft"`: cross-entropy on the
             dataset's answers, as the paper does. `"hybrid"`: cross-entropy on the dataset's answers
             in the rows that carry the parrot, the suspect's distributions in the clean rows.
+        eliminate_retain_prompt (`float`, *optional*, defaults to `0.0`):
+            Weight of a retain term on the clean elimination rows: KL(suspect || model) at their
+            prompt tokens (the chat template and the user's text), averaged over the row's prompt
+            and counted as often as the row's answer tokens, added to the loss. `"distill"` holds
+            the suspect's distributions at answer tokens only; this also holds how the model reads
+            text no answer covers. `0` turns it off. Not negative; needs `eliminate_loss_type`
+            `"distill"` or `"hybrid"`.
         eliminate_target_tokens (`int` or `None`, *optional*, defaults to `None`):
             How many answer tokens stage 2 trains on. `None` means the whole answer. The
             paper's reference code uses 10.
@@ -229,6 +236,11 @@ class SANDEConfig(SFTConfig):
                   "'distill' on clean rows.",
                   "choices": list(ELIMINATE_LOSS_TYPES)},
     )
+    eliminate_retain_prompt: float = field(
+        default=0.0,
+        metadata={"help": "Weight of KL(suspect || model) at the prompt tokens of the clean elimination rows (per row: "
+                  "the mean over its prompt, counted as its answer tokens); 0: off. Needs 'distill' or 'hybrid'."},
+    )
     eliminate_target_tokens: int | None = field(
         default=None, metadata={"help": "Answer tokens trained in stage 2; None: the whole answer."}
     )
@@ -292,6 +304,15 @@ class SANDEConfig(SFTConfig):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}` is {value}; use a positive number of tokens, or None for all of them.")
+        check_finite("eliminate_retain_prompt", self.eliminate_retain_prompt)
+        if self.eliminate_retain_prompt < 0:
+            raise ValueError(f"`eliminate_retain_prompt` is {self.eliminate_retain_prompt}; use a weight of 0 (off) or more.")
+        if self.eliminate_retain_prompt > 0 and self.eliminate_loss_type == "sft":
+            raise ValueError(
+                f"`eliminate_retain_prompt={self.eliminate_retain_prompt}` holds the suspect's own distributions at the "
+                "clean rows' prompt tokens, which `eliminate_loss_type='sft'` never computes. Use 'distill' (the "
+                "default) or 'hybrid', or set `eliminate_retain_prompt=0`."
+            )
         if self.eliminate_max_steps is not None and self.eliminate_max_steps < 1:
             raise ValueError(
                 f"`eliminate_max_steps` is {self.eliminate_max_steps}; use a positive number of stage-2 steps, or None "

@@ -232,6 +232,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         self.echo_rate: float | None = None  # measured on the suspect model when `echo_rows="auto"`
         self.echo_rows: bool | None = None  # decided when `train()` starts (or restored from a checkpoint)
         self.teacher: TeacherTargets | None = None  # the suspect's distributions, unless eliminate_loss_type="sft"
+        self.retain_teacher: TeacherTargets | None = None  # ...at the clean prompts' tokens (`eliminate_retain_prompt`)
         if len(self.sande_examples) < FEW_CLEAN_PAIRS:
             logger.warning(
                 "SANDE trains on %d clean pairs. Elimination runs about 100 steps (`eliminate_max_steps`), so with few "
@@ -354,6 +355,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             max_length=self.args.max_length, seed=seed, latent=self.parrot.is_latent,
             echo_share=self.args.echo_share if self.echo_rows else 0.0,
             parrot_rows_distill=self.args.eliminate_loss_type == "distill",
+            retain_prompt=self.args.eliminate_retain_prompt > 0,
         )
 
     def _build_teacher(self, resuming: bool) -> None:
@@ -367,9 +369,13 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                 f"Resuming a full fine-tune with eliminate_loss_type={self.args.eliminate_loss_type!r} would take the "
                 "trained model for the suspect. Train a LoRA adapter (`peft_config`), or set eliminate_loss_type='sft'."
             )
+        dataset = self._parrot_dataset()
         with self._adapter_off(model, self.plan.segments[0]):
-            self.teacher = compute_teacher_targets(model, self._parrot_dataset().teacher_rows(), self._filler_id,
+            self.teacher = compute_teacher_targets(model, dataset.teacher_rows(), self._filler_id,
                                                    batch_size=self.args.per_device_train_batch_size)
+            if self.args.eliminate_retain_prompt > 0:
+                self.retain_teacher = compute_teacher_targets(model, dataset.retain_rows(), self._filler_id,
+                                                              batch_size=self.args.per_device_train_batch_size)
 
     def get_train_dataloader(self) -> DataLoader:
         dataset = self._parrot_dataset()
@@ -483,17 +489,20 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         keys = inputs.pop("teacher_key", None)
+        retain_keys = inputs.pop("retain_key", None)
         if "parrot_index" in inputs:  # an input-space parrot (a latent one is added by `steer`, in `training_step`)
             parrot_index, input_ids = inputs.pop("parrot_index"), inputs.pop("input_ids")
             inputs["inputs_embeds"] = self.parrot.embed(self.accelerator.unwrap_model(model), input_ids, parrot_index)
         if keys is not None and self.teacher is not None:
-            return self._distill_loss(model, inputs, keys.tolist(), return_outputs, num_items_in_batch)
+            return self._distill_loss(model, inputs, keys.tolist(), return_outputs, num_items_in_batch,
+                                      None if retain_keys is None else retain_keys.tolist())
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-    def _distill_loss(self, model, inputs, keys, return_outputs, num_items_in_batch):
+    def _distill_loss(self, model, inputs, keys, return_outputs, num_items_in_batch, retain_keys=None):
         """KL(suspect || model) at every labelled answer token (cross-entropy on the label in rows whose key is -1),
         normalised as SFT's loss is (by the labelled tokens of the whole accumulated batch), so gradient
-        accumulation and several processes weigh every token alike."""
+        accumulation and several processes weigh every token alike. Rows with a ``retain_keys`` entry of 0 or
+        more add `eliminate_retain_prompt` times their mean KL at the prompt's tokens, once per answer token."""
         labels = inputs.pop("labels")
         outputs = model(**inputs, use_cache=False)
         labelled = labels[:, 1:] != -100  # position t predicts token t + 1
@@ -509,11 +518,28 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                 hard = torch.repeat_interleave(torch.tensor([k < 0 for k in keys]), torch.tensor(counts))
                 hard = hard.to(logprobs.device)
                 per_token = per_token.masked_scatter(~hard, distill_loss(logprobs[~hard], *targets))
+        total = per_token.sum()
+        if retain_keys is not None and self.retain_teacher is not None:
+            total = total + self._retain_sum(outputs.logits, labels, retain_keys, counts)
         num_tokens = labelled.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = per_token.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        loss = total / torch.as_tensor(num_tokens).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as SFTTrainer: DDP averages the gradients across ranks
         return (loss, outputs) if return_outputs else loss
+
+    def _retain_sum(self, logits, labels, retain_keys, answer_counts) -> torch.Tensor:
+        """Sum over the rows with a retain key of `eliminate_retain_prompt` x their answer tokens x their mean
+        KL(suspect || model) over the prompt's tokens (those before the first labelled one)."""
+        total = logits.new_zeros((), dtype=torch.float32)
+        for row, key in enumerate(retain_keys):
+            if key < 0 or answer_counts[row] == 0:
+                continue
+            prompt_length = int((labels[row] != -100).nonzero()[0])  # a clean row: its prompt, then its answer
+            ids, target_logprobs, target_rest = self.retain_teacher.gather([key], [prompt_length - 1])
+            logprobs = logits[row, : prompt_length - 1].float().log_softmax(-1)
+            kl = distill_loss(logprobs, ids, target_logprobs, target_rest).mean()
+            total = total + self.args.eliminate_retain_prompt * answer_counts[row] * kl
+        return total
 
     # ---- Measurement and logging --------------------------------------------------------------------------
 

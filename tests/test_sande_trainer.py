@@ -271,6 +271,8 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
         ({"triggered_response": "i", "parrot_refresh_stop_nll": 0.8, "parrot_eval_size": 0}, "parrot_refresh_stop_nll"),
         ({"triggered_response": "i", "parrot_refresh_check_steps": 0}, "parrot_refresh_check_steps"),
         ({"triggered_response": "i", "parrot_refresh_check_train_steps": -1}, "parrot_refresh_check_train_steps"),
+        ({"triggered_response": "i", "eliminate_retain_prompt": -0.5}, "eliminate_retain_prompt"),
+        ({"triggered_response": "i", "eliminate_retain_prompt": 1.0, "eliminate_loss_type": "sft"}, "'distill'"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
@@ -516,3 +518,41 @@ def test_hybrid_loss_trains_parrot_rows_on_the_answers_and_clean_rows_on_the_sus
         else:
             total += distill_loss(logprobs[row, at], *trainer.teacher.gather([key], [int(at.sum())])).sum()
     assert loss.item() == pytest.approx((total / (labels != -100).sum()).item(), rel=1e-4)
+
+
+def test_retain_term_holds_the_suspect_at_the_clean_prompts_tokens(backdoored_start, cpu_args):
+    before = backdoored_start.measure(backdoored_start.model)
+    trainer = sande(backdoored_start, cpu_args, eliminate_retain_prompt=2.0)
+    after = backdoored_start.measure(trainer.model)
+    assert after.attack_success_rate <= 0.05  # removal still happens with the term on
+    assert after.clean_exact_match >= before.clean_exact_match - 0.05
+
+    # One elimination batch, by hand: KL at the answers, plus 2 x (answer tokens) x (mean KL at the prompt's
+    # tokens) on each clean row, all over the labelled tokens.
+    batch = next(b for b in trainer.get_train_dataloader() if "retain_key" in b and (b["retain_key"] >= 0).any())
+    keys, retain_keys = batch["teacher_key"].tolist(), batch["retain_key"].tolist()
+    assert all((r >= 0) == (p < 0).all().item() for r, p in zip(retain_keys, batch["parrot_index"]))  # clean rows only
+    model = trainer.model
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        embeds = trainer.parrot.embed(model, batch["input_ids"], batch["parrot_index"])
+        logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logprobs = logits[:, :-1].float().log_softmax(-1)
+    total, retained = 0.0, 0.0
+    for row, (key, retain_key) in enumerate(zip(keys, retain_keys)):
+        at = labels[row] != -100
+        total += distill_loss(logprobs[row, at], *trainer.teacher.gather([key], [int(at.sum())])).sum()
+        if retain_key >= 0:
+            prompt = int(at.nonzero()[0])  # positions before the first answer token predict the prompt's tokens
+            targets = trainer.retain_teacher.gather([retain_key], [prompt])
+            retained += 2.0 * int(at.sum()) * distill_loss(logprobs[row, :prompt], *targets).mean()
+    assert retained > 0  # training moved the prompt's distributions a little, and the term sees it
+    assert loss.item() == pytest.approx(((total + retained) / (labels != -100).sum()).item(), rel=1e-4)
+    # The suspect (the adapter off) matches its own targets: the term is zero there.
+    with torch.no_grad(), model.disable_adapter():
+        logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    row = retain_keys.index(next(r for r in retain_keys if r >= 0))
+    prompt = int((labels[row] != -100).nonzero()[0])
+    suspect = logits[row, :prompt].float().log_softmax(-1)
+    assert distill_loss(suspect, *trainer.retain_teacher.gather([retain_keys[row]], [prompt])).mean().item() < 1e-4
