@@ -388,10 +388,16 @@ def capability(records: list[dict]) -> str:
     def change(c: dict) -> str:
         return f"{c['before']:.1%} -> {c['after']:.1%} ({100 * c['change']:+.1f} ± {100 * c['standard_error']:.1f})"
 
+    def readout(r: dict, key: str, form: str) -> str:
+        sides = r.get("readout")
+        return f"{format(sides['before'][key], form)} -> {format(sides['after'][key], form)}" if sides else "-"
+
     rows = [[r["label"], str(r["n"]), change(r), f"{r['gained']} / {r['lost']}", change(r["test_set"]),
-             f"{r['seconds']:.0f} s"] for r in records]
+             readout(r, "second_choice_share", ".0%"), readout(r, "auc", ".3f"),
+             readout(r, "best_threshold_accuracy", ".1%"), f"{r['seconds']:.0f} s"] for r in records]
     header = ["pair", "examples", "accuracy: suspect -> defended (change ± standard error, points)",
-              "examples gained / lost", "the 201 test examples alone", "time"]
+              "examples gained / lost", "the 201 test examples alone", "answers 'Positive'",
+              "class separation (AUC)", "accuracy at the best threshold", "time"]
     return _table(header, rows) + _footer(records)
 
 

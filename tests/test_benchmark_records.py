@@ -97,8 +97,12 @@ def test_the_capability_table_gives_each_change_with_its_paired_standard_error()
              "lost": 15}
     record = {"label": "x", **whole, "test_set": {**whole, "n": 201, "change": -0.015, "standard_error": 0.015},
               "seconds": 250.0, "commit": "c", "machine": "m"}
-    rows = table.capability([record]).splitlines()
-    assert rows[2] == ("| x | 702 | 56.0% -> 54.9% (-1.1 ± 0.7) | 7 / 15 | 56.0% -> 54.9% (-1.5 ± 1.5) | 250 s |")
+    readout = {"before": {"second_choice_share": 0.78, "auc": 0.851, "best_threshold_accuracy": 0.786},
+               "after": {"second_choice_share": 0.9, "auc": 0.859, "best_threshold_accuracy": 0.779}}
+    rows = table.capability([record, {**record, "label": "y", "readout": readout}]).splitlines()
+    assert rows[2] == ("| x | 702 | 56.0% -> 54.9% (-1.1 ± 0.7) | 7 / 15 | 56.0% -> 54.9% (-1.5 ± 1.5) | - | - | - "
+                       "| 250 s |")  # a record written before the readout
+    assert rows[3].endswith("| 78% -> 90% | 0.851 -> 0.859 | 78.6% -> 77.9% | 250 s |")
 
 
 def test_the_wider_sst2_task_puts_the_test_sentences_first_and_adds_only_unseen_ones(tmp_path):

@@ -231,7 +231,9 @@ def test_capability_through_an_offline_lm_eval_task(backdoored_start, tmp_path):
     scores a model that knows the task above one that does not."""
     import random
 
-    from sande_peft.evaluation.capability import lm_eval_item_scores, paired_change, run_lm_eval, write_choice_task
+    from sande_peft.evaluation.capability import (
+        ChoiceItem, lm_eval_item_scores, lm_eval_items, paired_change, run_lm_eval, two_choice_readout, write_choice_task,
+    )
     from sande_peft.toy import toy_model
 
     b = backdoored_start
@@ -253,5 +255,20 @@ def test_capability_through_an_offline_lm_eval_task(backdoored_start, tmp_path):
     assert change.change > 2 * change.standard_error > 0 and change.gained > change.lost
     with pytest.raises(ValueError, match="same examples"):
         paired_change([1.0, 0.0], [1.0])
+    # The same examples with each choice's log-likelihood: the trained model separates the two classes, and a bias
+    # added to one choice moves its accuracy and choice share but not the separation.
+    scored = lm_eval_items(b.model, b.tokenizer, ["toy_first_word"], include_path=tmp_path / "tasks")["toy_first_word"]
+    assert [item.acc for item in scored] == items["trained"]["toy_first_word"]
+    assert [item.target for item in scored] == [r["label"] for r in records]
+    readout = two_choice_readout(scored)
+    assert readout.accuracy == pytest.approx(trained["toy_first_word"]) and readout.auc >= 0.95
+    biased = [ChoiceItem(float(i.loglikelihoods[1] + 100 > i.loglikelihoods[0]) if i.target == 1 else
+                         float(i.loglikelihoods[0] > i.loglikelihoods[1] + 100),
+                         (i.loglikelihoods[0], i.loglikelihoods[1] + 100), i.target) for i in scored]
+    shifted = two_choice_readout(biased)
+    assert shifted.second_choice_share == 1.0 and shifted.accuracy == pytest.approx(0.5)
+    assert shifted.auc == pytest.approx(readout.auc) and shifted.best_threshold_accuracy == readout.best_threshold_accuracy
+    with pytest.raises(ValueError, match="both"):
+        two_choice_readout([item for item in scored if item.target == 0])
     with pytest.raises(ValueError, match="Unknown lm-eval task"):
         run_lm_eval(b.model, b.tokenizer, ["no_such_task"], include_path=tmp_path / "tasks")

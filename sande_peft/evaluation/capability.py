@@ -13,10 +13,17 @@ The score of a multiple-choice task is lm-eval's ``acc`` (the choice with the hi
 log-likelihood), a fraction in [0, 1]. To tell a defence's cost from noise, score the suspect and
 the cleaned model example by example ([`lm_eval_item_scores`]) and read the change with its
 paired standard error ([`paired_change`]): on a task of 200 examples, one point is two answers.
+
+On a two-choice task an accuracy can move because the model's preference between the two
+answers shifted as a whole (its label bias), with every example still ordered as before.
+[`two_choice_readout`] tells the two apart from [`lm_eval_items`]: how often the model picks the
+second choice, and how well its log-likelihood margins separate the classes whatever the bias
+(the area under the ROC curve).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -119,6 +126,33 @@ def lm_eval_item_scores(
     document order, so that two models scored on the same examples can be compared example by example
     ([`paired_change`]). Arguments as in [`run_lm_eval`].
     """
+    return {task: [item.acc for item in items] for task, items in lm_eval_items(
+        model, tokenizer, tasks, include_path=include_path, limit=limit, batch_size=batch_size,
+        num_fewshot=num_fewshot).items()}
+
+
+@dataclass
+class ChoiceItem:
+    """One example of a multiple-choice lm-eval task as lm-eval scored it: ``acc`` (1.0 or 0.0), each choice's
+    log-likelihood in the task's choice order, and the index of the right choice."""
+
+    acc: float
+    loglikelihoods: tuple[float, ...]
+    target: int
+
+
+def lm_eval_items(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    include_path: str | os.PathLike | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    num_fewshot: int | None = None,
+) -> dict[str, list[ChoiceItem]]:
+    """Each example of each multiple-choice lm-eval task in ``tasks`` as a [`ChoiceItem`], in the task's document
+    order. Arguments as in [`run_lm_eval`]."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -143,8 +177,61 @@ def lm_eval_item_scores(
                                           verbosity="WARNING")
     finally:
         model.train(was_training)
-    return {task: [float(s["acc"]) for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+    return {task: [ChoiceItem(acc=float(s["acc"]), loglikelihoods=tuple(float(r[0]) for r in s["filtered_resps"]),
+                              target=int(s["target"]))
+                   for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
             for task in tasks}
+
+
+@dataclass
+class TwoChoiceReadout:
+    """A model's answers on a two-choice task, its label bias apart (see [`two_choice_readout`]).
+
+    Args:
+        accuracy: the share of examples whose right choice has the higher log-likelihood (lm-eval's ``acc``).
+        second_choice_share: the share of examples on which the model picks the second choice.
+        auc: the chance that an example of the second class gets a larger margin (second choice's
+            log-likelihood minus the first's) than an example of the first class; 0.5 is chance, 1.0 perfect.
+            Adding any constant to every margin (a label bias) leaves it unchanged.
+        best_threshold_accuracy: the accuracy of the same margins cut at the threshold that suits these
+            examples best: what the model's ordering allows once the bias is set right (chosen on the
+            examples it is read on, so an upper bound).
+    """
+
+    accuracy: float
+    second_choice_share: float
+    auc: float
+    best_threshold_accuracy: float
+
+
+def two_choice_readout(items: Sequence[ChoiceItem]) -> TwoChoiceReadout:
+    """Accuracy, label bias and class separation of a model's answers on a two-choice task.
+
+    >>> items = [ChoiceItem(0.0, (-2.0, -1.0), 0), ChoiceItem(1.0, (-3.0, -1.0), 1), ChoiceItem(1.0, (-1.0, -1.5), 0)]
+    >>> r = two_choice_readout(items)  # margins 1.0 (class 0), 2.0 (class 1), -0.5 (class 0)
+    >>> round(r.accuracy, 3), round(r.second_choice_share, 3), r.auc, r.best_threshold_accuracy
+    (0.667, 0.667, 1.0, 1.0)
+    """
+    if any(len(item.loglikelihoods) != 2 for item in items):
+        raise ValueError("`two_choice_readout` reads two-choice tasks; an example here has "
+                         f"{next(len(i.loglikelihoods) for i in items if len(i.loglikelihoods) != 2)} choices.")
+    margins = [item.loglikelihoods[1] - item.loglikelihoods[0] for item in items]
+    labels = [item.target for item in items]
+    if len(set(labels)) < 2:
+        raise ValueError("The separation of two classes needs examples of both; these are all of one class.")
+    second = sorted(m for m, y in zip(margins, labels) if y == 1)
+    first = [m for m, y in zip(margins, labels) if y == 0]
+    # Mann-Whitney: for each first-class margin, the second-class margins above it (ties count half).
+    above = sum(len(second) - bisect.bisect_right(second, m) + 0.5 * (bisect.bisect_right(second, m)
+                                                                      - bisect.bisect_left(second, m)) for m in first)
+    cuts = sorted(set(margins))
+    best = max(sum((m >= cut) == (y == 1) for m, y in zip(margins, labels)) for cut in cuts + [math.inf])
+    return TwoChoiceReadout(
+        accuracy=sum(item.acc for item in items) / len(items),
+        second_choice_share=sum(m > 0 for m in margins) / len(margins),
+        auc=above / (len(first) * len(second)),
+        best_threshold_accuracy=best / len(items),
+    )
 
 
 @dataclass
