@@ -6,7 +6,8 @@ and the 501 clean training ones, 702 in all; no defence trains on sst2). The rec
 accuracies, the change with its paired standard error, and the same on the first 201 examples
 alone (the task the real-model records report), so that a record can be matched to its run; and
 for each model how often it answers "Positive" and how well its margins separate the two classes
-whatever that share (`two_choice_readout`): a change of label bias, told from a loss of the skill.
+whatever that share (`two_choice_readout`), and that separation's change with its paired bootstrap error
+(`paired_auc_change`): a change of label bias, told from a loss of the skill.
 One JSON line per pair, with the commit, command and machine.
 
     C=.cache/real_model
@@ -56,7 +57,7 @@ def main(argv=None):
     parser.add_argument("--tasks-dir", default=str(REPO / ".cache" / "real_model" / "lm_eval_tasks"))
     parser.add_argument("--out", default=None, help="JSON-lines file to append results to")
     args = parser.parse_args(argv)
-    from sande_peft.evaluation.capability import paired_change, two_choice_readout
+    from sande_peft.evaluation.capability import paired_auc_change, paired_change, two_choice_readout
 
     task = backdoorllm.write_sst2_task(args.tasks_dir, with_train_pool=True)
     cache: dict = {}
@@ -68,6 +69,7 @@ def main(argv=None):
         readout = {side: vars(two_choice_readout(model_items)) for side, model_items in zip(("before", "after"), items)}
         print_record({"benchmark": "capability", "label": label, "suspect": suspect, "cleaned": cleaned,
                       "task": task, **vars(whole), "test_set": vars(test), "readout": readout,
+                      "auc_change": vars(paired_auc_change(*items)),
                       "seconds": round(time.time() - start, 1)}, args.out)
 
 

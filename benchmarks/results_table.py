@@ -392,12 +392,18 @@ def capability(records: list[dict]) -> str:
         sides = r.get("readout")
         return f"{format(sides['before'][key], form)} -> {format(sides['after'][key], form)}" if sides else "-"
 
+    def auc(r: dict) -> str:
+        c = r.get("auc_change")
+        if c is None:
+            return readout(r, "auc", ".3f")
+        return f"{c['before']:.3f} -> {c['after']:.3f} ({c['change']:+.3f} ± {c['standard_error']:.3f})"
+
     rows = [[r["label"], str(r["n"]), change(r), f"{r['gained']} / {r['lost']}", change(r["test_set"]),
-             readout(r, "second_choice_share", ".0%"), readout(r, "auc", ".3f"),
+             readout(r, "second_choice_share", ".0%"), auc(r),
              readout(r, "best_threshold_accuracy", ".1%"), f"{r['seconds']:.0f} s"] for r in records]
     header = ["pair", "examples", "accuracy: suspect -> defended (change ± standard error, points)",
               "examples gained / lost", "the 201 test examples alone", "answers 'Positive'",
-              "class separation (AUC)", "accuracy at the best threshold", "time"]
+              "class separation (AUC; change ± bootstrap error)", "accuracy at the best threshold", "time"]
     return _table(header, rows) + _footer(records)
 
 

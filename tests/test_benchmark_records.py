@@ -103,6 +103,9 @@ def test_the_capability_table_gives_each_change_with_its_paired_standard_error()
     assert rows[2] == ("| x | 702 | 56.0% -> 54.9% (-1.1 ± 0.7) | 7 / 15 | 56.0% -> 54.9% (-1.5 ± 1.5) | - | - | - "
                        "| 250 s |")  # a record written before the readout
     assert rows[3].endswith("| 78% -> 90% | 0.851 -> 0.859 | 78.6% -> 77.9% | 250 s |")
+    paired = {"before": 0.851, "after": 0.859, "change": 0.008, "standard_error": 0.006, "resamples": 1000}
+    row = table.capability([{**record, "readout": readout, "auc_change": paired}]).splitlines()[2]
+    assert "| 0.851 -> 0.859 (+0.008 ± 0.006) |" in row
 
 
 def test_the_wider_sst2_task_puts_the_test_sentences_first_and_adds_only_unseen_ones(tmp_path):

@@ -232,7 +232,8 @@ def test_capability_through_an_offline_lm_eval_task(backdoored_start, tmp_path):
     import random
 
     from sande_peft.evaluation.capability import (
-        ChoiceItem, lm_eval_item_scores, lm_eval_items, paired_change, run_lm_eval, two_choice_readout, write_choice_task,
+        ChoiceItem, lm_eval_item_scores, lm_eval_items, paired_auc_change, paired_change, run_lm_eval, two_choice_readout,
+        write_choice_task,
     )
     from sande_peft.toy import toy_model
 
@@ -270,5 +271,13 @@ def test_capability_through_an_offline_lm_eval_task(backdoored_start, tmp_path):
     assert shifted.auc == pytest.approx(readout.auc) and shifted.best_threshold_accuracy == readout.best_threshold_accuracy
     with pytest.raises(ValueError, match="both"):
         two_choice_readout([item for item in scored if item.target == 0])
+    # Against a model that never learnt the task, the trained model's separation is higher, well past its error.
+    untrained = lm_eval_items(toy_model(seed=5), b.tokenizer, ["toy_first_word"],
+                              include_path=tmp_path / "tasks")["toy_first_word"]
+    auc = paired_auc_change(untrained, scored, resamples=200)
+    assert auc.after == pytest.approx(readout.auc) and auc.change > 2 * auc.standard_error > 0
+    assert paired_auc_change(scored, biased, resamples=50).change == pytest.approx(0.0)  # a bias alone: no change
+    with pytest.raises(ValueError, match="same examples"):
+        paired_auc_change(scored, scored[:-1])
     with pytest.raises(ValueError, match="Unknown lm-eval task"):
         run_lm_eval(b.model, b.tokenizer, ["no_such_task"], include_path=tmp_path / "tasks")

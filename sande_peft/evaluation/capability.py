@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,26 +213,80 @@ def two_choice_readout(items: Sequence[ChoiceItem]) -> TwoChoiceReadout:
     >>> round(r.accuracy, 3), round(r.second_choice_share, 3), r.auc, r.best_threshold_accuracy
     (0.667, 0.667, 1.0, 1.0)
     """
-    if any(len(item.loglikelihoods) != 2 for item in items):
-        raise ValueError("`two_choice_readout` reads two-choice tasks; an example here has "
-                         f"{next(len(i.loglikelihoods) for i in items if len(i.loglikelihoods) != 2)} choices.")
-    margins = [item.loglikelihoods[1] - item.loglikelihoods[0] for item in items]
-    labels = [item.target for item in items]
-    if len(set(labels)) < 2:
-        raise ValueError("The separation of two classes needs examples of both; these are all of one class.")
-    second = sorted(m for m, y in zip(margins, labels) if y == 1)
-    first = [m for m, y in zip(margins, labels) if y == 0]
-    # Mann-Whitney: for each first-class margin, the second-class margins above it (ties count half).
-    above = sum(len(second) - bisect.bisect_right(second, m) + 0.5 * (bisect.bisect_right(second, m)
-                                                                      - bisect.bisect_left(second, m)) for m in first)
+    margins, labels = _margins(items)
     cuts = sorted(set(margins))
     best = max(sum((m >= cut) == (y == 1) for m, y in zip(margins, labels)) for cut in cuts + [math.inf])
     return TwoChoiceReadout(
         accuracy=sum(item.acc for item in items) / len(items),
         second_choice_share=sum(m > 0 for m in margins) / len(margins),
-        auc=above / (len(first) * len(second)),
+        auc=_auc(margins, labels),
         best_threshold_accuracy=best / len(items),
     )
+
+
+@dataclass
+class AucChange:
+    """How the class separation (AUC) of a two-choice task changed between two models (see [`paired_auc_change`]).
+
+    Args:
+        before / after: each model's AUC on all the examples.
+        change: ``after - before``.
+        standard_error: its paired bootstrap standard error (both models read on the same resampled examples).
+        resamples: the bootstrap resamples it rests on.
+    """
+
+    before: float
+    after: float
+    change: float
+    standard_error: float
+    resamples: int
+
+
+def paired_auc_change(before: Sequence[ChoiceItem], after: Sequence[ChoiceItem], resamples: int = 1000,
+                      seed: int = 0) -> AucChange:
+    """The change of [`two_choice_readout`]'s AUC from ``before`` to ``after`` (two models' [`ChoiceItem`]s on the
+    same examples, in the same order), with a paired bootstrap standard error over the examples.
+
+    >>> a = [ChoiceItem(1.0, (0.0, float(m)), y) for m, y in [(3, 1), (2, 1), (1, 0), (0, 0), (-1, 1), (-2, 0)]]
+    >>> c = paired_auc_change(a, a)
+    >>> round(c.before, 3), c.change, c.standard_error
+    (0.778, 0.0, 0.0)
+    """
+    if len(before) != len(after) or [i.target for i in before] != [i.target for i in after]:
+        raise ValueError("Paired AUCs need the same examples for both models, in the same order: score both on the "
+                         "same task, with the same `limit`.")
+    (m0, labels), (m1, _) = _margins(before), _margins(after)
+    rng = random.Random(seed)
+    n, diffs = len(labels), []
+    while len(diffs) < resamples:
+        pick = [rng.randrange(n) for _ in range(n)]
+        drawn = [labels[i] for i in pick]
+        if 0 < sum(drawn) < n:  # a resample of one class has no AUC
+            diffs.append(_auc([m1[i] for i in pick], drawn) - _auc([m0[i] for i in pick], drawn))
+    mean = sum(diffs) / len(diffs)
+    auc0, auc1 = _auc(m0, labels), _auc(m1, labels)
+    return AucChange(before=auc0, after=auc1, change=auc1 - auc0, resamples=resamples,
+                     standard_error=math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)))
+
+
+def _margins(items: Sequence[ChoiceItem]) -> tuple[list[float], list[int]]:
+    """Each example's second-minus-first log-likelihood margin, and its class."""
+    if any(len(item.loglikelihoods) != 2 for item in items):
+        raise ValueError("The choice readout reads two-choice tasks; an example here has "
+                         f"{next(len(i.loglikelihoods) for i in items if len(i.loglikelihoods) != 2)} choices.")
+    labels = [item.target for item in items]
+    if len(set(labels)) < 2:
+        raise ValueError("The separation of two classes needs examples of both; these are all of one class.")
+    return [item.loglikelihoods[1] - item.loglikelihoods[0] for item in items], labels
+
+
+def _auc(margins: Sequence[float], labels: Sequence[int]) -> float:
+    """Mann-Whitney: the share of (first-class, second-class) pairs the margins order rightly, ties counted half."""
+    second = sorted(m for m, y in zip(margins, labels) if y == 1)
+    first = [m for m, y in zip(margins, labels) if y == 0]
+    above = sum(len(second) - bisect.bisect_right(second, m)
+                + 0.5 * (bisect.bisect_right(second, m) - bisect.bisect_left(second, m)) for m in first)
+    return above / (len(first) * len(second))
 
 
 @dataclass
