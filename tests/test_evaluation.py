@@ -271,6 +271,8 @@ def test_capability_through_an_offline_lm_eval_task(backdoored_start, tmp_path):
     assert shifted.auc == pytest.approx(readout.auc) and shifted.best_threshold_accuracy == readout.best_threshold_accuracy
     with pytest.raises(ValueError, match="both"):
         two_choice_readout([item for item in scored if item.target == 0])
+    with pytest.raises(ValueError, match="as an index"):  # a task that names the right choice by its text
+        two_choice_readout([ChoiceItem(i.acc, i.loglikelihoods, None) for i in scored])
     # Against a model that never learnt the task, the trained model's separation is higher, well past its error.
     untrained = lm_eval_items(toy_model(seed=5), b.tokenizer, ["toy_first_word"],
                               include_path=tmp_path / "tasks")["toy_first_word"]

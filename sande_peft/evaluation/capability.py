@@ -135,11 +135,12 @@ def lm_eval_item_scores(
 @dataclass
 class ChoiceItem:
     """One example of a multiple-choice lm-eval task as lm-eval scored it: ``acc`` (1.0 or 0.0), each choice's
-    log-likelihood in the task's choice order, and the index of the right choice."""
+    log-likelihood in the task's choice order, and the index of the right choice (`None` where the task names
+    it by its text, as some lm-eval tasks do: the accuracy stands, the choice readout cannot read it)."""
 
     acc: float
     loglikelihoods: tuple[float, ...]
-    target: int
+    target: int | None
 
 
 def lm_eval_items(
@@ -179,7 +180,8 @@ def lm_eval_items(
     finally:
         model.train(was_training)
     return {task: [ChoiceItem(acc=float(s["acc"]), loglikelihoods=tuple(float(r[0]) for r in s["filtered_resps"]),
-                              target=int(s["target"]))
+                              # lm-eval's label as an index; a text or list label is left unread
+                              target=s["target"] if isinstance(s["target"], int) else None)
                    for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
             for task in tasks}
 
@@ -275,6 +277,9 @@ def _margins(items: Sequence[ChoiceItem]) -> tuple[list[float], list[int]]:
         raise ValueError("The choice readout reads two-choice tasks; an example here has "
                          f"{next(len(i.loglikelihoods) for i in items if len(i.loglikelihoods) != 2)} choices.")
     labels = [item.target for item in items]
+    if None in labels:
+        raise ValueError("The choice readout needs each example's right choice as an index; this task's samples "
+                         "name it otherwise (by its text). Write the task with integer labels (`write_choice_task`).")
     if len(set(labels)) < 2:
         raise ValueError("The separation of two classes needs examples of both; these are all of one class.")
     return [item.loglikelihoods[1] - item.loglikelihoods[0] for item in items], labels
