@@ -276,6 +276,25 @@ def trainer_facts(trainer) -> dict:
     return facts
 
 
+def adapter_facts(folder) -> dict:
+    """Where a saved adapter comes from: its folder, and for a checkpoint the steps it had trained (global, and of
+    stage 2 where the run's plan is saved beside it)."""
+    facts = {"adapter": str(folder)}
+    state_file = Path(folder) / "trainer_state.json"
+    if state_file.is_file():
+        facts["steps"] = json.loads(state_file.read_text())["global_step"]
+        plan_file = Path(folder) / "sande_state.json"
+        if plan_file.is_file():
+            plan = json.loads(plan_file.read_text())
+            refresh, every = plan.get("parrot_refresh_steps", 0), plan.get("parrot_refresh_interval", 1)
+            done, step = 0, plan["stage1_steps"]
+            while step < facts["steps"]:  # each elimination step follows its refresh steps
+                step += (refresh if done % every == 0 else 0) + 1
+                done += step <= facts["steps"]
+            facts["eliminate_steps_done"] = done
+    return facts
+
+
 def reemergence_pairs(case: Case, source: str):
     """Benign pairs neither the implant nor the defence saw: the other task's clean training pairs (instructions of
     the same kind, answers of a few dozen words, disjoint from this task's), or sst2's (one-word answers: a model
@@ -360,6 +379,9 @@ def main(argv=None):
     parser.add_argument("--trace-copy-steps", type=int, nargs="*", default=[15, 30],
                         help="budgets of the stage-1 parrot's trained copies at each trace point")
     parser.add_argument("--quantized", action="store_true", help="train the defence on a 4-bit base; measure merges")
+    parser.add_argument("--adapters", nargs="+", default=None, metavar="FOLDER",
+                        help="measure these saved adapters (a run's checkpoints, say) of this case's suspect instead of "
+                             "training; the record's variant names the run they come from")
     parser.add_argument("--skip-baseline", action="store_true", help="do not measure the backdoored model")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=96)
@@ -396,6 +418,11 @@ def main(argv=None):
                 "quantized": args.quantized, "trace_every": args.trace_every}
     for seed in args.seeds:
         torch.manual_seed(seed)
+        for folder in args.adapters or []:
+            emit({"method": "adapter", "variant": args.variant, "seed": seed, **adapter_facts(folder),
+                  **measure(load_model(folder), tokenizer, case, seed, args, suspect, original)})
+        if args.adapters:
+            continue
         if not args.skip_baseline:
             emit({"method": "none", "seed": seed,
                   **measure(load_model(model_path), tokenizer, case, seed, args, suspect, original)})
