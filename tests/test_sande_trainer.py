@@ -273,6 +273,8 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
         ({"triggered_response": "i", "parrot_refresh_check_train_steps": -1}, "parrot_refresh_check_train_steps"),
         ({"triggered_response": "i", "eliminate_retain_prompt": -0.5}, "eliminate_retain_prompt"),
         ({"triggered_response": "i", "eliminate_retain_prompt": 1.0, "eliminate_loss_type": "sft"}, "'distill'"),
+        ({"triggered_response": "i", "eliminate_anchor_share": 1.5}, "eliminate_anchor_share"),
+        ({"triggered_response": "i", "eliminate_anchor_share": 0.5, "eliminate_loss_type": "sft"}, "would teach r_t"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
