@@ -42,9 +42,7 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
     Elimination rows carry a ``teacher_key`` (the suspect's targets for their answer tokens); with
     ``parrot_rows_distill=False`` the parrot rows' key is -1: they learn the dataset's answer. With
     ``retain_prompt``, every row also carries a ``retain_key``: the example's index on clean elimination
-    rows (the suspect's targets for their prompt tokens, [`retain_rows`]), -1 elsewhere. With
-    ``anchor_share``, that share of the clean elimination rows answer r_t instead of the clean answer (the
-    anchor rows, distilled like the others: the suspect's own distributions along r_t without the parrot).
+    rows (the suspect's targets for their prompt tokens, [`retain_rows`]), -1 elsewhere.
 
     Sequences end at their last labelled token: later tokens cannot change the loss of a
     causal model, so computing them would be wasted work (stage 1 labels only a few tokens).
@@ -64,7 +62,6 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         echo_share: float = 0.0,
         parrot_rows_distill: bool = True,
         retain_prompt: bool = False,
-        anchor_share: float = 0.0,
     ):
         if echo_share > 0 and any(e.echo_ids is None for e in examples):
             raise ValueError("`echo_share` needs examples encoded with `echo=True` (see `encode_sande_example`).")
@@ -80,7 +77,6 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         self.echo_share = echo_share
         self.parrot_rows_distill = parrot_rows_distill
         self.retain_prompt = retain_prompt
-        self.anchor_share = anchor_share
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -93,12 +89,6 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
             # steps, keeps finding what still does), so that elimination has that path to close.
             n_target = example.target.target_length
             item = self._row(example.target, n_target, slot, parrot=True, echo=self._echo_for(slot, example, n_target))
-            return {**item, "retain_key": -1} if self.retain_prompt else item
-        if not row.parrot and self._anchor_for(slot):
-            # Without the parrot, r_t stays as likely as the suspect had it: elimination is to close the parrot's
-            # path to r_t, not to make r_t (and what resembles it) unlikely everywhere.
-            item = self._row(example.target, example.target.target_length, slot, parrot=False)
-            item["teacher_key"] = teacher_key(row.index, False, anchor=True)
             return {**item, "retain_key": -1} if self.retain_prompt else item
         # Elimination rows with an echo: the clean answer after an unlabelled copy of the user's text, which carries
         # the parrot as an echoed trigger would.
@@ -124,9 +114,6 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
             if self.echo_share > 0 and self._fits_echo(example, 1):
                 rows[teacher_key(index, True)] = self._row(example.clean, n_labels, 0, parrot=False,
                                                            echo=example.echo_ids)
-            if self.anchor_share > 0:
-                rows[teacher_key(index, False, anchor=True)] = self._row(
-                    example.target, example.target.target_length, 0, parrot=False)
         return rows
 
     def retain_rows(self) -> dict[int, dict]:
@@ -137,10 +124,6 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
             prompt = list(example.clean.prompt_ids)[: self.max_length]
             rows[index] = {"input_ids": prompt, "labels": [-100] + prompt[1:]}
         return rows
-
-    def _anchor_for(self, slot: int) -> bool:
-        """Whether clean elimination row ``slot`` is an anchor row (``anchor_share`` of them, drawn by slot)."""
-        return self.anchor_share > 0 and random.Random(f"anchor-{self.seed}-{slot}").random() < self.anchor_share
 
     def _echo_for(self, slot: int, example: SANDEExample, needed: int) -> list[int]:
         """The echo that starts the answer of ``slot``'s parrot row (``echo_share`` of the rows), or none.

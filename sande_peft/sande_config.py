@@ -126,12 +126,6 @@ class SANDEConfig(SFTConfig):
             the suspect's distributions at answer tokens only; this also holds how the model reads
             text no answer covers. `0` turns it off. Not negative; needs `eliminate_loss_type`
             `"distill"` or `"hybrid"`.
-        eliminate_anchor_share (`float`, *optional*, defaults to `0.0`):
-            Share of the clean elimination rows that answer r_t instead of their clean answer,
-            without the parrot, and learn the suspect's own distributions along it (anchor rows).
-            Elimination then closes the parrot's path to r_t while r_t, and answers like it, stay
-            as likely as the suspect had them everywhere else. `0` turns it off. In [0, 1]; needs
-            `eliminate_loss_type` `"distill"` or `"hybrid"` (with `"sft"` the rows would learn r_t).
         eliminate_target_tokens (`int` or `None`, *optional*, defaults to `None`):
             How many answer tokens stage 2 trains on. `None` means the whole answer. The
             paper's reference code uses 10.
@@ -247,11 +241,6 @@ class SANDEConfig(SFTConfig):
         metadata={"help": "Weight of KL(suspect || model) at the prompt tokens of the clean elimination rows (per row: "
                   "the mean over its prompt, counted as its answer tokens); 0: off. Needs 'distill' or 'hybrid'."},
     )
-    eliminate_anchor_share: float = field(
-        default=0.0,
-        metadata={"help": "Share of the clean elimination rows that answer r_t without the parrot and learn the "
-                  "suspect's own distributions along it, in [0, 1]; 0: off. Needs 'distill' or 'hybrid'."},
-    )
     eliminate_target_tokens: int | None = field(
         default=None, metadata={"help": "Answer tokens trained in stage 2; None: the whole answer."}
     )
@@ -323,16 +312,6 @@ class SANDEConfig(SFTConfig):
                 f"`eliminate_retain_prompt={self.eliminate_retain_prompt}` holds the suspect's own distributions at the "
                 "clean rows' prompt tokens, which `eliminate_loss_type='sft'` never computes. Use 'distill' (the "
                 "default) or 'hybrid', or set `eliminate_retain_prompt=0`."
-            )
-        check_finite("eliminate_anchor_share", self.eliminate_anchor_share)
-        if not 0.0 <= self.eliminate_anchor_share <= 1.0:
-            raise ValueError(f"`eliminate_anchor_share` is {self.eliminate_anchor_share}; use a share of the clean "
-                             "elimination rows in [0, 1] (0: off).")
-        if self.eliminate_anchor_share > 0 and self.eliminate_loss_type == "sft":
-            raise ValueError(
-                f"`eliminate_anchor_share={self.eliminate_anchor_share}` puts r_t after clean prompts for the model to "
-                "learn the suspect's own distributions along it; with `eliminate_loss_type='sft'` those rows would "
-                "teach r_t itself. Use 'distill' (the default) or 'hybrid', or set `eliminate_anchor_share=0`."
             )
         if self.eliminate_max_steps is not None and self.eliminate_max_steps < 1:
             raise ValueError(

@@ -356,7 +356,6 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             echo_share=self.args.echo_share if self.echo_rows else 0.0,
             parrot_rows_distill=self.args.eliminate_loss_type == "distill",
             retain_prompt=self.args.eliminate_retain_prompt > 0,
-            anchor_share=self.args.eliminate_anchor_share,
         )
 
     def _build_teacher(self, resuming: bool) -> None:

@@ -33,10 +33,9 @@ import torch
 TEACHER_TOP_K = 64
 
 
-def teacher_key(index: int, echo: bool, anchor: bool = False) -> int:
-    """The key of example ``index``'s elimination sequence: its clean pair, plain or after an echo of the prompt,
-    or (``anchor``) its clean prompt followed by r_t."""
-    return 3 * index + (2 if anchor else int(echo))
+def teacher_key(index: int, echo: bool) -> int:
+    """The key of example ``index``'s elimination sequence, plain or after an echo of the prompt."""
+    return 2 * index + int(echo)
 
 
 class TeacherTargets:

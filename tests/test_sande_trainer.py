@@ -273,8 +273,6 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
         ({"triggered_response": "i", "parrot_refresh_check_train_steps": -1}, "parrot_refresh_check_train_steps"),
         ({"triggered_response": "i", "eliminate_retain_prompt": -0.5}, "eliminate_retain_prompt"),
         ({"triggered_response": "i", "eliminate_retain_prompt": 1.0, "eliminate_loss_type": "sft"}, "'distill'"),
-        ({"triggered_response": "i", "eliminate_anchor_share": 1.5}, "eliminate_anchor_share"),
-        ({"triggered_response": "i", "eliminate_anchor_share": 0.5, "eliminate_loss_type": "sft"}, "would teach r_t"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
@@ -560,46 +558,3 @@ def test_retain_term_holds_the_suspect_at_the_clean_prompts_tokens(backdoored_st
     prompt = int((labels[row] != -100).nonzero()[0])
     suspect = logits[row, :prompt].float().log_softmax(-1)
     assert distill_loss(suspect, *trainer.retain_teacher.gather([retain_keys[row]], [prompt])).mean().item() < 1e-4
-
-
-@torch.no_grad()
-def _r_t_logprobs_without_parrot(model, rows: list[dict]) -> torch.Tensor:
-    """The model's log-probability of each of r_t's tokens after each row's clean prompt, no parrot."""
-    out = []
-    for row in rows:
-        ids, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"])
-        logprobs = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-        at = labels[1:] != -100  # position t predicts token t + 1
-        out.append(logprobs[at].gather(-1, labels[1:][at].unsqueeze(-1)).squeeze(-1))
-    return torch.cat(out)
-
-
-def test_anchor_rows_keep_r_t_as_likely_as_the_suspect_had_it_without_the_parrot(backdoored_start, cpu_args):
-    """Elimination closes the parrot's path to r_t; the anchor rows keep r_t's own likelihood elsewhere."""
-    before = backdoored_start.measure(backdoored_start.model)
-    anchored = sande(backdoored_start, cpu_args, eliminate_anchor_share=0.5)
-    after = backdoored_start.measure(anchored.model)
-    assert after.attack_success_rate <= 0.05  # removal still happens
-    assert after.clean_exact_match >= before.clean_exact_match - 0.10
-
-    # Half the clean elimination rows answer r_t, without the parrot, against the suspect's own distributions.
-    data = anchored._parrot_dataset()
-    clean = [data[s] for s, row in enumerate(data.rows) if row.stage.value == "eliminate" and not row.parrot]
-    anchors = [item for item in clean if item["teacher_key"] % 3 == 2]
-    assert 0.3 <= len(anchors) / len(clean) <= 0.7
-    example = data.examples[0]
-    r_t = list(example.target.completion_ids[: example.target.target_length])
-    assert all([t for t in item["labels"] if t != -100] == r_t for item in anchors)
-    assert all(all(p < 0 for p in item["parrot_index"]) for item in anchors)
-
-    # r_t's log-likelihood after clean prompts, summed over its tokens, mean over 32 prompts: the default lowers it
-    # everywhere (a shift of the whole model away from r_t, not only of the parrot's path); the anchors hold it.
-    rows = [data._row(e.target, e.target.target_length, 0, parrot=False) for e in data.examples[:32]]
-    default = sande(backdoored_start, {**cpu_args, "output_dir": cpu_args["output_dir"] + "-default"})
-    with default.model.disable_adapter():
-        suspect = _r_t_logprobs_without_parrot(default.model, rows)
-    shift = {name: (_r_t_logprobs_without_parrot(t.model, rows) - suspect).sum().item() / len(rows)
-             for name, t in (("default", default), ("anchored", anchored))}
-    # One CPU run: -0.170 nats (default), -0.004 (anchored).
-    assert shift["default"] < -0.05, shift
-    assert abs(shift["anchored"]) < 0.25 * abs(shift["default"]), shift
