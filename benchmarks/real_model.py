@@ -23,7 +23,9 @@ measurement, with the commit, command and machine, and appends them to ``--out``
     python benchmarks/real_model.py --heldout phrase-insult --methods sande --out docs/results/heldout.jsonl
 
 `--trace-every N` records, every N elimination steps of SANDE, attack success on a few triggered
-prompts and how often the parrots elicit r_t (see `stage2_trace.py`).
+prompts and how often the parrots elicit r_t (see `stage2_trace.py`). `--adapters FOLDER ...` trains
+nothing: it measures saved adapters of the case's suspect (a run's checkpoints, with `save_strategy="steps"` in
+`--sande-overrides`) the same way, each record naming its folder and, for a checkpoint, the steps it had done.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from sande_peft.evaluation import (  # noqa: E402
     refinetune,
 )
 from sande_peft.offline_models import smollm2_path  # noqa: E402
+from sande_peft.schedule import StagePlan  # noqa: E402
 
 
 class Case:
@@ -285,13 +288,12 @@ def adapter_facts(folder) -> dict:
         facts["steps"] = json.loads(state_file.read_text())["global_step"]
         plan_file = Path(folder) / "sande_state.json"
         if plan_file.is_file():
-            plan = json.loads(plan_file.read_text())
-            refresh, every = plan.get("parrot_refresh_steps", 0), plan.get("parrot_refresh_interval", 1)
-            done, step = 0, plan["stage1_steps"]
-            while step < facts["steps"]:  # each elimination step follows its refresh steps
-                step += (refresh if done % every == 0 else 0) + 1
-                done += step <= facts["steps"]
-            facts["eliminate_steps_done"] = done
+            saved = json.loads(plan_file.read_text())
+            plan = StagePlan(saved["stage1_steps"], saved["stage2_steps"], saved.get("parrot_refresh_steps", 0),
+                             saved.get("parrot_refresh_interval", 1))
+            done = facts["steps"]
+            facts["eliminate_steps_done"] = (plan.stage2_steps if done >= plan.total_steps
+                                             else plan.eliminate_index(done))
     return facts
 
 
@@ -418,10 +420,10 @@ def main(argv=None):
                 "quantized": args.quantized, "trace_every": args.trace_every}
     for seed in args.seeds:
         torch.manual_seed(seed)
-        for folder in args.adapters or []:
-            emit({"method": "adapter", "variant": args.variant, "seed": seed, **adapter_facts(folder),
-                  **measure(load_model(folder), tokenizer, case, seed, args, suspect, original)})
-        if args.adapters:
+        if args.adapters:  # measure saved adapters; train nothing
+            for folder in args.adapters:
+                emit({"method": "adapter", "variant": args.variant, "seed": seed, **adapter_facts(folder),
+                      **measure(load_model(folder), tokenizer, case, seed, args, suspect, original)})
             continue
         if not args.skip_baseline:
             emit({"method": "none", "seed": seed,
