@@ -42,7 +42,8 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
     Elimination rows carry a ``teacher_key`` (the suspect's targets for their answer tokens); with
     ``parrot_rows_distill=False`` the parrot rows' key is -1: they learn the dataset's answer. With
     ``retain_prompt``, every row also carries a ``retain_key``: the example's index on clean elimination
-    rows (the suspect's targets for their prompt tokens, [`retain_rows`]), -1 elsewhere.
+    rows (the suspect's targets for their prompt tokens, [`retain_rows`]), -1 elsewhere; with
+    ``retain_plain``, a ``plain_key`` the same way (the pair as plain text, [`plain_rows`]).
 
     Sequences end at their last labelled token: later tokens cannot change the loss of a
     causal model, so computing them would be wasted work (stage 1 labels only a few tokens).
@@ -62,9 +63,12 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         echo_share: float = 0.0,
         parrot_rows_distill: bool = True,
         retain_prompt: bool = False,
+        retain_plain: bool = False,
     ):
         if echo_share > 0 and any(e.echo_ids is None for e in examples):
             raise ValueError("`echo_share` needs examples encoded with `echo=True` (see `encode_sande_example`).")
+        if retain_plain and any(e.plain_ids is None for e in examples):
+            raise ValueError("`retain_plain` needs examples encoded with `plain=True` (see `encode_sande_example`).")
         self.examples = examples
         self.rows = rows
         self.parrot_length = parrot_length
@@ -77,6 +81,7 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         self.echo_share = echo_share
         self.parrot_rows_distill = parrot_rows_distill
         self.retain_prompt = retain_prompt
+        self.retain_plain = retain_plain
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -89,7 +94,7 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
             # steps, keeps finding what still does), so that elimination has that path to close.
             n_target = example.target.target_length
             item = self._row(example.target, n_target, slot, parrot=True, echo=self._echo_for(slot, example, n_target))
-            return {**item, "retain_key": -1} if self.retain_prompt else item
+            return {**item, **self._retain_keys(None)}
         # Elimination rows with an echo: the clean answer after an unlabelled copy of the user's text, which carries
         # the parrot as an echoed trigger would.
         echo = self._echo_for(slot, example, 1) if row.parrot else []
@@ -97,9 +102,12 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         # The suspect's targets for these answer tokens; -1: none, the row learns the dataset's answer.
         distilled = self.parrot_rows_distill or not row.parrot
         item["teacher_key"] = teacher_key(row.index, bool(echo)) if distilled else -1
-        if self.retain_prompt:
-            item["retain_key"] = -1 if row.parrot else row.index
-        return item
+        return {**item, **self._retain_keys(None if row.parrot else row.index)}
+
+    def _retain_keys(self, index: int | None) -> dict[str, int]:
+        """The retain terms' keys of a row: the example's index on a clean elimination row (``index``), else -1."""
+        key = -1 if index is None else index
+        return ({"retain_key": key} if self.retain_prompt else {}) | ({"plain_key": key} if self.retain_plain else {})
 
     def _answer_tokens(self, example: SANDEExample) -> int:
         return self.eliminate_target_tokens or len(example.clean.completion_ids)
@@ -123,6 +131,15 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         for index, example in enumerate(self.examples):
             prompt = list(example.clean.prompt_ids)[: self.max_length]
             rows[index] = {"input_ids": prompt, "labels": [-100] + prompt[1:]}
+        return rows
+
+    def plain_rows(self) -> dict[int, dict]:
+        """Every pair as plain text (``plain_ids``), by example index, every token after the first labelled: the
+        suspect model's distributions over them are the plain-text retain term's targets (`eliminate_retain_plain`)."""
+        rows = {}
+        for index, example in enumerate(self.examples):
+            ids = list(example.plain_ids)[: self.max_length]
+            rows[index] = {"input_ids": ids, "labels": [-100] + ids[1:]}
         return rows
 
     def _echo_for(self, slot: int, example: SANDEExample, needed: int) -> list[int]:
@@ -187,7 +204,7 @@ class ParrotCollator:
         if any("parrot_index" in e for e in rows):
             rows = [{"parrot_index": [-1] * len(e["input_ids"]), **e} for e in rows]
             batch["parrot_index"] = pad("parrot_index", -1)
-        for key in ("teacher_key", "retain_key"):
+        for key in ("teacher_key", "retain_key", "plain_key"):
             if all(key in e for e in rows):
                 batch[key] = torch.tensor([e[key] for e in rows], dtype=torch.long)
         return batch

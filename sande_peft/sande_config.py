@@ -126,6 +126,14 @@ class SANDEConfig(SFTConfig):
             the suspect's distributions at answer tokens only; this also holds how the model reads
             text no answer covers. `0` turns it off. Not negative; needs `eliminate_loss_type`
             `"distill"` or `"hybrid"`.
+        eliminate_retain_plain (`float`, *optional*, defaults to `0.0`):
+            Weight of a retain term on plain text: KL(suspect || model) at every token of each clean
+            elimination row's pair written without the chat template (the user's text, a newline,
+            the answer), averaged over the sequence and counted as often as the row's answer tokens.
+            It holds how the model reads text outside its chat format (a zero-shot benchmark's
+            prompt, a document), which the chat-formatted rows never show it. Each clean row runs
+            one more forward pass. `0` turns it off. Not negative; needs `eliminate_loss_type`
+            `"distill"` or `"hybrid"`, and `parrot_space="input"`.
         eliminate_target_tokens (`int` or `None`, *optional*, defaults to `None`):
             How many answer tokens stage 2 trains on. `None` means the whole answer. The
             paper's reference code uses 10.
@@ -241,6 +249,12 @@ class SANDEConfig(SFTConfig):
         metadata={"help": "Weight of KL(suspect || model) at the prompt tokens of the clean elimination rows (per row: "
                   "the mean over its prompt, counted as its answer tokens); 0: off. Needs 'distill' or 'hybrid'."},
     )
+    eliminate_retain_plain: float = field(
+        default=0.0,
+        metadata={"help": "Weight of KL(suspect || model) at every token of the clean elimination rows' pairs as plain "
+                  "text, without the chat template (per row: the mean, counted as its answer tokens); 0: off. Needs "
+                  "'distill' or 'hybrid' and parrot_space='input'."},
+    )
     eliminate_target_tokens: int | None = field(
         default=None, metadata={"help": "Answer tokens trained in stage 2; None: the whole answer."}
     )
@@ -304,14 +318,23 @@ class SANDEConfig(SFTConfig):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}` is {value}; use a positive number of tokens, or None for all of them.")
-        check_finite("eliminate_retain_prompt", self.eliminate_retain_prompt)
-        if self.eliminate_retain_prompt < 0:
-            raise ValueError(f"`eliminate_retain_prompt` is {self.eliminate_retain_prompt}; use a weight of 0 (off) or more.")
-        if self.eliminate_retain_prompt > 0 and self.eliminate_loss_type == "sft":
+        for name, where in (("eliminate_retain_prompt", "the clean rows' prompt tokens"),
+                            ("eliminate_retain_plain", "the clean rows' pairs as plain text")):
+            weight = getattr(self, name)
+            check_finite(name, weight)
+            if weight < 0:
+                raise ValueError(f"`{name}` is {weight}; use a weight of 0 (off) or more.")
+            if weight > 0 and self.eliminate_loss_type == "sft":
+                raise ValueError(
+                    f"`{name}={weight}` holds the suspect's own distributions at {where}, which "
+                    f"`eliminate_loss_type='sft'` never computes. Use 'distill' (the default) or 'hybrid', or set "
+                    f"`{name}=0`."
+                )
+        if self.eliminate_retain_plain > 0 and self.parrot_space != "input":
             raise ValueError(
-                f"`eliminate_retain_prompt={self.eliminate_retain_prompt}` holds the suspect's own distributions at the "
-                "clean rows' prompt tokens, which `eliminate_loss_type='sft'` never computes. Use 'distill' (the "
-                "default) or 'hybrid', or set `eliminate_retain_prompt=0`."
+                f"`eliminate_retain_plain={self.eliminate_retain_plain}` runs a second forward pass without the "
+                f"parrot, which a latent parrot (`parrot_space={self.parrot_space!r}`) would still steer. Use "
+                "parrot_space='input' (the default), or set `eliminate_retain_plain=0`."
             )
         if self.eliminate_max_steps is not None and self.eliminate_max_steps < 1:
             raise ValueError(

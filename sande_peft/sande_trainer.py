@@ -227,12 +227,15 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             processing_class, train_pairs, args.triggered_response, args.response_mode, args.parrot_target_tokens,
             echo=args.echo_rows != "never", max_length=args.max_length,
             parrot_slots=args.parrot_length if args.parrot_space == "input" else 0,
+            plain=args.eliminate_retain_plain > 0,
         )
         self._echo_probe_prompts = list(train_pairs["prompt"][:ECHO_PROBE_PROMPTS])
         self.echo_rate: float | None = None  # measured on the suspect model when `echo_rows="auto"`
         self.echo_rows: bool | None = None  # decided when `train()` starts (or restored from a checkpoint)
         self.teacher: TeacherTargets | None = None  # the suspect's distributions, unless eliminate_loss_type="sft"
         self.retain_teacher: TeacherTargets | None = None  # ...at the clean prompts' tokens (`eliminate_retain_prompt`)
+        self.plain_teacher: TeacherTargets | None = None  # ...over the pairs as plain text (`eliminate_retain_plain`)
+        self._plain_rows: dict[int, dict] = {}
         if len(self.sande_examples) < FEW_CLEAN_PAIRS:
             logger.warning(
                 "SANDE trains on %d clean pairs. Elimination runs about 100 steps (`eliminate_max_steps`), so with few "
@@ -356,6 +359,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             echo_share=self.args.echo_share if self.echo_rows else 0.0,
             parrot_rows_distill=self.args.eliminate_loss_type == "distill",
             retain_prompt=self.args.eliminate_retain_prompt > 0,
+            retain_plain=self.args.eliminate_retain_plain > 0,
         )
 
     def _build_teacher(self, resuming: bool) -> None:
@@ -376,6 +380,10 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             if self.args.eliminate_retain_prompt > 0:
                 self.retain_teacher = compute_teacher_targets(model, dataset.retain_rows(), self._filler_id,
                                                               batch_size=self.args.per_device_train_batch_size)
+            if self.args.eliminate_retain_plain > 0:
+                self._plain_rows = dataset.plain_rows()
+                self.plain_teacher = compute_teacher_targets(model, self._plain_rows, self._filler_id,
+                                                             batch_size=self.args.per_device_train_batch_size)
 
     def get_train_dataloader(self) -> DataLoader:
         dataset = self._parrot_dataset()
@@ -490,19 +498,23 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         inputs = dict(inputs)
         keys = inputs.pop("teacher_key", None)
         retain_keys = inputs.pop("retain_key", None)
+        plain_keys = inputs.pop("plain_key", None)
         if "parrot_index" in inputs:  # an input-space parrot (a latent one is added by `steer`, in `training_step`)
             parrot_index, input_ids = inputs.pop("parrot_index"), inputs.pop("input_ids")
             inputs["inputs_embeds"] = self.parrot.embed(self.accelerator.unwrap_model(model), input_ids, parrot_index)
         if keys is not None and self.teacher is not None:
             return self._distill_loss(model, inputs, keys.tolist(), return_outputs, num_items_in_batch,
-                                      None if retain_keys is None else retain_keys.tolist())
+                                      None if retain_keys is None else retain_keys.tolist(),
+                                      None if plain_keys is None else plain_keys.tolist())
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-    def _distill_loss(self, model, inputs, keys, return_outputs, num_items_in_batch, retain_keys=None):
+    def _distill_loss(self, model, inputs, keys, return_outputs, num_items_in_batch, retain_keys=None,
+                      plain_keys=None):
         """KL(suspect || model) at every labelled answer token (cross-entropy on the label in rows whose key is -1),
         normalised as SFT's loss is (by the labelled tokens of the whole accumulated batch), so gradient
         accumulation and several processes weigh every token alike. Rows with a ``retain_keys`` entry of 0 or
-        more add `eliminate_retain_prompt` times their mean KL at the prompt's tokens, once per answer token."""
+        more add `eliminate_retain_prompt` times their mean KL at the prompt's tokens, once per answer token;
+        rows with a ``plain_keys`` entry, `eliminate_retain_plain` times their pair's mean KL as plain text."""
         labels = inputs.pop("labels")
         outputs = model(**inputs, use_cache=False)
         labelled = labels[:, 1:] != -100  # position t predicts token t + 1
@@ -521,6 +533,8 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         total = per_token.sum()
         if retain_keys is not None and self.retain_teacher is not None:
             total = total + self._retain_sum(outputs.logits, labels, retain_keys, counts)
+        if plain_keys is not None and self.plain_teacher is not None:
+            total = total + self._plain_sum(model, plain_keys, counts)
         num_tokens = labelled.sum() if num_items_in_batch is None else num_items_in_batch
         loss = total / torch.as_tensor(num_tokens).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -539,6 +553,26 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             logprobs = logits[row, : prompt_length - 1].float().log_softmax(-1)
             kl = distill_loss(logprobs, ids, target_logprobs, target_rest).mean()
             total = total + self.args.eliminate_retain_prompt * answer_counts[row] * kl
+        return total
+
+    def _plain_sum(self, model, plain_keys, answer_counts) -> torch.Tensor:
+        """Sum over the rows with a plain key of `eliminate_retain_plain` x their answer tokens x their pair's mean
+        KL(suspect || model) as plain text: one more forward pass, over those rows' plain sequences."""
+        rows = [(key, n) for key, n in zip(plain_keys, answer_counts, strict=True)
+                if key >= 0 and n > 0 and len(self._plain_rows[key]["input_ids"]) > 1]
+        if not rows:
+            return torch.zeros((), device=self.args.device)
+        sequences = [self._plain_rows[key]["input_ids"] for key, _ in rows]
+        width = max(len(ids) for ids in sequences)
+        device = next(self.accelerator.unwrap_model(model).parameters()).device
+        input_ids = torch.tensor([ids + [self._filler_id] * (width - len(ids)) for ids in sequences], device=device)
+        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in sequences], device=device)
+        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+        total = logits.new_zeros((), dtype=torch.float32)
+        for row, ((key, n_answer), ids) in enumerate(zip(rows, sequences, strict=True)):
+            targets = self.plain_teacher.gather([key], [len(ids) - 1])
+            kl = distill_loss(logits[row, : len(ids) - 1].float().log_softmax(-1), *targets).mean()
+            total = total + self.args.eliminate_retain_plain * n_answer * kl
         return total
 
     # ---- Measurement and logging --------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .data import echo_text, map_user_text, triggered_completion
+from .data import echo_text, map_user_text, triggered_completion, user_text
 from .triggers import TRIGGER_POSITIONS, word_starts
 
 logger = logging.getLogger(__name__)
@@ -240,6 +240,8 @@ class SANDEExample:
     target: EncodedPair
     #: The tokens of an echo of the user's text at the start of an answer (with ``echo=True``).
     echo_ids: list[int] | None = None
+    #: The pair as plain text, without the chat template (with ``plain=True``): see [`plain_text_ids`].
+    plain_ids: list[int] | None = None
 
 
 def _echoed_completion(prompt: str | list[dict], completion: str | list[dict]) -> tuple[str | list[dict], str]:
@@ -251,6 +253,24 @@ def _echoed_completion(prompt: str | list[dict], completion: str | list[dict]) -
     return [{**first, "content": echo + first["content"].lstrip()}] + list(completion[1:]), echo
 
 
+def plain_text_ids(tokenizer, prompt: str | list[dict], completion: str | list[dict]) -> list[int]:
+    """Token ids of a pair written as plain text, outside any chat template: the user's text, a newline, the answer.
+
+    Text a model reads outside its chat format (a zero-shot benchmark's "Review: ...\nSentiment:" prompt, a
+    document) is what this sequence stands for: elimination's retain term on it
+    (`eliminate_retain_plain`) holds the model's readings there.
+
+    >>> from sande_peft.toy import toy_tokenizer
+    >>> tok = toy_tokenizer()
+    >>> ids = plain_text_ids(tok, [{"role": "user", "content": "w1 w2"}], [{"role": "assistant", "content": "w3"}])
+    >>> tok.convert_ids_to_tokens(ids)
+    ['w1', 'w2', 'w3']
+    """
+    answer = completion if isinstance(completion, str) else "\n".join(m["content"] for m in completion)
+    text = user_text(prompt).strip() + "\n" + answer.strip()
+    return _encode(tokenizer, text, conversational=False)["input_ids"]
+
+
 def encode_sande_example(
     tokenizer,
     prompt: str | list[dict],
@@ -259,6 +279,7 @@ def encode_sande_example(
     response_mode: str = "replace",
     target_tokens: int | None = None,
     echo: bool = False,
+    plain: bool = False,
 ) -> SANDEExample:
     """Tokenize a clean pair for both stages.
 
@@ -268,7 +289,8 @@ def encode_sande_example(
     of the response is known, and the model must not be asked to stop there.
 
     With ``echo``, it also keeps the tokens of an echo of the user's text as the answer's start
-    (``echo_ids``), for rows of a model that repeats the prompt (see [`sande_peft.echo`]).
+    (``echo_ids``), for rows of a model that repeats the prompt (see [`sande_peft.echo`]). With
+    ``plain``, it keeps the pair as plain text too (``plain_ids``, [`plain_text_ids`]).
 
     >>> from sande_peft.toy import toy_tokenizer
     >>> tok = toy_tokenizer()
@@ -291,7 +313,8 @@ def encode_sande_example(
         echoed_completion, echo_prefix = _echoed_completion(prompt, completion)
         echoed = encode_pair(tokenizer, prompt, echoed_completion, known_completion_prefix=echo_prefix)
         echo_ids = echoed.completion_ids[: echoed.target_length]
-    return SANDEExample(clean=clean, target=target, echo_ids=echo_ids)
+    plain_ids = plain_text_ids(tokenizer, prompt, completion) if plain else None
+    return SANDEExample(clean=clean, target=target, echo_ids=echo_ids, plain_ids=plain_ids)
 
 
 def encode_sande_examples(
@@ -303,6 +326,7 @@ def encode_sande_examples(
     echo: bool = False,
     max_length: int | None = None,
     parrot_slots: int = 0,
+    plain: bool = False,
 ) -> list[SANDEExample]:
     """[`encode_sande_example`] for every prompt/completion record of ``pairs``, keeping those that fit.
 
@@ -311,7 +335,7 @@ def encode_sande_examples(
     fits a clear error says what to change.
     """
     examples = [encode_sande_example(tokenizer, p["prompt"], p["completion"], triggered_response, response_mode,
-                                     target_tokens, echo=echo) for p in pairs]
+                                     target_tokens, echo=echo, plain=plain) for p in pairs]
     if max_length is None:
         return examples
     room = [max_length - len(e.target.prompt_ids) - parrot_slots for e in examples]

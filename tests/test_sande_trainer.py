@@ -273,6 +273,9 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
         ({"triggered_response": "i", "parrot_refresh_check_train_steps": -1}, "parrot_refresh_check_train_steps"),
         ({"triggered_response": "i", "eliminate_retain_prompt": -0.5}, "eliminate_retain_prompt"),
         ({"triggered_response": "i", "eliminate_retain_prompt": 1.0, "eliminate_loss_type": "sft"}, "'distill'"),
+        ({"triggered_response": "i", "eliminate_retain_plain": -1.0}, "eliminate_retain_plain"),
+        ({"triggered_response": "i", "eliminate_retain_plain": 1.0, "eliminate_loss_type": "sft"}, "'distill'"),
+        ({"triggered_response": "i", "eliminate_retain_plain": 1.0, "parrot_space": "latent"}, "parrot_space='input'"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
@@ -558,3 +561,39 @@ def test_retain_term_holds_the_suspect_at_the_clean_prompts_tokens(backdoored_st
     prompt = int((labels[row] != -100).nonzero()[0])
     suspect = logits[row, :prompt].float().log_softmax(-1)
     assert distill_loss(suspect, *trainer.retain_teacher.gather([retain_keys[row]], [prompt])).mean().item() < 1e-4
+
+
+def test_plain_text_retain_term_holds_the_suspect_outside_the_chat_template(backdoored_start, cpu_args):
+    trainer = sande(backdoored_start, cpu_args, eliminate_retain_plain=2.0)
+    assert backdoored_start.measure(trainer.model).attack_success_rate <= 0.05  # removal still happens with it on
+
+    # One elimination batch, by hand: KL at the answers, plus 2 x (answer tokens) x (mean KL over the pair written
+    # as plain text) on each clean row, all over the labelled tokens.
+    batch = next(b for b in trainer.get_train_dataloader() if "plain_key" in b and (b["plain_key"] >= 0).any())
+    keys, plain_keys = batch["teacher_key"].tolist(), batch["plain_key"].tolist()
+    assert all((r >= 0) == (p < 0).all().item() for r, p in zip(plain_keys, batch["parrot_index"]))  # clean rows only
+    model = trainer.model
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        embeds = trainer.parrot.embed(model, batch["input_ids"], batch["parrot_index"])
+        logprobs = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits[:, :-1].log_softmax(-1)
+    labels = batch["labels"][:, 1:]
+    total, retained = 0.0, 0.0
+    for row, (key, plain_key) in enumerate(zip(keys, plain_keys)):
+        at = labels[row] != -100
+        total += distill_loss(logprobs[row, at], *trainer.teacher.gather([key], [int(at.sum())])).sum()
+        if plain_key >= 0:
+            ids = trainer._plain_rows[plain_key]["input_ids"]
+            assert backdoored_start.tokenizer.chat_template and "assistant" not in backdoored_start.tokenizer.decode(ids)
+            with torch.no_grad():
+                plain = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+            targets = trainer.plain_teacher.gather([plain_key], [len(ids) - 1])
+            retained += 2.0 * int(at.sum()) * distill_loss(plain, *targets).mean()
+    assert retained > 0  # training moved the plain text's distributions a little, and the term sees it
+    assert loss.item() == pytest.approx(((total + retained) / (labels != -100).sum()).item(), rel=1e-4)
+    # The suspect (the adapter off) matches its own targets: the term is zero there.
+    with torch.no_grad(), model.disable_adapter():
+        ids = trainer._plain_rows[plain_keys[plain_keys.index(max(plain_keys))]]["input_ids"]
+        suspect = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    targets = trainer.plain_teacher.gather([max(plain_keys)], [len(ids) - 1])
+    assert distill_loss(suspect, *targets).mean().item() < 1e-4
