@@ -523,6 +523,19 @@ def test_hybrid_loss_trains_parrot_rows_on_the_answers_and_clean_rows_on_the_sus
     assert loss.item() == pytest.approx((total / (labels != -100).sum()).item(), rel=1e-4)
 
 
+def elimination_batch_with(trainer, key_name):
+    """The first elimination batch with a clean row carrying ``key_name`` (a retain term's key), its teacher and retain
+    keys, the trainer's loss on it, and the model's input embeddings and log-probabilities over it."""
+    batch = next(b for b in trainer.get_train_dataloader() if key_name in b and (b[key_name] >= 0).any())
+    keys, retain_keys = batch["teacher_key"].tolist(), batch[key_name].tolist()
+    assert all((r >= 0) == (p < 0).all().item() for r, p in zip(retain_keys, batch["parrot_index"]))  # clean rows only
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        embeds = trainer.parrot.embed(trainer.model, batch["input_ids"], batch["parrot_index"])
+        logits = trainer.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    return batch, keys, retain_keys, loss, embeds, logits[:, :-1].float().log_softmax(-1)
+
+
 def test_retain_term_holds_the_suspect_at_the_clean_prompts_tokens(backdoored_start, cpu_args):
     before = backdoored_start.measure(backdoored_start.model)
     trainer = sande(backdoored_start, cpu_args, eliminate_retain_prompt=2.0)
@@ -534,16 +547,9 @@ def test_retain_term_holds_the_suspect_at_the_clean_prompts_tokens(backdoored_st
 
     # One elimination batch, by hand: KL at the answers, plus 2 x (answer tokens) x (mean KL at the prompt's
     # tokens) on each clean row, all over the labelled tokens.
-    batch = next(b for b in trainer.get_train_dataloader() if "retain_key" in b and (b["retain_key"] >= 0).any())
-    keys, retain_keys = batch["teacher_key"].tolist(), batch["retain_key"].tolist()
-    assert all((r >= 0) == (p < 0).all().item() for r, p in zip(retain_keys, batch["parrot_index"]))  # clean rows only
+    batch, keys, retain_keys, loss, embeds, logprobs = elimination_batch_with(trainer, "retain_key")
     model = trainer.model
-    with torch.no_grad():
-        loss = trainer.compute_loss(model, dict(batch))
-        embeds = trainer.parrot.embed(model, batch["input_ids"], batch["parrot_index"])
-        logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
-    logprobs = logits[:, :-1].float().log_softmax(-1)
     total, retained = 0.0, 0.0
     for row, (key, retain_key) in enumerate(zip(keys, retain_keys)):
         at = labels[row] != -100
@@ -569,14 +575,8 @@ def test_plain_text_retain_term_holds_the_suspect_outside_the_chat_template(back
 
     # One elimination batch, by hand: KL at the answers, plus 2 x (answer tokens) x (mean KL over the pair written
     # as plain text) on each clean row, all over the labelled tokens.
-    batch = next(b for b in trainer.get_train_dataloader() if "plain_key" in b and (b["plain_key"] >= 0).any())
-    keys, plain_keys = batch["teacher_key"].tolist(), batch["plain_key"].tolist()
-    assert all((r >= 0) == (p < 0).all().item() for r, p in zip(plain_keys, batch["parrot_index"]))  # clean rows only
+    batch, keys, plain_keys, loss, _, logprobs = elimination_batch_with(trainer, "plain_key")
     model = trainer.model
-    with torch.no_grad():
-        loss = trainer.compute_loss(model, dict(batch))
-        embeds = trainer.parrot.embed(model, batch["input_ids"], batch["parrot_index"])
-        logprobs = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits[:, :-1].log_softmax(-1)
     labels = batch["labels"][:, 1:]
     total, retained = 0.0, 0.0
     for row, (key, plain_key) in enumerate(zip(keys, plain_keys)):
