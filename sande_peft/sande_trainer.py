@@ -562,16 +562,15 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                 if key >= 0 and n > 0 and len(self._plain_rows[key]["input_ids"]) > 1]
         if not rows:
             return torch.zeros((), device=self.args.device)
-        sequences = [self._plain_rows[key]["input_ids"] for key, _ in rows]
-        width = max(len(ids) for ids in sequences)
+        batch = self.data_collator([self._plain_rows[key] for key, _ in rows])  # padded as the training rows are
         device = next(self.accelerator.unwrap_model(model).parameters()).device
-        input_ids = torch.tensor([ids + [self._filler_id] * (width - len(ids)) for ids in sequences], device=device)
-        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in sequences], device=device)
-        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits
+        lengths = batch["attention_mask"].sum(-1).tolist()
         total = logits.new_zeros((), dtype=torch.float32)
-        for row, ((key, n_answer), ids) in enumerate(zip(rows, sequences, strict=True)):
-            targets = self.plain_teacher.gather([key], [len(ids) - 1])
-            kl = distill_loss(logits[row, : len(ids) - 1].float().log_softmax(-1), *targets).mean()
+        for row, ((key, n_answer), length) in enumerate(zip(rows, lengths, strict=True)):
+            targets = self.plain_teacher.gather([key], [length - 1])
+            kl = distill_loss(logits[row, : length - 1].float().log_softmax(-1), *targets).mean()
             total = total + self.args.eliminate_retain_plain * n_answer * kl
         return total
 

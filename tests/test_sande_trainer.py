@@ -593,8 +593,9 @@ def test_plain_text_retain_term_holds_the_suspect_outside_the_chat_template(back
     assert retained > 0  # training moved the plain text's distributions a little, and the term sees it
     assert loss.item() == pytest.approx(((total + retained) / (labels != -100).sum()).item(), rel=1e-4)
     # The suspect (the adapter off) matches its own targets: the term is zero there.
+    key = max(plain_keys)
     with torch.no_grad(), model.disable_adapter():
-        ids = trainer._plain_rows[plain_keys[plain_keys.index(max(plain_keys))]]["input_ids"]
+        ids = trainer._plain_rows[key]["input_ids"]
         suspect = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
-    targets = trainer.plain_teacher.gather([max(plain_keys)], [len(ids) - 1])
+    targets = trainer.plain_teacher.gather([key], [len(ids) - 1])
     assert distill_loss(suspect, *targets).mean().item() < 1e-4
