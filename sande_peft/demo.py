@@ -58,9 +58,6 @@ class DemoSettings:
     parrot_layer: int | None = 8
     # The defender's LoRA rank: rank 4 removed as much as rank 16 and kept a little more (docs/results.md).
     lora_r: int = 4
-    # One clean row to each parrot row, the library's default when the demo was measured: with the demo's latent
-    # parrot and epochs, three clean rows to one left 62.5% of its backdoor (docs/results.md, "The demo's backdoor").
-    clean_ratio: float = 0.5
     batch_size: int = 8
     max_length: int = 80
     seed: int = 0
@@ -75,7 +72,6 @@ class DemoSettings:
             parrot_refresh_steps=self.parrot_refresh_steps, parrot_space=self.parrot_space,
             parrot_layer=self.parrot_layer, parrot_refresh_batch_size=self.parrot_refresh_batch_size,
             per_device_train_batch_size=self.batch_size, max_length=self.max_length, parrot_eval_size=16,
-            clean_ratio=self.clean_ratio,
             seed=self.seed, use_cpu=True, gradient_checkpointing=False, save_strategy="no", report_to="none",
             logging_steps=10, model_init_kwargs={"dtype": torch.float32},
         )

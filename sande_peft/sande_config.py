@@ -137,10 +137,10 @@ class SANDEConfig(SFTConfig):
         eliminate_target_tokens (`int` or `None`, *optional*, defaults to `None`):
             How many answer tokens stage 2 trains on. `None` means the whole answer. The
             paper's reference code uses 10.
-        clean_ratio (`float`, *optional*, defaults to `0.75`):
-            Share of untriggered clean pairs among stage 2's pairs, in [0, 1]: `0.75` is three clean
-            rows to each parrot-carrying one, which kept more of the model than `0.5` (one to one,
-            [`~sande_peft.OSFTConfig`]'s default) at about the same removal (docs/results.md).
+        clean_ratio (`float`, *optional*, defaults to `0.5`):
+            Share of untriggered clean pairs among stage 2's pairs, in [0, 1]. `0.75` (three clean
+            rows to each parrot-carrying one) keeps more of the model and removes less: it left a
+            held-out backdoor in place (docs/results.md).
         echo_rows (`str`, *optional*, defaults to `"auto"`):
             Whether `echo_share` of the parrot rows start their answer with an unlabelled echo of
             the user's text, for a model that repeats the prompt before answering (and so writes
@@ -261,7 +261,7 @@ class SANDEConfig(SFTConfig):
         default=None, metadata={"help": "Answer tokens trained in stage 2; None: the whole answer."}
     )
     clean_ratio: float = field(
-        default=0.75, metadata={"help": "Share of untriggered clean pairs among stage 2's pairs, in [0, 1]."}
+        default=0.5, metadata={"help": "Share of untriggered clean pairs among stage 2's pairs, in [0, 1]."}
     )
     echo_rows: str = field(
         default="auto",

@@ -14,7 +14,7 @@ from transformers import TrainerCallback, TrainerControl
 from trl import SFTConfig, SFTTrainer
 
 from sande_peft import SANDEConfig, SANDETrainer
-from sande_peft.data import DatasetFormatError, mix_counts
+from sande_peft.data import DatasetFormatError
 from sande_peft.loading import load_sande
 from sande_peft.evaluation import generate_texts
 from sande_peft.sande_trainer import FEW_CLEAN_PAIRS, _StageBoundaryCallback
@@ -340,11 +340,10 @@ def test_elimination_length_is_capped_in_steps_unless_max_steps_or_none_says_oth
                                processing_class=backdoored_start.tokenizer, peft_config=lora())
         return trainer.plan.stage2_steps, trainer.plan.total_steps - trainer.plan.stage1_steps
 
-    # Every clean pair appears clean, a third of them carrying the parrot too (the default clean_ratio, 0.75).
-    pairs = sum(mix_counts(FEW_CLEAN_PAIRS, 0.75))
-    assert stage2_steps(eliminate_max_steps=None)[0] == -(-5 * pairs // 8)  # the 5 default epochs in full, rounded up
+    pairs = 2 * FEW_CLEAN_PAIRS  # each clean pair appears once carrying the parrot and once clean (clean_ratio 0.5)
+    assert stage2_steps(eliminate_max_steps=None)[0] == 5 * pairs // 8  # the 5 default epochs in full
     assert stage2_steps() == (100, 100 * 3)  # capped at the default 100 steps, each after 2 parrot refresh steps
-    assert stage2_steps(num_train_epochs=1.0)[0] == -(-pairs // 8)  # fewer epochs than the cap: epochs decide
+    assert stage2_steps(num_train_epochs=1.0)[0] == pairs // 8  # fewer epochs than the cap: epochs decide
     assert stage2_steps(max_steps=7)[0] == 7  # a positive max_steps overrides both, as in trl
 
 
