@@ -270,7 +270,7 @@ def trainer_facts(trainer) -> dict:
         facts.update(parrot_success=trainer.parrot_success, eliminate_steps=trainer.plan.stage2_steps,
                      echo_rate=trainer.echo_rate, echo_rows=trainer.echo_rows,
                      triggered_response_used=trainer.args.triggered_response,
-                     refresh_stopped_at=trainer.refresh_stopped_at)
+                     refresh_stopped_at=trainer.refresh_stopped_at, parrot_passed_at=trainer.parrot_passed_at)
         traces = [c for c in trainer.callback_handler.callbacks if isinstance(c, Stage2Trace)]
         if traces:
             facts["trace"] = traces[0].points
@@ -290,7 +290,8 @@ def adapter_facts(folder) -> dict:
         if plan_file.is_file():
             saved = json.loads(plan_file.read_text())
             plan = StagePlan(saved["stage1_steps"], saved["stage2_steps"], saved.get("parrot_refresh_steps", 0),
-                             saved.get("parrot_refresh_interval", 1))
+                             saved.get("parrot_refresh_interval", 1), saved.get("parrot_extension_steps", 0),
+                             saved.get("parrot_max_extensions", 0))
             done = facts["steps"]
             facts["eliminate_steps_done"] = (plan.stage2_steps if done >= plan.total_steps
                                              else plan.eliminate_index(done))

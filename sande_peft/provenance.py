@@ -150,6 +150,10 @@ def sande_provenance(trainer) -> dict[str, Any]:
                 settings[name] = getattr(args, name)
         settings["parrot_refresh_check_train_steps"] = args.parrot_refresh_check_train_steps
         found["parrot_refresh_stopped_at"] = trainer.refresh_stopped_at  # elimination steps; None: refreshed to the end
+    if args.parrot_min_success_rate is not None:
+        settings.update(parrot_min_success_rate=args.parrot_min_success_rate,
+                        parrot_extension_steps=plan.extension_steps, parrot_max_extensions=plan.extensions)
+        found["parrot_passed_at"] = trainer.parrot_passed_at  # stage-1 steps; None: never passed the bar
     return trainer_provenance(trainer, "SANDE", len(trainer.sande_examples), settings,
                               triggered_response=args.triggered_response, response_mode=args.response_mode,
                               parrot_success=trainer.parrot_success, echo_rate=trainer.echo_rate, **found)

@@ -61,6 +61,19 @@ class SANDEConfig(SFTConfig):
             Stage-1 steps. When not positive, `parrot_num_train_epochs` decides.
         parrot_num_train_epochs (`float`, *optional*, defaults to `2.0`):
             Stage-1 passes over the training prompts, when `parrot_max_steps` is not set.
+        parrot_min_success_rate (`float` or `None`, *optional*, defaults to `None`):
+            The bar stage 1's parrot must pass: the share of the `parrot_eval_size` held-out prompts
+            on which it makes the frozen model emit r_t verbatim. Below it, stage 1 goes on for
+            `parrot_extension_steps` more steps, measured again after each, at most
+            `parrot_max_extensions` times; once it passes, the remaining extension steps are skipped
+            at no cost. A parrot that imitates the trigger weakly when elimination starts can leave
+            the trigger in place. `None`: stage 1 runs its planned steps. In (0, 1]; needs
+            `parrot_eval_size` above 0.
+        parrot_extension_steps (`int`, *optional*, defaults to `25`):
+            Stage-1 steps of each extension taken under `parrot_min_success_rate`. Positive.
+        parrot_max_extensions (`int`, *optional*, defaults to `4`):
+            The most extensions under `parrot_min_success_rate`; elimination starts after them
+            whatever the parrot's success, with a warning. Positive.
         parrot_target_tokens (`int` or `None`, *optional*, defaults to `None`):
             How many tokens of r_t the parrot loss covers. `None` covers all known tokens. The
             paper's reference code uses 1.
@@ -201,6 +214,17 @@ class SANDEConfig(SFTConfig):
         default=-1, metadata={"help": "Stage-1 steps; when not positive, parrot_num_train_epochs decides."}
     )
     parrot_num_train_epochs: float = field(default=2.0, metadata={"help": "Stage-1 passes over the prompts."})
+    parrot_min_success_rate: float | None = field(
+        default=None,
+        metadata={"help": "Stage 1 goes on, parrot_extension_steps at a time, until the parrot makes the frozen model "
+                  "emit r_t on at least this share of the held-out prompts; None: the planned steps only."},
+    )
+    parrot_extension_steps: int = field(
+        default=25, metadata={"help": "Stage-1 steps of each extension under parrot_min_success_rate."}
+    )
+    parrot_max_extensions: int = field(
+        default=4, metadata={"help": "The most stage-1 extensions under parrot_min_success_rate."}
+    )
     parrot_target_tokens: int | None = field(
         default=None, metadata={"help": "Tokens of r_t in the parrot loss; None: all known tokens."}
     )
@@ -362,6 +386,24 @@ class SANDEConfig(SFTConfig):
             )
         if self.parrot_eval_size < 0:
             raise ValueError(f"`parrot_eval_size` is {self.parrot_eval_size}; use 0 to turn the measurement off.")
+        if self.parrot_min_success_rate is not None:
+            check_finite("parrot_min_success_rate", self.parrot_min_success_rate)
+            if not 0.0 < self.parrot_min_success_rate <= 1.0:
+                raise ValueError(
+                    f"`parrot_min_success_rate` is {self.parrot_min_success_rate}; use a share in (0, 1] (0.95: stage 1 "
+                    "goes on until the parrot elicits r_t on 95% of the held-out prompts), or None."
+                )
+            if self.parrot_eval_size == 0:
+                raise ValueError(
+                    "`parrot_min_success_rate` is measured on the held-out prompts, and `parrot_eval_size=0` holds none "
+                    "out: set `parrot_eval_size` above 0 (32 by default), or `parrot_min_success_rate=None`."
+                )
+        if self.parrot_extension_steps < 1 or self.parrot_max_extensions < 1:
+            raise ValueError(
+                f"`parrot_extension_steps` is {self.parrot_extension_steps} and `parrot_max_extensions` is "
+                f"{self.parrot_max_extensions}; use positive numbers (turn extensions off with "
+                "`parrot_min_success_rate=None`)."
+            )
         if self.parrot_refresh_stop_success is not None:
             check_finite("parrot_refresh_stop_success", self.parrot_refresh_stop_success)
             if not 0.0 <= self.parrot_refresh_stop_success < 1.0:

@@ -86,7 +86,7 @@ class _StageBoundaryCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
-        if (args.refresh_stop_checked and state.global_step == trainer.plan.stage1_steps
+        if (args.refresh_stop_checked and state.global_step == trainer.plan.stage1_end
                 and trainer.stage1_parrot is None):
             trainer.stage1_parrot = trainer.parrot.weight.detach().clone()
         return control
@@ -94,9 +94,14 @@ class _StageBoundaryCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         trainer, plan = self.trainer, self.trainer.plan
         segment = plan.segment_at(state.global_step - 1)
-        if segment.end == state.global_step and segment.measure and segment is not plan.segments[-1]:
+        if (segment.end == state.global_step and segment.measure and segment is not plan.segments[-1]
+                and not (segment.extension and trainer.parrot_passed_at is not None)):
             control.should_log = True
-            trainer._pending_logs.update(trainer.measure_parrot(segment))
+            measured = trainer.measure_parrot(segment)
+            trainer._pending_logs.update(measured)
+            if (args.parrot_min_success_rate is not None and "parrot_success_rate" in measured
+                    and segment.stage is Stage.SIMULATE and not segment.refresh):
+                self._check_bar(trainer, measured["parrot_success_rate"], state.global_step)
         if (args.refresh_stop_checked and segment.stage is Stage.ELIMINATE
                 and trainer.stage1_parrot is not None and trainer.refresh_stopped_at is None
                 and state.global_step < plan.total_steps):
@@ -104,6 +109,22 @@ class _StageBoundaryCallback(TrainerCallback):
             if done % args.parrot_refresh_check_steps == 0:
                 self._check(trainer, segment, done, control)
         return control
+
+    @staticmethod
+    def _check_bar(trainer: SANDETrainer, rate: float, step: int) -> None:
+        args, plan = trainer.args, trainer.plan
+        if rate >= args.parrot_min_success_rate:
+            trainer.parrot_passed_at = step
+            if step < plan.stage1_end:
+                logger.info("The parrot elicits r_t on %.0f%% of the held-out prompts after %d stage-1 steps "
+                            "(`parrot_min_success_rate` %.2f): the other %d extension steps are skipped.",
+                            100 * rate, step, args.parrot_min_success_rate, plan.stage1_end - step)
+        elif step == plan.stage1_end:
+            logger.warning("After %d stage-1 steps the parrot elicits r_t on %.0f%% of the held-out prompts, below "
+                           "`parrot_min_success_rate` %.2f: elimination starts from a parrot that imitates the trigger "
+                           "weakly and may leave it in place. Measure attack success after; raise "
+                           "`parrot_max_extensions` or `parrot_learning_rate` to go on.",
+                           step, 100 * rate, args.parrot_min_success_rate)
 
     @staticmethod
     def _check(trainer: SANDETrainer, segment: Segment, done: int, control) -> None:
@@ -283,6 +304,8 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             len(self.sande_examples), self.get_total_train_batch_size(args), args.clean_ratio,
             args.parrot_max_steps, args.parrot_num_train_epochs, args.max_steps, args.num_train_epochs,
             args.eliminate_max_steps, args.parrot_refresh_steps, args.parrot_refresh_interval,
+            *((args.parrot_extension_steps, args.parrot_max_extensions) if args.parrot_min_success_rate is not None
+              else (0, 0)),
         )
         if args.max_steps <= 0 and args.eliminate_max_steps == self.plan.stage2_steps:
             logger.info("Stage 2 runs %d steps (`eliminate_max_steps`); set it to None to run every epoch.",
@@ -292,6 +315,8 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         # refresh stopped (None: it has not).
         self.stage1_parrot: torch.Tensor | None = None
         self.refresh_stopped_at: int | None = None
+        # Under `parrot_min_success_rate`: the stage-1 steps after which the parrot passed its bar (None: not yet).
+        self.parrot_passed_at: int | None = None
         self._pending_logs: dict[str, float] = {}
         self._refresh_loss: torch.Tensor | None = None
         # Per kind of step since the last log: the summed loss and the optimizer steps it covers. The Trainer's
@@ -467,7 +492,8 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         segment = self.plan.segment_at(self.state.global_step)
-        if segment.refresh and self.refresh_stopped_at is not None:
+        if (segment.refresh and self.refresh_stopped_at is not None) or (
+                segment.extension and self.parrot_passed_at is not None):
             # The parrot stays as it is: no forward, no gradient (AdamW skips a parameter without one), no cost.
             return torch.zeros((), device=self.args.device)
         self._enter_stage(segment.stage)
@@ -690,6 +716,8 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         return sum(judge(o) for o in outputs) / len(outputs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and not self._step_losses and not self._pending_logs:
+            return  # every step since the last log was skipped (stage-1 extensions after the parrot passed its bar)
         if "loss" in logs:  # a training log: the stage of its last step, and each kind of step's own mean loss
             stage = self.plan.stage_at(max(self.state.global_step - 1, 0))
             logs["stage"] = stage.number
@@ -755,7 +783,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             state = {**self.plan.to_dict(), "global_step": self.state.global_step,
                      "stage": self.plan.stage_at(last).value, "parrot_success": self.parrot_success,
                      "echo_rows": self.echo_rows, "echo_rate": self.echo_rate,
-                     "refresh_stopped_at": self.refresh_stopped_at}
+                     "refresh_stopped_at": self.refresh_stopped_at, "parrot_passed_at": self.parrot_passed_at}
             with open(os.path.join(output_dir, SANDE_STATE_NAME), "w") as f:
                 json.dump(state, f, indent=2)
         self._write_provenance(output_dir)
@@ -773,6 +801,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         self.plan.check_matches(saved)
         self.parrot_success.update(saved.get("parrot_success", {}))
         self.refresh_stopped_at = saved.get("refresh_stopped_at")
+        self.parrot_passed_at = saved.get("parrot_passed_at")
         if saved.get("echo_rows") is not None:  # the resumed run replays the same rows
             self.echo_rows, self.echo_rate = saved["echo_rows"], saved.get("echo_rate")
 
@@ -783,7 +812,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         if self.args.refresh_stop_checked and os.path.isfile(stage1):
             self.stage1_parrot = load_file(stage1)["weight"].to(self.parrot.weight.device, self.parrot.weight.dtype)
         elif (self.args.refresh_stop_checked and self.refresh_stopped_at is None
-              and self.state.global_step > self.plan.stage1_steps):
+              and self.state.global_step > self.plan.stage1_end):
             logger.warning("%s holds no %s (saved without a refresh stop): the parrot is refreshed to "
                            "the end.", resume_from_checkpoint, STAGE1_PARROT_NAME)
         # The reloaded adapter trains in the dtype it had before the interruption (bf16 under QLoRA).

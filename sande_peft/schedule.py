@@ -68,6 +68,7 @@ class Segment:
     steps: int
     refresh: bool = False  # parrot steps between elimination steps, against the model as elimination left it
     measure: bool = True  # the parrot is measured when the segment ends (not after every refresh)
+    extension: bool = False  # more stage-1 steps, taken only while the parrot is below its success bar
 
     @property
     def end(self) -> int:
@@ -100,14 +101,21 @@ class StagePlan:
     """Stage 1 for ``stage1_steps``, then ``stage2_steps`` elimination steps; ``refresh_steps`` parrot steps come
     before the first elimination step and then before every ``refresh_interval``-th.
 
+    ``extensions`` stage-1 segments of ``extension_steps`` each follow the first one: the trainer takes them only
+    while the parrot is below its success bar, and skips the rest at no cost.
+
     >>> [s.steps for s in StagePlan(0, 4, refresh_steps=1, refresh_interval=2).segments]  # refresh, 2 x eliminate
     [1, 2, 1, 2]
+    >>> [(s.steps, s.extension) for s in StagePlan(3, 1, extension_steps=2, extensions=2).segments]
+    [(3, False), (2, True), (2, True), (1, False)]
     """
 
     stage1_steps: int
     stage2_steps: int
     refresh_steps: int = 0
     refresh_interval: int = 1
+    extension_steps: int = 0
+    extensions: int = 0
     segments: list[Segment] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -118,6 +126,9 @@ class StagePlan:
             raise ValueError(f"`refresh_steps` is {self.refresh_steps}; use 0 (a fixed parrot) or more.")
         if self.refresh_interval < 1:
             raise ValueError(f"`refresh_interval` is {self.refresh_interval}; use 1 (before every elimination step) or more.")
+        if self.extension_steps < 0 or self.extensions < 0 or (self.extensions and not self.extension_steps):
+            raise ValueError(f"Stage-1 extensions need `extension_steps` >= 1 when `extensions` > 0, got "
+                             f"{self.extension_steps} and {self.extensions}.")
         segments: list[Segment] = []
         step = 0
 
@@ -128,6 +139,8 @@ class StagePlan:
 
         if self.stage1_steps:
             add(Stage.SIMULATE, self.stage1_steps)
+        for _ in range(self.extensions):
+            add(Stage.SIMULATE, self.extension_steps, extension=True)
         if self.refresh_steps == 0:
             add(Stage.ELIMINATE, self.stage2_steps)
         else:
@@ -158,6 +171,8 @@ class StagePlan:
         eliminate_max_steps: int | None,
         refresh_steps: int,
         refresh_interval: int = 1,
+        extension_steps: int = 0,
+        extensions: int = 0,
     ) -> StagePlan:
         """The plan of a run over ``n_examples`` clean pairs, with SANDEConfig's step settings.
 
@@ -173,11 +188,16 @@ class StagePlan:
         stage2 = steps_for(n_stage2, num_train_epochs, max_steps, global_batch_size)
         if max_steps <= 0 and eliminate_max_steps is not None:
             stage2 = min(stage2, eliminate_max_steps)
-        return cls(stage1, stage2, refresh_steps, refresh_interval)
+        return cls(stage1, stage2, refresh_steps, refresh_interval, extension_steps, extensions)
 
     @property
     def total_steps(self) -> int:
         return self.segments[-1].end
+
+    @property
+    def stage1_end(self) -> int:
+        """The first optimizer step after stage 1, its extensions included."""
+        return self.stage1_steps + self.extensions * self.extension_steps
 
     def segment_at(self, step: int) -> Segment:
         """The segment of optimizer step ``step`` (0-based)."""
@@ -216,8 +236,10 @@ class StagePlan:
         Each step takes ``global_batch_size`` consecutive slots (per-device batch x processes x
         gradient accumulation), so every step belongs to exactly one stage. Stage 2's pool pairs
         parrot-carrying rows with plain clean rows as ``clean_ratio`` says (see `mix_counts`).
+        Stage 1's extensions draw from a stream of their own: every other step's rows are the same with or without
+        them, so a run whose parrot passes its bar in the planned steps trains as it would have without one.
         """
-        rng = random.Random(seed)
+        rng, extension_rng = random.Random(seed), random.Random(f"{seed}-extension")
         simulate = [Row(Stage.SIMULATE, i, True) for i in range(n_examples)]
         n_parrot, n_clean = mix_counts(n_examples, clean_ratio)
         eliminate = [Row(Stage.ELIMINATE, i, True) for i in sorted(rng.sample(range(n_examples), n_parrot))] + [
@@ -226,14 +248,15 @@ class StagePlan:
         out: list[Row] = []
         for segment in self.segments:
             pool = simulate if segment.stage is Stage.SIMULATE else eliminate
-            out.extend(_cycle(pool, segment.steps * global_batch_size, rng))
+            out.extend(_cycle(pool, segment.steps * global_batch_size, extension_rng if segment.extension else rng))
         return out
 
     # ---- Saving and resuming ----------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, int]:
         return {"stage1_steps": self.stage1_steps, "stage2_steps": self.stage2_steps,
-                "parrot_refresh_steps": self.refresh_steps, "parrot_refresh_interval": self.refresh_interval}
+                "parrot_refresh_steps": self.refresh_steps, "parrot_refresh_interval": self.refresh_interval,
+                "parrot_extension_steps": self.extension_steps, "parrot_max_extensions": self.extensions}
 
     def check_matches(self, saved: dict) -> None:
         """Raise unless the plan ``saved`` with a checkpoint is this one: a resumed run must replay the same steps.
@@ -244,11 +267,18 @@ class StagePlan:
         ValueError: The checkpoint was trained with 4 + 12 steps (stage 1 + stage 2) and 2 parrot refresh step(s) every 1; this run plans 4 + 10, 2 every 1: resume with the same dataset, batch size, processes and step settings.
         """
         found = (saved.get("stage1_steps"), saved.get("stage2_steps"), saved.get("parrot_refresh_steps", 0),
-                 saved.get("parrot_refresh_interval", 1))
-        planned = (self.stage1_steps, self.stage2_steps, self.refresh_steps, self.refresh_interval)
-        if found != planned:
+                 saved.get("parrot_refresh_interval", 1), saved.get("parrot_extension_steps", 0),
+                 saved.get("parrot_max_extensions", 0))
+        planned = (self.stage1_steps, self.stage2_steps, self.refresh_steps, self.refresh_interval,
+                   self.extension_steps, self.extensions)
+        if found[:4] != planned[:4]:
             raise ValueError(
                 f"The checkpoint was trained with {found[0]} + {found[1]} steps (stage 1 + stage 2) and {found[2]} "
                 f"parrot refresh step(s) every {found[3]}; this run plans {planned[0]} + {planned[1]}, {planned[2]} every "
                 f"{planned[3]}: resume with the same dataset, batch size, processes and step settings."
+            )
+        if found[4:] != planned[4:]:
+            raise ValueError(
+                f"The checkpoint planned {found[5]} stage-1 extension(s) of {found[4]} steps; this run plans "
+                f"{planned[5]} of {planned[4]}: resume with the same `parrot_extension_steps` and `parrot_max_extensions`."
             )
