@@ -47,6 +47,9 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
 
     Sequences end at their last labelled token: later tokens cannot change the loss of a
     causal model, so computing them would be wasted work (stage 1 labels only a few tokens).
+
+    ``extension_slots`` are the slots of stage 1's extensions ([`StagePlan`]): their draws come from a source of
+    their own, and later slots draw as if they were not there, so a run that skips them trains on the same rows.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         parrot_rows_distill: bool = True,
         retain_prompt: bool = False,
         retain_plain: bool = False,
+        extension_slots: range = range(0),
     ):
         if echo_share > 0 and any(e.echo_ids is None for e in examples):
             raise ValueError("`echo_share` needs examples encoded with `echo=True` (see `encode_sande_example`).")
@@ -82,6 +86,13 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         self.parrot_rows_distill = parrot_rows_distill
         self.retain_prompt = retain_prompt
         self.retain_plain = retain_plain
+        self.extension_slots = extension_slots
+
+    def _draw_key(self, slot: int) -> int | str:
+        """What seeds ``slot``'s random draws: the slot itself, as it would be without stage 1's extensions."""
+        if slot in self.extension_slots:
+            return f"extension-{slot}"
+        return slot - len(self.extension_slots) if slot >= self.extension_slots.stop else slot
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -149,7 +160,7 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         ``max_length``: the row stays plain rather than train on nothing.
         """
         # Its own random source, seeded by the slot: the other draws (the parrot's place) stay as they were.
-        if self.echo_share <= 0 or random.Random(f"echo-{self.seed}-{slot}").random() >= self.echo_share:
+        if self.echo_share <= 0 or random.Random(f"echo-{self.seed}-{self._draw_key(slot)}").random() >= self.echo_share:
             return []
         return list(example.echo_ids) if self._fits_echo(example, needed) else []
 
@@ -169,7 +180,8 @@ class ScheduledParrotDataset(torch.utils.data.Dataset):
         elif self.latent:  # added to the hidden states of every prompt token: nothing to insert, no place to draw
             ids, parrot_index = list(pair.prompt_ids), mark_whole_prompt(pair.prompt_ids)
         else:
-            rng = random.Random(self.seed * 1_000_003 + slot)
+            key = self._draw_key(slot)
+            rng = random.Random(self.seed * 1_000_003 + key if isinstance(key, int) else f"{self.seed}-{key}")
             at = choose_boundary(pair.boundaries, self.parrot_position, rng)
             ids, parrot_index = insert_slots(pair.prompt_ids, at, self.parrot_length, self.filler_id)
         echo = list(echo)

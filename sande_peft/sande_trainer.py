@@ -375,8 +375,8 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         if self.echo_rows is None:
             raise RuntimeError("The echo-row decision is made when `train()` starts; call `trainer.train()`.")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        rows = self.plan.rows(len(self.sande_examples), self.get_total_train_batch_size(self.args),
-                              self.args.clean_ratio, seed)
+        global_batch = self.get_total_train_batch_size(self.args)
+        rows = self.plan.rows(len(self.sande_examples), global_batch, self.args.clean_ratio, seed)
         return ScheduledParrotDataset(
             self.sande_examples, rows, parrot_length=self.args.parrot_length, parrot_position=self.args.parrot_position,
             filler_id=self._filler_id, eliminate_target_tokens=self.args.eliminate_target_tokens,
@@ -385,6 +385,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             parrot_rows_distill=self.args.eliminate_loss_type == "distill",
             retain_prompt=self.args.eliminate_retain_prompt > 0,
             retain_plain=self.args.eliminate_retain_plain > 0,
+            extension_slots=range(self.plan.stage1_steps * global_batch, self.plan.stage1_end * global_batch),
         )
 
     def _build_teacher(self, resuming: bool) -> None:

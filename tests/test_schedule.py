@@ -70,3 +70,23 @@ def test_a_checkpoint_of_another_plan_is_refused():
         StagePlan(4, 0)
     with pytest.raises(ValueError, match="refresh_interval"):
         StagePlan(4, 2, refresh_steps=1, refresh_interval=0)
+
+
+def test_stage1_extensions_leave_every_other_steps_rows_as_they_were():
+    plain, extended = StagePlan(3, 4, refresh_steps=1), StagePlan(3, 4, refresh_steps=1, extension_steps=2, extensions=3)
+    assert extended.stage1_end == 9 and extended.total_steps == plain.total_steps + 6
+    assert [s.extension for s in extended.segments[:5]] == [False, True, True, True, False]
+    rows, extended_rows = plain.rows(12, 4, 0.5, seed=0), extended.rows(12, 4, 0.5, seed=0)
+    # A run whose parrot passes its bar in the planned steps skips the extensions and trains on the same rows.
+    assert extended_rows[:12] + extended_rows[36:] == rows
+    assert {r.stage for r in extended_rows[12:36]} == {Stage.SIMULATE}
+
+
+def test_a_checkpoint_with_other_extensions_is_refused():
+    plan = StagePlan(4, 10, refresh_steps=2, extension_steps=5, extensions=2)
+    plan.check_matches(plan.to_dict())
+    with pytest.raises(ValueError, match="same `parrot_extension_steps` and `parrot_max_extensions`"):
+        plan.check_matches({**plan.to_dict(), "parrot_max_extensions": 4})
+    StagePlan(4, 10, 2).check_matches({"stage1_steps": 4, "stage2_steps": 10, "parrot_refresh_steps": 2})  # older state
+    with pytest.raises(ValueError, match="extension_steps"):
+        StagePlan(4, 10, extensions=2)
