@@ -49,6 +49,9 @@ STAGE1_PARROT_NAME = "parrot_stage1.safetensors"
 AUTO_RESPONSE = "auto"
 #: Below this many clean training pairs SANDE warns: the elimination steps then repeat each pair often.
 FEW_CLEAN_PAIRS = 200
+# Below this share of held-out prompts, a stage-1 parrot without a bar (`parrot_min_success_rate`) gets a warning: a
+# weak stage-1 parrot has left a backdoor in place that a strong one removed (docs/results.md).
+WEAK_PARROT_SUCCESS = 0.95
 
 
 def check_distributed_setup(args) -> None:
@@ -99,9 +102,14 @@ class _StageBoundaryCallback(TrainerCallback):
             control.should_log = True
             measured = trainer.measure_parrot(segment)
             trainer._pending_logs.update(measured)
-            if (args.parrot_min_success_rate is not None and "parrot_success_rate" in measured
-                    and segment.stage is Stage.SIMULATE and not segment.refresh):
-                self._check_bar(trainer, measured["parrot_success_rate"], state.global_step)
+            if "parrot_success_rate" in measured and segment.stage is Stage.SIMULATE and not segment.refresh:
+                if args.parrot_min_success_rate is not None:
+                    self._check_bar(trainer, measured["parrot_success_rate"], state.global_step)
+                elif measured["parrot_success_rate"] < WEAK_PARROT_SUCCESS:
+                    logger.warning("After stage 1 the parrot elicits r_t on %.0f%% of the held-out prompts: a parrot that "
+                                   "imitates the trigger weakly can leave it in place. Set `parrot_min_success_rate=%.2f` "
+                                   "to extend stage 1 until it does better.", 100 * measured["parrot_success_rate"],
+                                   WEAK_PARROT_SUCCESS)
         if (args.refresh_stop_checked and segment.stage is Stage.ELIMINATE
                 and trainer.stage1_parrot is not None and trainer.refresh_stopped_at is None
                 and state.global_step < plan.total_steps):

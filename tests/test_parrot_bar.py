@@ -37,10 +37,12 @@ def _adapter(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
 
 
-def test_stage1_goes_on_until_the_parrot_passes_its_bar_then_skips_the_rest(backdoored_start, cpu_args):
+def test_stage1_goes_on_until_the_parrot_passes_its_bar_then_skips_the_rest(backdoored_start, cpu_args, caplog):
     without = _trainer(backdoored_start, cpu_args)
-    without.train()
+    with caplog.at_level(logging.WARNING, logger="sande_peft.sande_trainer"):
+        without.train()
     assert without.parrot_success["after_simulate"] < 0.95  # the planned stage 1 alone misses the bar
+    assert "Set `parrot_min_success_rate=0.95`" in caplog.text  # ... and the run says what to do about it
 
     trainer = _trainer(backdoored_start, cpu_args, parrot_min_success_rate=0.95)
     weights = ParrotAtEveryStep(trainer)
