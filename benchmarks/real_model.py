@@ -288,10 +288,7 @@ def adapter_facts(folder) -> dict:
         facts["steps"] = json.loads(state_file.read_text())["global_step"]
         plan_file = Path(folder) / "sande_state.json"
         if plan_file.is_file():
-            saved = json.loads(plan_file.read_text())
-            plan = StagePlan(saved["stage1_steps"], saved["stage2_steps"], saved.get("parrot_refresh_steps", 0),
-                             saved.get("parrot_refresh_interval", 1), saved.get("parrot_extension_steps", 0),
-                             saved.get("parrot_max_extensions", 0))
+            plan = StagePlan.from_dict(json.loads(plan_file.read_text()))
             done = facts["steps"]
             facts["eliminate_steps_done"] = (plan.stage2_steps if done >= plan.total_steps
                                              else plan.eliminate_index(done))

@@ -98,7 +98,7 @@ class _StageBoundaryCallback(TrainerCallback):
         trainer, plan = self.trainer, self.trainer.plan
         segment = plan.segment_at(state.global_step - 1)
         if (segment.end == state.global_step and segment.measure and segment is not plan.segments[-1]
-                and not (segment.extension and trainer.parrot_passed_at is not None)):
+                and not trainer.skips(segment)):
             control.should_log = True
             measured = trainer.measure_parrot(segment)
             trainer._pending_logs.update(measured)
@@ -312,8 +312,9 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             len(self.sande_examples), self.get_total_train_batch_size(args), args.clean_ratio,
             args.parrot_max_steps, args.parrot_num_train_epochs, args.max_steps, args.num_train_epochs,
             args.eliminate_max_steps, args.parrot_refresh_steps, args.parrot_refresh_interval,
-            *((args.parrot_extension_steps, args.parrot_max_extensions) if args.parrot_min_success_rate is not None
-              else (0, 0)),
+            # Extensions exist only under a bar: without one the plan is the one runs had before the option.
+            extension_steps=args.parrot_extension_steps if args.parrot_min_success_rate is not None else 0,
+            extensions=args.parrot_max_extensions if args.parrot_min_success_rate is not None else 0,
         )
         if args.max_steps <= 0 and args.eliminate_max_steps == self.plan.stage2_steps:
             logger.info("Stage 2 runs %d steps (`eliminate_max_steps`); set it to None to run every epoch.",
@@ -501,8 +502,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         segment = self.plan.segment_at(self.state.global_step)
-        if (segment.refresh and self.refresh_stopped_at is not None) or (
-                segment.extension and self.parrot_passed_at is not None):
+        if self.skips(segment):
             # The parrot stays as it is: no forward, no gradient (AdamW skips a parameter without one), no cost.
             return torch.zeros((), device=self.args.device)
         self._enter_stage(segment.stage)
@@ -523,6 +523,12 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         total, steps = self._step_losses.get(kind, (0.0, set()))
         self._step_losses[kind] = (total + loss, steps | {self.state.global_step})
         return loss
+
+    def skips(self, segment: Segment) -> bool:
+        """Whether ``segment``'s steps are skipped: refresh steps after the refresh stopped, stage-1 extensions after
+        the parrot passed its bar."""
+        return (segment.refresh and self.refresh_stopped_at is not None) or (
+            segment.extension and self.parrot_passed_at is not None)
 
     @property
     def last_refresh_loss(self) -> float | None:
@@ -726,7 +732,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and not self._step_losses and not self._pending_logs:
-            return  # every step since the last log was skipped (stage-1 extensions after the parrot passed its bar)
+            return  # every step since the last log was skipped (see `skips`): nothing was trained to report
         if "loss" in logs:  # a training log: the stage of its last step, and each kind of step's own mean loss
             stage = self.plan.stage_at(max(self.state.global_step - 1, 0))
             logs["stage"] = stage.number

@@ -253,6 +253,22 @@ class StagePlan:
 
     # ---- Saving and resuming ----------------------------------------------------------------------------------
 
+    @staticmethod
+    def _saved_settings(saved: dict) -> tuple:
+        """The plan's settings as `to_dict` saved them; a state written before a setting existed has its default."""
+        return (saved.get("stage1_steps"), saved.get("stage2_steps"), saved.get("parrot_refresh_steps", 0),
+                saved.get("parrot_refresh_interval", 1), saved.get("parrot_extension_steps", 0),
+                saved.get("parrot_max_extensions", 0))
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> StagePlan:
+        """The plan `to_dict` saved (in a checkpoint's `sande_state.json`).
+
+        >>> StagePlan.from_dict(StagePlan(3, 4, 2, extension_steps=5, extensions=1).to_dict()).stage1_end
+        8
+        """
+        return cls(*cls._saved_settings(saved))
+
     def to_dict(self) -> dict[str, int]:
         return {"stage1_steps": self.stage1_steps, "stage2_steps": self.stage2_steps,
                 "parrot_refresh_steps": self.refresh_steps, "parrot_refresh_interval": self.refresh_interval,
@@ -266,9 +282,7 @@ class StagePlan:
         ...
         ValueError: The checkpoint was trained with 4 + 12 steps (stage 1 + stage 2) and 2 parrot refresh step(s) every 1; this run plans 4 + 10, 2 every 1: resume with the same dataset, batch size, processes and step settings.
         """
-        found = (saved.get("stage1_steps"), saved.get("stage2_steps"), saved.get("parrot_refresh_steps", 0),
-                 saved.get("parrot_refresh_interval", 1), saved.get("parrot_extension_steps", 0),
-                 saved.get("parrot_max_extensions", 0))
+        found = self._saved_settings(saved)
         planned = (self.stage1_steps, self.stage2_steps, self.refresh_steps, self.refresh_interval,
                    self.extension_steps, self.extensions)
         if found[:4] != planned[:4]:
