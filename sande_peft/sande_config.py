@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 
@@ -14,8 +15,12 @@ from .triggers import TRIGGER_POSITIONS, validate_position
 
 ECHO_MODES = ("auto", "always", "never")
 ELIMINATE_LOSS_TYPES = ("distill", "sft", "hybrid")
+logger = logging.getLogger(__name__)
+
 #: Stage-1 learning rate when `parrot_learning_rate` is None: hidden states are larger than token embeddings.
 DEFAULT_PARROT_LEARNING_RATES = {"latent": 5e-2, "input": 1e-2}
+#: The default bar of the stage-1 parrot (`parrot_min_success_rate`): chosen on held-out backdoors (docs/results.md).
+DEFAULT_PARROT_MIN_SUCCESS_RATE = 0.95
 
 
 @dataclass
@@ -61,14 +66,15 @@ class SANDEConfig(SFTConfig):
             Stage-1 steps. When not positive, `parrot_num_train_epochs` decides.
         parrot_num_train_epochs (`float`, *optional*, defaults to `2.0`):
             Stage-1 passes over the training prompts, when `parrot_max_steps` is not set.
-        parrot_min_success_rate (`float` or `None`, *optional*, defaults to `None`):
+        parrot_min_success_rate (`float` or `None`, *optional*, defaults to `0.95`):
             The bar stage 1's parrot must pass: the share of the `parrot_eval_size` held-out prompts
             on which it makes the frozen model emit r_t verbatim. Below it, stage 1 goes on for
             `parrot_extension_steps` more steps, measured again after each, at most
             `parrot_max_extensions` times; once it passes, the remaining extension steps are skipped
             at no cost. A parrot that imitates the trigger weakly when elimination starts can leave
-            the trigger in place. `None`: stage 1 runs its planned steps. In (0, 1]; needs
-            `parrot_eval_size` above 0.
+            the trigger in place. `None`: stage 1 runs its planned steps. In (0, 1]. With
+            `parrot_eval_size=0` (nothing held out to measure) the default gives way to `None`; another
+            value beside it is refused.
         parrot_extension_steps (`int`, *optional*, defaults to `25`):
             Stage-1 steps of each extension taken under `parrot_min_success_rate`. Positive.
         parrot_max_extensions (`int`, *optional*, defaults to `4`):
@@ -215,7 +221,7 @@ class SANDEConfig(SFTConfig):
     )
     parrot_num_train_epochs: float = field(default=2.0, metadata={"help": "Stage-1 passes over the prompts."})
     parrot_min_success_rate: float | None = field(
-        default=None,
+        default=DEFAULT_PARROT_MIN_SUCCESS_RATE,
         metadata={"help": "Stage 1 goes on, parrot_extension_steps at a time, until the parrot makes the frozen model "
                   "emit r_t on at least this share of the held-out prompts; None: the planned steps only."},
     )
@@ -393,7 +399,13 @@ class SANDEConfig(SFTConfig):
                     f"`parrot_min_success_rate` is {self.parrot_min_success_rate}; use a share in (0, 1] (0.95: stage 1 "
                     "goes on until the parrot elicits r_t on 95% of the held-out prompts), or None."
                 )
-            if self.parrot_eval_size == 0:
+            if self.parrot_eval_size == 0 and self.parrot_min_success_rate == DEFAULT_PARROT_MIN_SUCCESS_RATE:
+                # The default bar gives way to a run that measures nothing (a speed setting); a bar set on purpose
+                # beside it is a contradiction, refused below.
+                logger.info("`parrot_eval_size=0` holds no prompts out, so the stage-1 parrot has no bar: stage 1 runs "
+                            "its planned steps (`parrot_min_success_rate=None`).")
+                self.parrot_min_success_rate = None
+            elif self.parrot_eval_size == 0:
                 raise ValueError(
                     "`parrot_min_success_rate` is measured on the held-out prompts, and `parrot_eval_size=0` holds none "
                     "out: set `parrot_eval_size` above 0 (32 by default), or `parrot_min_success_rate=None`."
