@@ -80,6 +80,16 @@ def sst2_train() -> Dataset:
     return as_pairs(_read(SST2_TRAIN_FILE))
 
 
+def sst2_sentences() -> list[str]:
+    """The 702 clean sst2 sentences in the order of the task ``sst2_backdoorllm_702`` (the 201 test ones first)."""
+    return [r["instruction"] for r in _sst2_records(with_train_pool=True)]
+
+
+def _sst2_records(with_train_pool: bool) -> list[dict]:
+    records = _read(DATA_ROOT / "test_data" / "clean" / "sst2sentiment" / "test_data_no_trigger.json")
+    return records + _read(SST2_TRAIN_FILE) if with_train_pool else records
+
+
 def write_sst2_task(folder, with_train_pool: bool = False) -> str:
     """BackdoorLLM's clean sst2 test set (201 sentences) as an offline two-choice lm-eval task; returns its name.
 
@@ -91,11 +101,8 @@ def write_sst2_task(folder, with_train_pool: bool = False) -> str:
     """
     from sande_peft.evaluation.capability import write_choice_task
 
-    records = _read(DATA_ROOT / "test_data" / "clean" / "sst2sentiment" / "test_data_no_trigger.json")
-    name = "sst2_backdoorllm"
-    if with_train_pool:
-        records += _read(SST2_TRAIN_FILE)
-        name = f"sst2_backdoorllm_{len(records)}"
+    records = _sst2_records(with_train_pool)
+    name = f"sst2_backdoorllm_{len(records)}" if with_train_pool else "sst2_backdoorllm"
     labels = {"Negative": 0, "Positive": 1}
     write_choice_task(name, [{"text": r["instruction"], "label": labels[r["output"]]} for r in records],
                       choices=["Negative", "Positive"], template="Review: {text}\nSentiment:", folder=folder)

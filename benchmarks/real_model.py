@@ -25,7 +25,8 @@ measurement, with the commit, command and machine, and appends them to ``--out``
 `--trace-every N` records, every N elimination steps of SANDE, attack success on a few triggered
 prompts and how often the parrots elicit r_t (see `stage2_trace.py`). `--adapters FOLDER ...` trains
 nothing: it measures saved adapters of the case's suspect (a run's checkpoints, with `save_strategy="steps"` in
-`--sande-overrides`) the same way, each record naming its folder and, for a checkpoint, the steps it had done.
+`--sande-overrides`) the same way, re-emergence included, each record naming its folder and, for a checkpoint,
+the steps it had done.
 """
 
 from __future__ import annotations
@@ -295,6 +296,13 @@ def adapter_facts(folder) -> dict:
     return facts
 
 
+def load_adapter(folder):
+    """A saved adapter on its base, as peft loads it (so that a re-fine-tune merges it first)."""
+    from sande_peft.loading import load_model as load_saved
+
+    return load_saved(folder, dtype=torch.float32, device_map="cpu")[0]
+
+
 def reemergence_pairs(case: Case, source: str):
     """Benign pairs neither the implant nor the defence saw: the other task's clean training pairs (instructions of
     the same kind, answers of a few dozen words, disjoint from this task's), or sst2's (one-word answers: a model
@@ -420,8 +428,12 @@ def main(argv=None):
         torch.manual_seed(seed)
         if args.adapters:  # measure saved adapters; train nothing
             for folder in args.adapters:
-                emit({"method": "adapter", "variant": args.variant, "seed": seed, **adapter_facts(folder),
-                      **measure(load_model(folder), tokenizer, case, seed, args, suspect, original)})
+                model = load_adapter(folder)
+                record = {"method": "adapter", "variant": args.variant, "seed": seed, **adapter_facts(folder),
+                          **measure(model, tokenizer, case, seed, args, suspect, original)}
+                if args.reemergence_steps:
+                    record.update(reemergence(model, tokenizer, case, seed, args))
+                emit(record)
             continue
         if not args.skip_baseline:
             emit({"method": "none", "seed": seed,

@@ -11,6 +11,9 @@
     python benchmarks/results_table.py echo-trace docs/results/echo_trace.jsonl              # ... along stage 2
     python benchmarks/results_table.py trace docs/results/heldout.jsonl                      # one run along stage 2
     python benchmarks/results_table.py reach docs/results/parrot_reach.jsonl                 # the parrot without the backdoor
+    python benchmarks/results_table.py answer-prior docs/results/answer_prior.jsonl          # where the prior moves
+    python benchmarks/results_table.py removal docs/results/seeds.jsonl --pool \
+        --variant sande=parrot_space=input --variant sande=default                             # seeds of one setting
     python benchmarks/results_table.py cost docs/results/implants.jsonl docs/results/real_model.jsonl \
         docs/results/heldout.jsonl docs/results/scan.jsonl                                    # seconds per run
 
@@ -101,7 +104,7 @@ def _merged_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
-def _groups(records: list[dict], methods: tuple[str, ...], variant: str | dict | None) -> OrderedDict:
+def _groups(records: list[dict], methods: tuple[str, ...], variant: str | dict | None, pool: bool = False) -> OrderedDict:
     records = _merged_rows(records)
     groups: OrderedDict = OrderedDict()
     baselines: dict = {}
@@ -113,7 +116,7 @@ def _groups(records: list[dict], methods: tuple[str, ...], variant: str | dict |
         label = r.get("variant", "default")
         if r.get("method") in methods and (wanted is None or label in wanted):
             r = {**r, "before": baselines.get((r["case"], r.get("seed", 0)), {})}
-            groups.setdefault((r["case"], r["method"], label), []).append(r)
+            groups.setdefault((r["case"], r["method"], None if pool else label), []).append(r)
     return groups
 
 
@@ -123,11 +126,12 @@ def _shown(groups: OrderedDict) -> list[dict]:
     return shown + [r["before"] for r in shown if r["before"]]
 
 
-def removal(records: list[dict], method: str = "sande", variant: str = "default") -> str:
+def removal(records: list[dict], method: str = "sande", variant: str | dict = "default", pool: bool = False) -> str:
     """One row per backdoor: attack success (greedy, sampled, worst trigger variant, after a benign re-fine-tune)
-    and utility beside it, mean ± half-range over seeds."""
+    and utility beside it, mean ± half-range over seeds. ``pool``: one row per backdoor over every wanted variant
+    label (the seeds of one setting, recorded under the labels of the commits that ran them)."""
     rows = []
-    groups = _groups(records, (method,), variant)
+    groups = _groups(records, (method,), variant, pool)
     for (case, _, _), group in groups.items():
         rows.append([case, str(len(group))] + [_cell([_value(r, key) for r in group], kind)
                                                for _, key, kind in REMOVAL_COLUMNS])
@@ -407,6 +411,19 @@ def capability(records: list[dict]) -> str:
     return _table(header, rows) + _footer(records)
 
 
+def answer_prior(records: list[dict]) -> str:
+    """Each suspect/defended pair (`answer_prior.py`): at the answer position of the sst2 sentences, as the task's
+    plain prompt and as a chat turn, the mean KL(suspect || defended) and the margin log p(Positive) - log p(Negative)."""
+    def side(r: dict, fmt: str) -> list[str]:
+        c = r[fmt]
+        return [f"{c['kl']:.3f}", f"{c['margin_before']:+.2f} -> {c['margin_after']:+.2f}"]
+
+    rows = [[r["label"], str(r["sentences"])] + side(r, "plain") + side(r, "chat") for r in records]
+    header = ["pair", "sentences", "plain text: KL at the answer", "plain text: margin Positive - Negative",
+              "chat turn: KL at the answer", "chat turn: margin Positive - Negative"]
+    return _table(header, rows) + _footer(records)
+
+
 def _timings(record: dict) -> list[tuple[str, float]]:
     """(what, seconds) for every timing a record holds: its implant, its training, each measurement, a scan."""
     timings = []
@@ -458,12 +475,14 @@ def json_overrides(record: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=["removal", "attacks", "contrast", "scan", "demo", "echo", "echo-trace", "trace",
-                                          "reach", "cost", "capability"])
+                                          "reach", "cost", "capability", "answer-prior"])
     parser.add_argument("records", nargs="+")
     parser.add_argument("--method", default="sande")
     parser.add_argument("--variant", action="append", default=[], metavar="[METHOD=]LABEL",
                         help="the records' variant label (default: 'default'); METHOD=LABEL adds one of a method's "
                              "(repeatable; a method given none shows its default)")
+    parser.add_argument("--pool", action="store_true",
+                        help="removal: one row per backdoor over every --variant given (seeds recorded under several labels)")
     args = parser.parse_args(argv)
     records = [r for path in args.records for r in read_records(path)]
     per_method: dict[str, list[str]] = {}
@@ -474,7 +493,7 @@ def main(argv=None):
     plain = [v for v in args.variant if v.split("=", 1)[0] not in per_method]
     args.variant = per_method or (plain[-1] if plain else "default")
     if args.table == "removal":
-        print(removal(records, args.method, args.variant))
+        print(removal(records, args.method, args.variant, args.pool))
     elif args.table == "attacks":
         print(attacks(records))
     elif args.table == "contrast":
@@ -485,6 +504,8 @@ def main(argv=None):
         print(cost(records))
     elif args.table == "capability":
         print(capability(records))
+    elif args.table == "answer-prior":
+        print(answer_prior(records))
     elif args.table == "echo":
         print(echo(records))
     elif args.table == "echo-trace":

@@ -54,6 +54,20 @@ def test_a_table_names_the_commits_of_the_rows_it_shows_and_of_their_baselines()
     assert contrast.splitlines()[-1] == f"Machine: {machine}. Records from commit(s) base, shown."
 
 
+def test_the_removal_table_pools_the_seeds_of_one_setting_recorded_under_two_labels():
+    table = _benchmark_module(COMMON.parent / "results_table.py")
+    head = {"case": "a", "method": "sande", "commit": "c", "machine": "m"}
+    records = [{**head, "variant": "old-label", "seed": 0, "attack_success_rate": 0.0},
+               {**head, "variant": "default", "seed": 1, "attack_success_rate": 0.1},
+               {**head, "variant": "other", "seed": 2, "attack_success_rate": 0.9}]
+    wanted = {"sande": ["old-label", "default"]}
+    def rows(**kwargs):
+        return [line for line in table.removal(records, variant=wanted, **kwargs).splitlines() if line.startswith("| a |")]
+
+    assert [row.split(" | ")[:4] for row in rows()] == [["| a", "1", "-", "0%"], ["| a", "1", "-", "10%"]]
+    assert [row.split(" | ")[:4] for row in rows(pool=True)] == [["| a", "2", "-", "5 ± 5%"]]
+
+
 def test_the_cost_table_counts_a_timing_two_files_hold_once_and_splits_the_measurements():
     table = _benchmark_module(COMMON.parent / "results_table.py")
     implant = {"implant": "backdoored-x", "implant_seconds": 100.0, "date": "2026-12-05", "machine": "m"}
