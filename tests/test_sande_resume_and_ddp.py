@@ -142,7 +142,10 @@ def test_two_processes_end_with_identical_parrot_and_adapter(backdoored_start, t
     ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     infos = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [i["world"] for i in infos] == [2, 2]
-    assert [i["steps"] for i in infos] == [16, 16]  # 4 simulate, then 4 x (2 parrot refresh + 1 elimination)
+    # 4 simulate, 4 x 25 stage-1 extension slots under the default bar (each rank measures the same held-out
+    # prompts, so both take or skip the same ones), then 4 x (2 parrot refresh + 1 elimination)
+    assert [i["steps"] for i in infos] == [116, 116]
+    assert infos[0]["parrot_success"] == infos[1]["parrot_success"]
     assert not torch.equal(ranks[0]["parrot"], ranks[0]["parrot_start"])  # stage 1 trained the parrot
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
