@@ -487,7 +487,7 @@ def main(argv=None):
     records = [r for path in args.records for r in read_records(path)]
     per_method: dict[str, list[str]] = {}
     for v in args.variant:
-        if "=" in v and v.split("=", 1)[0] in ("sft", "osft", "sande"):
+        if "=" in v and v.split("=", 1)[0] in ("sft", "osft", "sande", "adapter"):
             method, label = v.split("=", 1)
             per_method.setdefault(method, []).append(label)
     plain = [v for v in args.variant if v.split("=", 1)[0] not in per_method]
