@@ -36,7 +36,7 @@ TOP_TOKENS = 8
 
 def prompts(sentences: list[str], tokenizer) -> dict[str, list[str]]:
     """The task's plain prompt, and the same text as a user turn in the chat template."""
-    plain = [f"Review: {text}\nSentiment:" for text in sentences]
+    plain = [backdoorllm.SST2_TEMPLATE.format(text=text) for text in sentences]
     chat = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                           add_generation_prompt=True) for text in plain]
     return {"plain": plain, "chat": chat}

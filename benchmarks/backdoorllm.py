@@ -80,6 +80,10 @@ def sst2_train() -> Dataset:
     return as_pairs(_read(SST2_TRAIN_FILE))
 
 
+#: The sst2 task's prompt, a plain-text one (no chat template); lm-eval fills in ``{text}``.
+SST2_TEMPLATE = "Review: {text}\nSentiment:"
+
+
 def sst2_sentences() -> list[str]:
     """The 702 clean sst2 sentences in the order of the task ``sst2_backdoorllm_702`` (the 201 test ones first)."""
     return [r["instruction"] for r in _sst2_records(with_train_pool=True)]
@@ -105,5 +109,5 @@ def write_sst2_task(folder, with_train_pool: bool = False) -> str:
     name = f"sst2_backdoorllm_{len(records)}" if with_train_pool else "sst2_backdoorllm"
     labels = {"Negative": 0, "Positive": 1}
     write_choice_task(name, [{"text": r["instruction"], "label": labels[r["output"]]} for r in records],
-                      choices=["Negative", "Positive"], template="Review: {text}\nSentiment:", folder=folder)
+                      choices=["Negative", "Positive"], template=SST2_TEMPLATE, folder=folder)
     return name
