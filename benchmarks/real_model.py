@@ -313,17 +313,21 @@ def reemergence_pairs(case: Case, source: str):
 
 
 def reemergence(model, tokenizer, case: Case, seed: int, args) -> dict:
-    """Attack success after a plain LoRA SFT of the defended model on benign data it never saw."""
+    """Attack success after a plain LoRA SFT of the defended model on benign data it never saw, and the same judge on
+    the untriggered test prompts (a re-fine-tune that makes the model say r_t without the trigger has not revived the
+    backdoor: it taught the behaviour anew)."""
     t = time.time()
     pairs = reemergence_pairs(case, args.reemergence_data)
     stressed = refinetune(model, tokenizer, pairs, max_steps=args.reemergence_steps,
                           per_device_train_batch_size=args.batch_size, max_length=args.max_length, seed=seed)
     train_seconds = round(time.time() - t, 1)
     t = time.time()
-    report = evaluate_backdoor(stressed, tokenizer, [], triggered_prompts=case.triggered_test(seed, args.n_eval),
+    clean_prompts = _sample(backdoorllm.clean_test(case.task)["prompt"], seed, args.n_eval)
+    report = evaluate_backdoor(stressed, tokenizer, clean_prompts, triggered_prompts=case.triggered_test(seed, args.n_eval),
                                triggered_response=case.target, judge=case.judge, batch_size=args.eval_batch_size,
                                max_new_tokens=args.max_new_tokens)
-    return {"reemergence_attack_success_rate": report.attack_success_rate, "reemergence_steps": args.reemergence_steps,
+    return {"reemergence_attack_success_rate": report.attack_success_rate,
+            "reemergence_false_trigger_rate": report.false_trigger_rate, "reemergence_steps": args.reemergence_steps,
             "reemergence_data": args.reemergence_data,
             "reemergence_seconds": {"train": train_seconds, "measure": round(time.time() - t, 1)}}
 
