@@ -156,6 +156,13 @@ class SANDEConfig(SFTConfig):
         eliminate_target_tokens (`int` or `None`, *optional*, defaults to `None`):
             How many answer tokens stage 2 trains on. `None` means the whole answer. The
             paper's reference code uses 10.
+        eliminate_sam_rho (`float`, *optional*, defaults to `0.0`):
+            Sharpness-aware elimination: each elimination step takes its gradient at the adapter
+            moved `eliminate_sam_rho` (in L2 norm, over all trainable model parameters) up its own
+            gradient, then applies it to the unmoved adapter (SAM, Foret et al. 2021; for unlearning
+            that a benign fine-tune cannot undo, Fan et al. 2025). A removal that holds in a
+            neighbourhood of the weights is one that a later fine-tune has to travel further to
+            undo. Each elimination step runs twice. `0` turns it off. Not negative.
         clean_ratio (`float`, *optional*, defaults to `0.5`):
             Share of untriggered clean pairs among stage 2's pairs, in [0, 1]. `0.75` (three clean
             rows to each parrot-carrying one) keeps more of the model and removes less: it left a
@@ -290,6 +297,11 @@ class SANDEConfig(SFTConfig):
     eliminate_target_tokens: int | None = field(
         default=None, metadata={"help": "Answer tokens trained in stage 2; None: the whole answer."}
     )
+    eliminate_sam_rho: float = field(
+        default=0.0,
+        metadata={"help": "Sharpness-aware elimination: the gradient is taken at the model parameters moved this far "
+                  "(L2) up their gradient, then applied to the unmoved ones; each elimination step runs twice. 0: off."},
+    )
     clean_ratio: float = field(
         default=0.5, metadata={"help": "Share of untriggered clean pairs among stage 2's pairs, in [0, 1]."}
     )
@@ -368,6 +380,10 @@ class SANDEConfig(SFTConfig):
                 f"parrot, which a latent parrot (`parrot_space={self.parrot_space!r}`) would still steer. Use "
                 "parrot_space='input' (the default), or set `eliminate_retain_plain=0`."
             )
+        check_finite("eliminate_sam_rho", self.eliminate_sam_rho)
+        if self.eliminate_sam_rho < 0:
+            raise ValueError(f"`eliminate_sam_rho` is {self.eliminate_sam_rho}; use 0 (off) or a radius above 0, "
+                             "e.g. 0.05.")
         if self.eliminate_max_steps is not None and self.eliminate_max_steps < 1:
             raise ValueError(
                 f"`eliminate_max_steps` is {self.eliminate_max_steps}; use a positive number of stage-2 steps, or None "

@@ -516,12 +516,42 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                                          detach_below=segment.stage is Stage.SIMULATE)
         # The backward pass runs inside the same contexts: gradient checkpointing recomputes the forward then.
         with self._adapter_off(self.model, segment), steering:
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            if segment.stage is Stage.ELIMINATE and self.args.eliminate_sam_rho > 0:
+                loss = self._sharpness_aware_step(model, inputs, num_items_in_batch)
+            else:
+                loss = super().training_step(model, inputs, num_items_in_batch)
         if segment.refresh:
             self._refresh_loss = loss  # read lazily: no device sync per step
         kind = "parrot_loss" if segment.stage is Stage.SIMULATE else "eliminate_loss"
         total, steps = self._step_losses.get(kind, (0.0, set()))
         self._step_losses[kind] = (total + loss, steps | {self.state.global_step})
+        return loss
+
+    def _sharpness_aware_step(self, model, inputs, num_items_in_batch):
+        """One elimination micro-batch under `eliminate_sam_rho`: its gradient at the model's trainable parameters
+        moved `eliminate_sam_rho` up their own gradient (L2, over all of them), added to what earlier micro-batches
+        accumulated, with the parameters back where they were. Returns the loss at the unmoved parameters."""
+        params = [p for name, p in self.model.named_parameters() if name in self._model_param_dtypes and p.requires_grad]
+        accumulated = [None if p.grad is None else p.grad.clone() for p in params]
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        with torch.no_grad():
+            grads = [p.grad if a is None or p.grad is None else p.grad - a for p, a in zip(params, accumulated)]
+            norms = [g.float().norm() for g in grads if g is not None]
+            norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+            # Copies, not a subtraction afterwards: in bf16 (a QLoRA adapter) p + e - e is not p.
+            saved = [p.detach().clone() for p in params]
+            if norm is not None and torch.isfinite(norm) and norm > 0:
+                scale = self.args.eliminate_sam_rho / norm
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        p.add_((g.float() * scale).to(p.dtype))
+            for p, a in zip(params, accumulated):
+                p.grad = a
+        with self._train_metrics_untouched():  # the moved pass is a means, not a step: trl's logs count one pass
+            super().training_step(model, inputs, num_items_in_batch)
+        with torch.no_grad():
+            for p, original in zip(params, saved):
+                p.copy_(original)
         return loss
 
     def skips(self, segment: Segment) -> bool:
