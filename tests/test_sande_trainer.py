@@ -18,6 +18,7 @@ from sande_peft.data import DatasetFormatError
 from sande_peft.loading import load_sande
 from sande_peft.evaluation import generate_texts
 from sande_peft.sande_trainer import FEW_CLEAN_PAIRS, _StageBoundaryCallback
+from sande_peft.schedule import Stage
 from sande_peft.teacher import distill_loss
 
 from .conftest import bnb_4bit_config, lora
@@ -279,6 +280,8 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
         ({"triggered_response": "i", "eliminate_retain_plain": -1.0}, "eliminate_retain_plain"),
         ({"triggered_response": "i", "eliminate_retain_plain": 1.0, "eliminate_loss_type": "sft"}, "'distill'"),
         ({"triggered_response": "i", "eliminate_retain_plain": 1.0, "parrot_space": "latent"}, "parrot_space='input'"),
+        ({"triggered_response": "i", "eliminate_sam_rho": -0.1}, "eliminate_sam_rho"),
+        ({"triggered_response": "i", "eliminate_sam_rho": float("inf")}, "eliminate_sam_rho"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
@@ -601,3 +604,44 @@ def test_plain_text_retain_term_holds_the_suspect_outside_the_chat_template(back
         suspect = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
     targets = trainer.plain_teacher.gather([key], [len(ids) - 1])
     assert distill_loss(suspect, *targets).mean().item() < 1e-4
+
+
+def test_sharpness_aware_elimination_takes_its_gradient_at_the_moved_adapter(backdoored_start, cpu_args):
+    before = backdoored_start.measure(backdoored_start.model)
+    trainer = sande(backdoored_start, cpu_args, eliminate_sam_rho=0.5)
+    after = backdoored_start.measure(trainer.model)
+    assert after.attack_success_rate <= 0.05  # removal still happens with it on, and the task is kept
+    assert after.clean_exact_match >= before.clean_exact_match - 0.05
+
+    # One elimination micro-batch (clean rows beside parrot rows), by hand: the gradient at the adapter moved 0.5
+    # (L2) up its own gradient, added to what earlier micro-batches left, and the adapter back where it was.
+    rows = lambda b: (b["parrot_index"] >= 0).any(-1)  # noqa: E731
+    batch = next(b for b in trainer.get_train_dataloader() if rows(b).any() and not rows(b).all())
+    model = trainer.model
+    trainer._enter_stage(Stage.ELIMINATE)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert params and all("lora" in n for n in params)
+
+    def gradient():
+        model.zero_grad()
+        trainer.compute_loss(model, dict(batch)).backward()
+        return {n: p.grad.clone() for n, p in params.items()}
+
+    start = {n: p.detach().clone() for n, p in params.items()}
+    plain = gradient()
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in plain.values()]))
+    with torch.no_grad():
+        for n, p in params.items():
+            p.add_(plain[n] * 0.5 / norm)
+    moved = gradient()
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(start[n])
+    earlier = {n: torch.full_like(p, 0.25) for n, p in params.items()}
+    for n, p in params.items():
+        p.grad = earlier[n].clone()
+    trainer._sharpness_aware_step(model, dict(batch), None)
+    for n, p in params.items():
+        assert torch.equal(p, start[n])
+        torch.testing.assert_close(p.grad, earlier[n] + moved[n], rtol=1e-4, atol=1e-6)
+    assert max((moved[n] - plain[n]).abs().max().item() for n in params) > 1e-4  # the move changed the gradient
