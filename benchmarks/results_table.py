@@ -42,9 +42,16 @@ def _value(record: dict, key: str):
 
 
 def _cell(values: list, kind: str) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
+    """Mean ± half-range of ``values``; where some of them were not measured, the cell says over how many it is
+    (a pooled row's re-emergence may rest on one seed of three)."""
+    measured = [v for v in values if v is not None]
+    if not measured:
         return "-"
+    partial = f" ({len(measured)} of {len(values)})" if len(measured) < len(values) else ""
+    return _mean_and_spread(measured, kind) + partial
+
+
+def _mean_and_spread(values: list, kind: str) -> str:
     scale, fmt = {"rate": (100, "{:.0f}"), "rate1": (100, "{:.1f}"), "float": (1, "{:.3f}")}.get(kind, (1, "{:.1f}"))
     mean = statistics.mean(values) * scale
     unit = "%" if kind.startswith("rate") else ""

@@ -66,6 +66,10 @@ def test_the_removal_table_pools_the_seeds_of_one_setting_recorded_under_two_lab
 
     assert [row.split(" | ")[:4] for row in rows()] == [["| a", "1", "-", "0%"], ["| a", "1", "-", "10%"]]
     assert [row.split(" | ")[:4] for row in rows(pool=True)] == [["| a", "2", "-", "5 ± 5%"]]
+    # Re-emergence measured on one of the two pooled seeds: the cell says so rather than passing for both.
+    records[1]["reemergence_attack_success_rate"] = 0.0
+    column = 2 + [title for title, _, _ in table.REMOVAL_COLUMNS].index("after re-fine-tune")
+    assert rows(pool=True)[0].split(" | ")[column] == "0% (1 of 2)"
 
 
 def test_the_cost_table_counts_a_timing_two_files_hold_once_and_splits_the_measurements():
