@@ -413,8 +413,8 @@ class SANDEConfig(SFTConfig):
             check_finite("parrot_min_success_rate", self.parrot_min_success_rate)
             if not 0.0 < self.parrot_min_success_rate <= 1.0:
                 raise ValueError(
-                    f"`parrot_min_success_rate` is {self.parrot_min_success_rate}; use a share in (0, 1] (1.0, the default: stage 1 "
-                    "goes on until the parrot elicits r_t on every held-out prompt), or None."
+                    f"`parrot_min_success_rate` is {self.parrot_min_success_rate}; use a share in (0, 1] (1.0, the "
+                    "default: stage 1 goes on until the parrot elicits r_t on every held-out prompt), or None."
                 )
             if self.parrot_eval_size == 0 and self.parrot_min_success_rate == DEFAULT_PARROT_MIN_SUCCESS_RATE:
                 # The default bar gives way to a run that measures nothing (a speed setting); a bar set on purpose
