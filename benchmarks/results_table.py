@@ -25,6 +25,7 @@ and the commits its records came from.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 from collections import OrderedDict
@@ -111,8 +112,32 @@ def _merged_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
+def run_folder(record: dict) -> str:
+    """The folder name `real_model.py` trains a defence record's adapter in (under ``runs/``)."""
+    variant = record.get("variant") or "default"
+    label = "" if variant == "default" else "-" + re.sub(r"[^A-Za-z0-9_.=-]+", "_", variant)
+    return f"{record['case'].replace('/', '-')}-{record['method']}{label}-{record.get('seed', 0)}"
+
+
+def _stress_joined(records: list[dict]) -> list[dict]:
+    """A defence record without a re-emergence reading takes the one its saved adapter got later (an ``adapter``
+    record, `real_model.py --adapters`, on the adapter's own folder and seed), so a pooled row counts it."""
+    later = {}
+    for r in records:
+        if r.get("method") == "adapter" and r.get("reemergence_attack_success_rate") is not None:
+            later.setdefault((Path(r.get("adapter", "")).name, r.get("seed", 0)), r)
+    joined = []
+    for r in records:
+        stress = None
+        if r.get("method") not in (None, "none", "adapter") and r.get("reemergence_attack_success_rate") is None:
+            stress = later.get((run_folder(r), r.get("seed", 0)))
+        joined.append(r if stress is None else
+                      {**r, **{k: v for k, v in stress.items() if k.startswith("reemergence_")}, "stress": stress})
+    return joined
+
+
 def _groups(records: list[dict], methods: tuple[str, ...], variant: str | dict | None, pool: bool = False) -> OrderedDict:
-    records = _merged_rows(records)
+    records = _stress_joined(_merged_rows(records))
     groups: OrderedDict = OrderedDict()
     baselines: dict = {}
     for r in records:
@@ -130,7 +155,7 @@ def _groups(records: list[dict], methods: tuple[str, ...], variant: str | dict |
 def _shown(groups: OrderedDict) -> list[dict]:
     """The records behind ``groups``' rows and the baselines their "before" columns came from."""
     shown = [r for group in groups.values() for r in group]
-    return shown + [r["before"] for r in shown if r["before"]]
+    return shown + [r[key] for r in shown for key in ("before", "stress") if r.get(key)]
 
 
 def removal(records: list[dict], method: str = "sande", variant: str | dict = "default", pool: bool = False) -> str:

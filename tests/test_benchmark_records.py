@@ -70,6 +70,17 @@ def test_the_removal_table_pools_the_seeds_of_one_setting_recorded_under_two_lab
     records[1]["reemergence_attack_success_rate"] = 0.0
     column = 2 + [title for title, _, _ in table.REMOVAL_COLUMNS].index("after re-fine-tune")
     assert rows(pool=True)[0].split(" | ")[column] == "0% (1 of 2)"
+    # The other seed's adapter stressed later (`real_model.py --adapters`): its row counts that reading too; a
+    # reading of another folder, or of the same folder under another seed's prompts, does not.
+    stressed = {"case": "a", "method": "adapter", "commit": "c2", "machine": "m", "reemergence_attack_success_rate": 0.2}
+    records += [{**stressed, "seed": 0, "adapter": "/cache/runs/a-sande-other-0"},
+                {**stressed, "seed": 1, "adapter": "/cache/runs/a-sande-old-label-0"}]
+    assert rows(pool=True)[0].split(" | ")[column] == "0% (1 of 2)"
+    records.append({**stressed, "seed": 0, "adapter": "/cache/runs/a-sande-old-label-0"})
+    assert rows(pool=True)[0].split(" | ")[column] == "10 ± 10%"
+    assert table.removal(records, variant=wanted, pool=True).splitlines()[-1] == "Machine: m. Records from commit(s) c, c2."
+    assert table.run_folder({"case": "refusal/ctba", "method": "sande", "variant": "parrot bar 1.0", "seed": 2}) == \
+        "refusal-ctba-sande-parrot_bar_1.0-2"
 
 
 def test_the_cost_table_counts_a_timing_two_files_hold_once_and_splits_the_measurements():
