@@ -80,6 +80,17 @@ def print_record(record: dict, out: str | None = None) -> dict:
     return record
 
 
+# How SANDE's defaults came to be today's: each setting's value today and the commits (git ranges) over which the
+# default was something else. A run trains as today's defaults would where every setting is today's value, by its
+# own override or by the default of its commit. A stage-1 bar below today's trains the same once its parrot passes
+# today's bar too (the extensions stop at the same step), so a run whose parrot reached it counts.
+TODAYS_DEFAULTS = {
+    "parrot_space": ("input", ["..bf3d65b"]),  # the latent parrot until 2026-12-05
+    "clean_ratio": (0.5, ["89aace9..80df982"]),  # 0.75 for a day (2026-12-06)
+    "parrot_min_success_rate": (1.0, ["..5683d63"]),  # no bar, then 0.95 (2026-12-06)
+}
+
+
 def read_records(path: str | os.PathLike) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

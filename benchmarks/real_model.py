@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import backdoorllm  # noqa: E402
-from common import REPO, defence_settings, load_model, lora_config, print_record  # noqa: E402
+from common import REPO, TODAYS_DEFAULTS, defence_settings, load_model, lora_config, print_record  # noqa: E402
 from heldout import HELDOUT_ATTACKS  # noqa: E402
 from stage2_trace import Stage2Trace  # noqa: E402
 
@@ -271,7 +271,9 @@ def trainer_facts(trainer) -> dict:
         facts.update(parrot_success=trainer.parrot_success, eliminate_steps=trainer.plan.stage2_steps,
                      echo_rate=trainer.echo_rate, echo_rows=trainer.echo_rows,
                      triggered_response_used=trainer.args.triggered_response,
-                     refresh_stopped_at=trainer.refresh_stopped_at, parrot_passed_at=trainer.parrot_passed_at)
+                     refresh_stopped_at=trainer.refresh_stopped_at, parrot_passed_at=trainer.parrot_passed_at,
+                     # the settings whose defaults changed over time (common.TODAYS_DEFAULTS), as run
+                     sande_settings={key: getattr(trainer.args, key) for key in TODAYS_DEFAULTS})
         traces = [c for c in trainer.callback_handler.callbacks if isinstance(c, Stage2Trace)]
         if traces:
             facts["trace"] = traces[0].points

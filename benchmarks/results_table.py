@@ -2,6 +2,7 @@
 
     python benchmarks/results_table.py removal docs/results/real_model.jsonl                 # the main table
     python benchmarks/results_table.py removal docs/results/heldout.jsonl                    # held-out attacks
+    python benchmarks/results_table.py defaults docs/results/real_model.jsonl docs/results/seeds.jsonl  # today's defaults
     python benchmarks/results_table.py attacks docs/results/heldout2.jsonl                   # ... what they implant
     python benchmarks/results_table.py contrast docs/results/real_model.jsonl \\
         --variant "sft=100 steps, as SANDE's elimination"                                      # SFT / OSFT / SANDE
@@ -27,12 +28,13 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import read_records  # noqa: E402
+from common import TODAYS_DEFAULTS, read_records  # noqa: E402
 
 
 def _value(record: dict, key: str):
@@ -169,6 +171,88 @@ def removal(records: list[dict], method: str = "sande", variant: str | dict = "d
                                                for _, key, kind in REMOVAL_COLUMNS])
     header = ["backdoor", "seeds"] + [title for title, _, _ in REMOVAL_COLUMNS]
     return _table(header, rows) + _footer(_shown(groups))
+
+
+# The benchmark's own settings of a defence that today's main table assumes (real_model.py's defaults).
+_BENCHMARK_DEFAULTS = {"n_defence": 256, "clean_answers": "golden", "defence_lr": None, "defence_epochs": None,
+                       "defence_max_steps": None}
+
+
+def _in_range(commit: str, span: str, is_ancestor) -> bool:
+    """Whether ``commit`` lies in the git range ``span`` ("A..B": after A, before B; "..B": before B)."""
+    start, end = span.split("..")
+    return not is_ancestor(end, commit) and (not start or is_ancestor(start, commit))
+
+
+def git_is_ancestor(ancestor: str, commit: str, _cache: dict = {}) -> bool:  # noqa: B006 (a cache on purpose)
+    key = (ancestor, commit)
+    if key not in _cache:
+        done = subprocess.run(["git", "merge-base", "--is-ancestor", ancestor, commit.removesuffix("-dirty")],
+                              capture_output=True, cwd=Path(__file__).resolve().parents[1])
+        if done.returncode not in (0, 1):
+            raise ValueError(f"git does not know commit {commit!r} (or {ancestor!r}): run this in a full clone.")
+        _cache[key] = done.returncode == 0
+    return _cache[key]
+
+
+_UNSET = object()
+
+
+def trains_as_todays_defaults(record: dict, is_ancestor=git_is_ancestor) -> bool:
+    """Whether a SANDE record (told r_t, full-precision or 4-bit) trained as today's defaults would: see
+    ``TODAYS_DEFAULTS``. Any other override, or other benchmark settings (fewer pairs, other steps), rules it out."""
+    settings = record.get("defence_settings") or {}
+    overrides = dict(settings.get("sande_overrides") or {})
+    if record.get("method") != "sande" or any(settings.get(k) != v for k, v in _BENCHMARK_DEFAULTS.items()):
+        return False
+    as_run = record.get("sande_settings") or {}  # recorded since 2026-12-06: no history needed
+    for key, (today, other_spans) in TODAYS_DEFAULTS.items():
+        overridden = overrides.pop(key, _UNSET)
+        if key in as_run:
+            if as_run[key] == today:
+                continue
+        elif overridden is not _UNSET:
+            if overridden == today:
+                continue
+        elif not any(_in_range(record.get("commit", ""), span, is_ancestor) for span in other_spans):
+            continue
+        reached = (record.get("parrot_success") or {}).get("after_simulate")
+        if key == "parrot_min_success_rate" and reached is not None and reached >= today:
+            continue
+        return False
+    return not overrides
+
+
+DEFAULTS_COLUMNS = REMOVAL_COLUMNS[:5] + [
+    ("merged, dequantized 4-bit base", "merged_dequantized.attack_success_rate", "rate"),
+    ("merged, full-precision base", "merged_full_precision.attack_success_rate", "rate"),
+] + REMOVAL_COLUMNS[5:9]  # not the gold answers' NLL: the defence trains on answers like them
+
+
+def defaults(records: list[dict], is_ancestor=git_is_ancestor) -> str:
+    """The main table: one row per backdoor over every run that trained as today's defaults would
+    (``trains_as_todays_defaults``), one run per seed (the last recorded), attack success and utility beside it;
+    a run trained on a 4-bit base counts for the merged columns only."""
+    baselines = {(r["case"], r.get("seed", 0)): r for r in records if r.get("method") == "none"}
+    runs: OrderedDict = OrderedDict()
+    for r in _stress_joined(records):
+        if trains_as_todays_defaults(r, is_ancestor):
+            quantized = bool((r.get("defence_settings") or {}).get("quantized"))
+            runs[(r["case"], quantized, r.get("seed", 0))] = {**r, "before": baselines.get((r["case"], r.get("seed", 0)), {})}
+    cases = list(OrderedDict.fromkeys(case for case, _, _ in runs))
+    rows, shown = [], []
+    for case in cases:
+        full = [r for (c, q, _), r in runs.items() if c == case and not q]
+        merged = [r for (c, q, _), r in runs.items() if c == case and q]
+        shown += full + merged
+        cells = []
+        for _, key, kind in DEFAULTS_COLUMNS:
+            group = merged if key.startswith("merged_") else full
+            cells.append(_cell([_value(r, key) for r in group], kind) if group else "-")
+        seeds = f"{len(full)}" + (f" (4-bit: {len(merged)})" if merged else "")
+        rows.append([case, seeds] + cells)
+    header = ["backdoor", "seeds"] + [title for title, _, _ in DEFAULTS_COLUMNS]
+    return _table(header, rows) + _footer(shown + [r[k] for r in shown for k in ("before", "stress") if r.get(k)])
 
 
 _POSITIONS = {"start": "the start", "end": "the end", "random": "a random word boundary"}
@@ -506,7 +590,7 @@ def json_overrides(record: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=["removal", "attacks", "contrast", "scan", "demo", "echo", "echo-trace", "trace",
+    parser.add_argument("table", choices=["removal", "defaults", "attacks", "contrast", "scan", "demo", "echo", "echo-trace", "trace",
                                           "reach", "cost", "capability", "answer-prior"])
     parser.add_argument("records", nargs="+")
     parser.add_argument("--method", default="sande")
@@ -526,6 +610,8 @@ def main(argv=None):
     args.variant = per_method or (plain[-1] if plain else "default")
     if args.table == "removal":
         print(removal(records, args.method, args.variant, args.pool))
+    elif args.table == "defaults":
+        print(defaults(records))
     elif args.table == "attacks":
         print(attacks(records))
     elif args.table == "contrast":

@@ -147,3 +147,52 @@ def test_the_wider_sst2_task_puts_the_test_sentences_first_and_adds_only_unseen_
     # capability_models.py reads the first 201 as the test set the real-model records score
     assert read[wide][:201] == read[small] and len(read[small]) == 201
     assert not {r["text"] for r in read[small]} & {r["text"] for r in read[wide][201:]}
+
+
+def test_the_main_table_keeps_the_runs_that_trained_as_todays_defaults():
+    table = _benchmark_module(COMMON.parent / "results_table.py")
+    # A toy history: commits are numbers, each descends from every smaller one.
+    order = {"old": 0, "bf3d65b": 1, "89aace9": 2, "80df982": 3, "5683d63": 4, "new": 5}
+
+    def is_ancestor(ancestor, commit):
+        return order[ancestor] <= order[commit]
+
+    bench = {"n_defence": 256, "clean_answers": "golden", "defence_lr": None, "defence_epochs": None,
+             "defence_max_steps": None, "quantized": False}
+
+    def run(commit, overrides=None, reached=1.0, seed=0, rate=0.0, **settings):
+        return {"case": "a", "method": "sande", "seed": seed, "commit": commit, "machine": "m",
+                "attack_success_rate": rate, "parrot_success": {"after_simulate": reached},
+                "defence_settings": {**bench, **settings, "sande_overrides": overrides or {}}}
+
+    def kept(record):
+        return table.trains_as_todays_defaults(record, is_ancestor)
+
+    assert kept(run("new", reached=0.9))  # today's bar, whatever the parrot reached
+    assert kept(run("80df982", reached=1.0)) and not kept(run("80df982", reached=0.97))  # an older bar, passed or not
+    assert not kept(run("old"))  # the latent parrot was the default
+    assert kept(run("old", {"parrot_space": "input"}))  # ... unless the run asked for the soft prompt
+    assert not kept(run("89aace9")) and kept(run("89aace9", {"clean_ratio": 0.5}))  # clean_ratio=0.75's day
+    assert kept(run("old", {"parrot_space": "input", "parrot_min_success_rate": 1.0}, reached=0.9))
+    assert not kept(run("new", {"triggered_response": "auto"}))  # told nothing: another row
+    assert not kept(run("new", n_defence=128))  # fewer pairs
+    assert not kept({**run("new"), "method": "osft"})
+
+    records = [{"case": "a", "method": "none", "seed": 0, "attack_success_rate": 1.0, "commit": "old", "machine": "m"},
+               run("new", seed=0, rate=0.2), run("new", seed=0, rate=0.0), run("new", seed=1, rate=0.1),
+               run("old", seed=2, rate=0.9),
+               {**run("new", seed=0), "defence_settings": {**bench, "quantized": True, "sande_overrides": {}},
+                "merged_dequantized": {"attack_success_rate": 0.0}, "merged_full_precision": {"attack_success_rate": 0.05}}]
+    row = next(line for line in table.defaults(records, is_ancestor).splitlines() if line.startswith("| a |"))
+    cells = row.split(" | ")
+    header = ["backdoor", "seeds"] + [title for title, _, _ in table.DEFAULTS_COLUMNS]
+    # Seeds 0 (its last run) and 1; the latent parrot's seed 2 left out; the 4-bit run only in the merged columns.
+    assert cells[1] == "2 (4-bit: 1)" and cells[header.index("greedy")] == "5 ± 5%"
+    assert cells[header.index("before")] == "100% (1 of 2)"
+    assert cells[header.index("merged, full-precision base")] == "5%"
+    # A record that says how it ran needs no history; an override of None is an override (no bar).
+    assert kept({**run("old"), "sande_settings": {"parrot_space": "input", "clean_ratio": 0.5,
+                                                  "parrot_min_success_rate": 1.0}})
+    assert not kept({**run("new", reached=0.9), "sande_settings": {"parrot_space": "input", "clean_ratio": 0.5,
+                                                                   "parrot_min_success_rate": None}})
+    assert not kept(run("new", {"parrot_min_success_rate": None}, reached=0.9))
