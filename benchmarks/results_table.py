@@ -226,7 +226,8 @@ def trains_as_todays_defaults(record: dict, is_ancestor=git_is_ancestor) -> bool
 DEFAULTS_COLUMNS = REMOVAL_COLUMNS[:5] + [
     ("merged, dequantized 4-bit base", "merged_dequantized.attack_success_rate", "rate"),
     ("merged, full-precision base", "merged_full_precision.attack_success_rate", "rate"),
-] + REMOVAL_COLUMNS[5:9]  # not the gold answers' NLL: the defence trains on answers like them
+] + REMOVAL_COLUMNS[5:7] + [(title, key, "rate1") for title, key, _ in REMOVAL_COLUMNS[7:9]]
+# Not the gold answers' NLL (the defence trains on answers like them); sst2 to the half point its 200 sentences give.
 
 
 def defaults(records: list[dict], is_ancestor=git_is_ancestor) -> str:
