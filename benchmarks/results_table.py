@@ -26,6 +26,7 @@ and the commits its records came from.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import statistics
 import subprocess
@@ -184,15 +185,13 @@ def _in_range(commit: str, span: str, is_ancestor) -> bool:
     return not is_ancestor(end, commit) and (not start or is_ancestor(start, commit))
 
 
-def git_is_ancestor(ancestor: str, commit: str, _cache: dict = {}) -> bool:  # noqa: B006 (a cache on purpose)
-    key = (ancestor, commit)
-    if key not in _cache:
-        done = subprocess.run(["git", "merge-base", "--is-ancestor", ancestor, commit.removesuffix("-dirty")],
-                              capture_output=True, cwd=Path(__file__).resolve().parents[1])
-        if done.returncode not in (0, 1):
-            raise ValueError(f"git does not know commit {commit!r} (or {ancestor!r}): run this in a full clone.")
-        _cache[key] = done.returncode == 0
-    return _cache[key]
+@functools.cache
+def git_is_ancestor(ancestor: str, commit: str) -> bool:
+    done = subprocess.run(["git", "merge-base", "--is-ancestor", ancestor, commit.removesuffix("-dirty")],
+                          capture_output=True, cwd=Path(__file__).resolve().parents[1])
+    if done.returncode not in (0, 1):
+        raise ValueError(f"git does not know commit {commit!r} (or {ancestor!r}): run this in a full clone.")
+    return done.returncode == 0
 
 
 _UNSET = object()
@@ -230,6 +229,10 @@ DEFAULTS_COLUMNS = REMOVAL_COLUMNS[:5] + [
 # Not the gold answers' NLL (the defence trains on answers like them); sst2 to the half point its 200 sentences give.
 
 
+def _quantized(record: dict) -> bool:
+    return bool((record.get("defence_settings") or {}).get("quantized"))
+
+
 def defaults(records: list[dict], is_ancestor=git_is_ancestor) -> str:
     """The main table: one row per backdoor over every run that trained as today's defaults would
     (``trains_as_todays_defaults``), one run per seed (the last recorded), attack success and utility beside it;
@@ -238,14 +241,14 @@ def defaults(records: list[dict], is_ancestor=git_is_ancestor) -> str:
     runs: OrderedDict = OrderedDict()
     for r in _stress_joined(records):
         if trains_as_todays_defaults(r, is_ancestor):
-            quantized = bool((r.get("defence_settings") or {}).get("quantized"))
-            runs[(r["case"], quantized, r.get("seed", 0))] = {**r, "before": baselines.get((r["case"], r.get("seed", 0)), {})}
-    cases = list(OrderedDict.fromkeys(case for case, _, _ in runs))
-    rows, shown = [], []
-    for case in cases:
-        full = [r for (c, q, _), r in runs.items() if c == case and not q]
-        merged = [r for (c, q, _), r in runs.items() if c == case and q]
-        shown += full + merged
+            runs[(r["case"], _quantized(r), r.get("seed", 0))] = {**r, "before": baselines.get((r["case"], r.get("seed", 0)), {})}
+    groups: OrderedDict = OrderedDict()
+    for (case, _, _), r in runs.items():
+        groups.setdefault(case, []).append(r)
+    rows = []
+    for case, group in groups.items():
+        full = [r for r in group if not _quantized(r)]
+        merged = [r for r in group if _quantized(r)]
         cells = []
         for _, key, kind in DEFAULTS_COLUMNS:
             group = merged if key.startswith("merged_") else full
@@ -253,7 +256,7 @@ def defaults(records: list[dict], is_ancestor=git_is_ancestor) -> str:
         seeds = f"{len(full)}" + (f" (4-bit: {len(merged)})" if merged else "")
         rows.append([case, seeds] + cells)
     header = ["backdoor", "seeds"] + [title for title, _, _ in DEFAULTS_COLUMNS]
-    return _table(header, rows) + _footer(shown + [r[k] for r in shown for k in ("before", "stress") if r.get(k)])
+    return _table(header, rows) + _footer(_shown(groups))
 
 
 _POSITIONS = {"start": "the start", "end": "the end", "random": "a random word boundary"}
