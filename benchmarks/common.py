@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -89,6 +90,19 @@ TODAYS_DEFAULTS = {
     "clean_ratio": (0.5, ["89aace9..80df982"]),  # 0.75 for a day (2026-12-06)
     "parrot_min_success_rate": (1.0, ["..5683d63"]),  # no bar, then 0.95 (2026-12-06)
 }
+
+
+def run_folder_name(case: str, method: str, variant: str = "default", seed: int = 0, quantized: bool = False) -> str:
+    """The folder `real_model.py` trains a defence's adapter in (under ``runs/``): a variant keeps its own, and so does
+    a run on a 4-bit base with the default variant, which would otherwise overwrite the fp32 run's adapter.
+
+    >>> run_folder_name("refusal/ctba", "sande", "parrot bar 1.0", 2), run_folder_name("a/b", "sande", quantized=True)
+    ('refusal-ctba-sande-parrot_bar_1.0-2', 'a-b-sande-4bit-0')
+    """
+    label = "" if variant == "default" else "-" + re.sub(r"[^A-Za-z0-9_.=-]+", "_", variant)
+    if quantized and variant == "default":
+        label = "-4bit"
+    return f"{case.replace('/', '-')}-{method}{label}-{seed}"
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 import tempfile
 import time
@@ -44,7 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import backdoorllm  # noqa: E402
-from common import REPO, TODAYS_DEFAULTS, defence_settings, load_model, lora_config, print_record  # noqa: E402
+from common import (  # noqa: E402
+    REPO, TODAYS_DEFAULTS, defence_settings, load_model, lora_config, print_record, run_folder_name,
+)
 from heldout import HELDOUT_ATTACKS  # noqa: E402
 from stage2_trace import Stage2Trace  # noqa: E402
 
@@ -446,8 +447,7 @@ def main(argv=None):
                   **measure(load_model(model_path), tokenizer, case, seed, args, suspect, original)})
         for method in args.methods:
             # a variant keeps its own adapter: the default's stays on disk for the capability pairs
-            label = "" if args.variant == "default" else "-" + re.sub(r"[^A-Za-z0-9_.=-]+", "_", args.variant)
-            run_dir = Path(args.cache) / "runs" / f"{case.name.replace('/', '-')}-{method}{label}-{seed}"
+            run_dir = Path(args.cache) / "runs" / run_folder_name(case.name, method, args.variant, seed, args.quantized)
             trainer, seconds = defend(method, model_path, tokenizer, case, seed, args, run_dir)
             record = {"method": method, "variant": args.variant, "seed": seed, "train_seconds": seconds,
                       "defence_settings": {**settings, "sande_overrides": json.loads(args.sande_overrides or "{}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TODAYS_DEFAULTS, read_records  # noqa: E402
+from common import TODAYS_DEFAULTS, read_records, run_folder_name  # noqa: E402
 
 
 def _value(record: dict, key: str):
@@ -117,9 +116,8 @@ def _merged_rows(records: list[dict]) -> list[dict]:
 
 def run_folder(record: dict) -> str:
     """The folder name `real_model.py` trains a defence record's adapter in (under ``runs/``)."""
-    variant = record.get("variant") or "default"
-    label = "" if variant == "default" else "-" + re.sub(r"[^A-Za-z0-9_.=-]+", "_", variant)
-    return f"{record['case'].replace('/', '-')}-{record['method']}{label}-{record.get('seed', 0)}"
+    return run_folder_name(record["case"], record["method"], record.get("variant") or "default", record.get("seed", 0),
+                           _quantized(record))
 
 
 def _stress_joined(records: list[dict]) -> list[dict]:

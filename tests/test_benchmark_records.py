@@ -81,6 +81,10 @@ def test_the_removal_table_pools_the_seeds_of_one_setting_recorded_under_two_lab
     assert table.removal(records, variant=wanted, pool=True).splitlines()[-1] == "Machine: m. Records from commit(s) c, c2."
     assert table.run_folder({"case": "refusal/ctba", "method": "sande", "variant": "parrot bar 1.0", "seed": 2}) == \
         "refusal-ctba-sande-parrot_bar_1.0-2"
+    # a run on a 4-bit base with the default variant keeps its own folder; one with a variant keeps the variant's
+    quantized = {"case": "refusal/ctba", "method": "sande", "seed": 0, "defence_settings": {"quantized": True}}
+    assert table.run_folder(quantized) == "refusal-ctba-sande-4bit-0"
+    assert table.run_folder({**quantized, "variant": "4-bit base"}) == "refusal-ctba-sande-4-bit_base-0"
 
 
 def test_the_cost_table_counts_a_timing_two_files_hold_once_and_splits_the_measurements():
