@@ -99,9 +99,10 @@ def run_folder_name(case: str, method: str, variant: str = "default", seed: int 
     >>> run_folder_name("refusal/ctba", "sande", "parrot bar 1.0", 2), run_folder_name("a/b", "sande", quantized=True)
     ('refusal-ctba-sande-parrot_bar_1.0-2', 'a-b-sande-4bit-0')
     """
-    label = "" if variant == "default" else "-" + re.sub(r"[^A-Za-z0-9_.=-]+", "_", variant)
-    if quantized and variant == "default":
-        label = "-4bit"
+    if variant == "default":
+        label = "-4bit" if quantized else ""
+    else:
+        label = "-" + re.sub(r"[^A-Za-z0-9_.=-]+", "_", variant)
     return f"{case.replace('/', '-')}-{method}{label}-{seed}"
 
 

@@ -249,8 +249,8 @@ def defaults(records: list[dict], is_ancestor=git_is_ancestor) -> str:
         merged = [r for r in group if _quantized(r)]
         cells = []
         for _, key, kind in DEFAULTS_COLUMNS:
-            group = merged if key.startswith("merged_") else full
-            cells.append(_cell([_value(r, key) for r in group], kind) if group else "-")
+            runs_read = merged if key.startswith("merged_") else full
+            cells.append(_cell([_value(r, key) for r in runs_read], kind) if runs_read else "-")
         seeds = f"{len(full)}" + (f" (4-bit: {len(merged)})" if merged else "")
         rows.append([case, seeds] + cells)
     header = ["backdoor", "seeds"] + [title for title, _, _ in DEFAULTS_COLUMNS]
