@@ -163,6 +163,7 @@ def measure(model, tokenizer, case: Case, seed: int, args, suspect, original) ->
                                     sampling=Sampling(args.samples, 1.0, 0.75, seed), **common)
         report.sampled_attack_success_rate = sampled.sampled_attack_success_rate
         report.sampled_attack_success_per_prompt = sampled.sampled_attack_success_per_prompt
+        report.sampled_hits = sampled.sampled_hits
         seconds["sampled"] = round(time.time() - t, 1)
     if args.variant_prompts:
         t = time.time()

