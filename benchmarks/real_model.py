@@ -160,7 +160,7 @@ def measure(model, tokenizer, case: Case, seed: int, args, suspect, original) ->
     if args.samples:
         t = time.time()
         sampled = evaluate_backdoor(model, tokenizer, [], triggered_prompts=case.triggered_test(seed, args.n_eval),
-                                    sampling=Sampling(args.samples, 1.0, 0.75, seed), **common)
+                                    sampling=Sampling(args.samples, 1.0, 0.75, seed), n_samples=10, **common)
         report.sampled_attack_success_rate = sampled.sampled_attack_success_rate
         report.sampled_attack_success_per_prompt = sampled.sampled_attack_success_per_prompt
         report.sampled_hits = sampled.sampled_hits
