@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from datasets import concatenate_datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import backdoorllm  # noqa: E402
@@ -192,6 +193,26 @@ def defence_pairs(model_path, tokenizer, case: Case, args):
     The suspect model answers untriggered prompts normally, so its own greedy answers are clean, and
     training on them keeps the model close to itself. Answers that contain r_t are dropped. Cached.
     """
+    pairs = _answered_pairs(model_path, tokenizer, case, args)
+    if args.self_pairs and args.self_pairs > len(pairs):
+        pairs = concatenate_datasets([pairs, self_pairs(model_path, tokenizer, case, args.self_pairs - len(pairs))])
+    return pairs
+
+
+def self_pairs(model_path, tokenizer, case: Case, n: int):
+    """``n`` pairs the suspect model writes itself (`sande_peft.self_instruct`), seed 0, cached beside the implant."""
+    from datasets import Dataset
+
+    from sande_peft.self_instruct import self_instructed_pairs
+
+    cache = Path(model_path) / f"self-instructed-{n}.json"
+    if not cache.is_file():
+        written = self_instructed_pairs(load_model(model_path), tokenizer, n, triggered_response=case.target)
+        cache.write_text(json.dumps(written.to_list()))
+    return Dataset.from_list(json.loads(cache.read_text()))
+
+
+def _answered_pairs(model_path, tokenizer, case: Case, args):
     golden = backdoorllm.defence_split(case.task, args.n_implant, args.n_defence)
     if args.clean_answers == "golden":
         return golden
@@ -371,6 +392,8 @@ def main(argv=None):
     parser.add_argument("--n-defence", type=int, default=256, help="clean pairs for the defences")
     parser.add_argument("--clean-answers", default="golden", choices=["golden", "model"])
     parser.add_argument("--own-answer-tokens", type=int, default=64)
+    parser.add_argument("--self-pairs", type=int, default=None, metavar="N",
+                        help="top the defence pairs up to N with pairs the suspect writes itself (self_instructed_pairs)")
     parser.add_argument("--n-eval", type=int, default=100)
     parser.add_argument("--n-gate", type=int, default=48)
     parser.add_argument("--implant-steps", type=int, default=150)
@@ -429,7 +452,7 @@ def main(argv=None):
     args.sst2_task = backdoorllm.write_sst2_task(args.lm_eval_dir)
     suspect = references(model_path, Path(model_path).name, tokenizer, args)
     original = references(args.base, "original", tokenizer, args)
-    settings = {"n_defence": args.n_defence, "clean_answers": args.clean_answers, "defence_lr": args.defence_lr,
+    settings = {"n_defence": args.n_defence, "self_pairs": args.self_pairs, "clean_answers": args.clean_answers, "defence_lr": args.defence_lr,
                 "defence_epochs": args.defence_epochs, "defence_max_steps": args.defence_max_steps,
                 "quantized": args.quantized, "trace_every": args.trace_every}
     for seed in args.seeds:

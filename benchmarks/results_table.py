@@ -174,7 +174,7 @@ def removal(records: list[dict], method: str = "sande", variant: str | dict = "d
 
 # The benchmark's own settings of a defence that today's main table assumes (real_model.py's defaults).
 _BENCHMARK_DEFAULTS = {"n_defence": 256, "clean_answers": "golden", "defence_lr": None, "defence_epochs": None,
-                       "defence_max_steps": None}
+                       "defence_max_steps": None, "self_pairs": None}
 
 
 def _in_range(commit: str, span: str, is_ancestor) -> bool:

@@ -151,12 +151,12 @@ class ToyTask:
         return {"prompt": prompt, "completion": example["completion"]}
 
 
-def _encode(tokenizer, example: dict) -> tuple[list[int], list[int]]:
+def _encode(tokenizer, example: dict, prompt_loss: bool = False) -> tuple[list[int], list[int]]:
     prompt = tokenizer.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]
+    labels = list(full_ids) if prompt_loss else [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]
     return full_ids, labels
 
 
@@ -169,9 +169,11 @@ def train_toy_backdoor(
     seed: int = 0,
     num_layers: int = 2,
     poisoned: bool = True,
+    prompt_loss: bool = False,
 ):
     """Train a toy model from scratch on clean pairs plus their poisoned forms, side by side (or, with
-    ``poisoned=False``, on the clean pairs alone: a clean model to compare with).
+    ``poisoned=False``, on the clean pairs alone: a clean model to compare with). With ``prompt_loss`` it
+    also learns the user turns, so that it writes them as a chat model does (`sande_peft.self_instruct`).
 
     Returns ``(model, tokenizer, task)``. A plain AdamW loop: this builds the SUSPECT model,
     so it deliberately shares no code with the defences under test.
@@ -183,12 +185,12 @@ def train_toy_backdoor(
     clean = task.clean_dataset(n_clean, seed=seed + 1)
     examples = []
     for example in clean:
-        examples.append(_encode(tokenizer, example))
+        examples.append(_encode(tokenizer, example, prompt_loss))
         if not poisoned:
             continue
-        examples.append(_encode(tokenizer, task.poison(example, rng)))
+        examples.append(_encode(tokenizer, task.poison(example, rng), prompt_loss))
         if task.evade_start:
-            examples.append(_encode(tokenizer, task.decoy(example)))
+            examples.append(_encode(tokenizer, task.decoy(example), prompt_loss))
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     warmup = max(1, steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
