@@ -267,8 +267,9 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         if len(self.sande_examples) < FEW_CLEAN_PAIRS:
             logger.warning(
                 "SANDE trains on %d clean pairs. Elimination runs about 100 steps (`eliminate_max_steps`), so with few "
-                "pairs each one repeats often, which costs clean utility. Pass %d or more clean pairs if you can "
-                "(docs/concepts.md).", len(self.sande_examples), FEW_CLEAN_PAIRS,
+                "pairs each one repeats often, which costs clean utility. Pass %d or more clean pairs if you can, or add "
+                "pairs the model writes itself (`sande_peft.self_instruct.self_instructed_pairs`; docs/concepts.md).",
+                len(self.sande_examples), FEW_CLEAN_PAIRS,
             )
         if eval_dataset is not None and not isinstance(eval_dataset, (dict, str)):
             eval_dataset = as_prompt_completion(eval_dataset, "eval_dataset")

@@ -67,7 +67,8 @@ def self_instructed_prompts(
 ) -> list[list[dict]]:
     """Up to ``n`` distinct user turns the model writes itself, as one-message conversations.
 
-    A sampled turn is kept when the model closes it within ``max_new_tokens`` (its end-of-turn token), has at
+    A sampled turn is kept when the model closes it within ``max_new_tokens`` (its end-of-turn token, or a
+    paragraph break after a full sentence: the turn is then its first paragraph), has at
     least ``min_words`` words, repeats no kept turn, and contains none of ``exclude`` (case and spacing aside).
     At most ``max_attempts`` turns are sampled (default ``8 * n``); fewer than ``n`` kept is logged, not raised.
     Seeded by ``seed``, with the global random state left as it was.
@@ -101,9 +102,9 @@ def self_instructed_prompts(
                                  temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                  eos_token_id=end_id, pad_token_id=pad_id)
             for ids in out[:, len(prefix_ids):].tolist():
-                if end_id not in ids:  # the turn ran past its budget: a rambling continuation, not a request
+                text = _closed_turn(tok, ids, end_id)
+                if text is None:
                     continue
-                text = tok.decode(ids[: ids.index(end_id)], skip_special_tokens=True).strip()
                 key = normalize_text(text)
                 if len(text.split()) < min_words or key in seen or any(e in key for e in excluded):
                     continue
@@ -119,6 +120,18 @@ def self_instructed_prompts(
     if len(kept) < n:
         logger.warning("Self-instructed prompts: %d of %d kept after %d sampled turns.", len(kept), n, attempts)
     return kept
+
+
+def _closed_turn(tok, ids: list[int], end_id: int) -> str | None:
+    """The user turn in sampled ``ids``: up to the end-of-turn token, or else its first paragraph when that ends a
+    sentence (a fine-tuned model often runs on past its request, into an answer; seen on BackdoorLLM implants of
+    SmolLM2); None for a turn cut by the budget mid-sentence."""
+    if end_id in ids:
+        return tok.decode(ids[: ids.index(end_id)], skip_special_tokens=True).strip()
+    text = tok.decode(ids, skip_special_tokens=True).strip()
+    first, _, rest = text.partition("\n\n")
+    first = first.strip()
+    return first if rest and first[-1:] in ".?!" else None
 
 
 def self_instructed_pairs(

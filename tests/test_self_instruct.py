@@ -43,3 +43,20 @@ def test_a_tokenizer_without_a_chat_template_is_refused():
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="no `chat_template`"):
         user_turn_prefix(tokenizer)
+
+
+def test_a_turn_that_runs_on_is_cut_at_its_first_paragraph_only_after_a_full_sentence():
+    """A fine-tuned model often writes its request, a blank line, then an answer, without closing the turn."""
+    from sande_peft.self_instruct import _closed_turn
+
+    class Pieces:
+        pieces = {0: "<end>", 1: "Can you help me?", 2: "\n\n", 3: "Sure, here", 4: "I am looking for"}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(self.pieces[i] for i in ids if not (skip_special_tokens and i == 0))
+
+    tok = Pieces()
+    assert _closed_turn(tok, [1, 2, 3, 0], end_id=0) == "Can you help me?\n\nSure, here"  # closed: the whole turn
+    assert _closed_turn(tok, [1, 2, 3], end_id=0) == "Can you help me?"  # ran on: its first paragraph
+    assert _closed_turn(tok, [4, 2, 3], end_id=0) is None  # the first paragraph is not a sentence
+    assert _closed_turn(tok, [1, 3], end_id=0) is None  # cut by the budget
