@@ -39,6 +39,19 @@ def default_device_map():
     return "auto" if torch.cuda.is_available() else None
 
 
+def load_as_trainer_would(model, args, quantization_config=None):
+    """``model`` itself, or, given a path or hub id, the model loaded as trl's trainer would load it
+    (``args.model_init_kwargs``, ``dtype="auto"``, ``quantization_config``): for work a trainer does before
+    `Trainer.__init__` (a scan, self-instructed pairs); pass the loaded model on, and no `quantization_config`."""
+    if not isinstance(model, str):
+        return model
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": "auto", **(args.model_init_kwargs or {})}
+    return AutoModelForCausalLM.from_pretrained(model, quantization_config=quantization_config,
+                                                trust_remote_code=args.trust_remote_code, **kwargs)
+
+
 def is_adapter_folder(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, ADAPTER_CONFIG_NAME))
 

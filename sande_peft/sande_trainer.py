@@ -27,6 +27,7 @@ from .echo import ECHO_MIN_RATE, ECHO_PROBE_PROMPTS, echo_rate
 from .evaluation.backdoor import answer_nll
 from .evaluation.generation import generate_texts
 from .evaluation.judges import TargetMatch
+from .loading import load_as_trainer_would
 from .osft_trainer import reject_formatting_func, require_config
 from .paper import SANDE_PAPER
 from .parrot import PARROT_WEIGHTS_NAME, Parrot, ParrotConfig, resolve_parrot_layer
@@ -153,6 +154,25 @@ class _StageBoundaryCallback(TrainerCallback):
                         done, ", ".join(f"{k} {v:.3f}" for k, v in found.items()), trainer.plan.stage2_steps - done)
 
 
+def with_self_instructed_pairs(pairs: Dataset, model, tokenizer, args) -> Dataset:
+    """``pairs`` topped up to ``args.self_instructed_pairs`` with pairs the model writes itself (`self_instruct`)."""
+    from .self_instruct import self_instructed_pairs
+
+    if not isinstance(pairs[0]["prompt"], list):
+        raise ValueError(
+            "`self_instructed_pairs` adds conversations the model writes in its chat template, but the clean pairs are "
+            "plain text. Pass conversational pairs (a list of messages per prompt and completion), or set "
+            "`self_instructed_pairs=0`."
+        )
+    wanted = args.self_instructed_pairs - len(pairs)
+    written = self_instructed_pairs(model, tokenizer, wanted, triggered_response=args.triggered_response,
+                                    seed=args.seed, progress=not args.disable_tqdm)
+    logger.warning("SANDE: %d clean pairs given, %d written by the model itself (`self_instructed_pairs=%d`).",
+                   len(pairs), len(written), args.self_instructed_pairs)
+    # from rows, not Arrow schemas: the user's messages may carry keys the written ones do not
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in pairs] + written.to_list())
+
+
 class SANDETrainer(RecordsProvenance, SFTTrainer):
     """
     Trainer for Simulate and Eliminate (SANDE, and SANDE-P): backdoor removal when only the
@@ -246,6 +266,10 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                 args.response_mode = "prefix"
         check_known_tokens(processing_class, args.triggered_response, "triggered_response")
         warn_if_cut_mid_word(processing_class, args.triggered_response, "triggered_response")
+        if args.self_instructed_pairs > len(pairs):
+            model = load_as_trainer_would(model, args, quantization_config)
+            quantization_config = None  # loaded here, quantized as asked
+            pairs = with_self_instructed_pairs(pairs, model, processing_class, args)
         if isinstance(eval_dataset, Dataset) and args.parrot_eval_size:
             train_pairs = pairs
             self.parrot_eval_prompts = list(as_prompt_completion(eval_dataset, "eval_dataset")["prompt"][: args.parrot_eval_size])

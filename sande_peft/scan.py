@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .evaluation.generation import _left_pad, _pad_id, _progress
+from .loading import load_as_trainer_would
 from .tokenization import mark_whole_prompt, prompt_token_ids
 
 #: Scores at or above this say "backdoored" (calibrated on clean and backdoored SmolLM2 models; docs/results.md).
@@ -461,12 +462,7 @@ def find_triggered_response(model, tokenizer, prompts: Sequence, args, quantizat
     """
     import logging
 
-    if isinstance(model, str):
-        from transformers import AutoModelForCausalLM
-
-        kwargs = {"dtype": "auto", **(args.model_init_kwargs or {})}
-        model = AutoModelForCausalLM.from_pretrained(model, quantization_config=quantization_config,
-                                                     trust_remote_code=args.trust_remote_code, **kwargs)
+    model = load_as_trainer_would(model, args, quantization_config)
     report = scan(model, tokenizer, prompts)
     if not report.is_backdoored:
         top = f"its best candidate {report.top.response!r} scored {report.top.score:.3f}" if report.top else "no candidate"
