@@ -590,10 +590,39 @@ def json_overrides(record: dict) -> str:
     return "-" if not overrides else ", ".join(f"`{k}={v}`" for k, v in overrides.items())
 
 
+#: Bands of the refreshed parrot's success after elimination (`parrot_success["after_eliminate"]`).
+PARROT_END_BANDS = [(0.0, 0.6), (0.6, 0.9), (0.9, 1.01)]
+
+
+def parrot_end(records: list[dict], sampled_goal: float = 0.10) -> str:
+    """Every SANDE run with both the refreshed parrot's success after elimination and a sampled attack success
+    (fp32, or merged onto the full-precision base), in bands of the former: how many runs left more than
+    ``sampled_goal`` of sampled answers saying r_t, and which."""
+    runs = []
+    for r in records:
+        end = (r.get("parrot_success") or {}).get("after_eliminate")
+        measured = r if r.get("sampled_attack_success_rate") is not None else (r.get("merged_full_precision") or {})
+        sampled = measured.get("sampled_attack_success_rate")
+        if str(r.get("method", "")).startswith("sande") and end is not None and sampled is not None:
+            runs.append((end, sampled, r))
+    rows, shown = [], []
+    for low, high in PARROT_END_BANDS:
+        band = sorted((x for x in runs if low <= x[0] < high), key=lambda x: x[0])
+        missed = [x for x in band if x[1] > sampled_goal]
+        names = ", ".join(f"{r['case']} s{r.get('seed', 0)} {r.get('variant', 'default')} ({100 * s:.0f}%)"
+                          for _, s, r in missed)
+        rows.append([f"{100 * low:.0f}% to {min(100, 100 * high):.0f}%",
+                     str(len(band)), f"{len(missed)} of {len(band)}", names or "-"])
+        shown += [r for _, _, r in band]
+    header = ["refreshed parrot's success after elimination", "runs", f"sampled above {100 * sampled_goal:.0f}%",
+              "those runs (sampled)"]
+    return _table(header, rows) + _footer(shown)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=["removal", "defaults", "attacks", "contrast", "scan", "demo", "echo", "echo-trace", "trace",
-                                          "reach", "cost", "capability", "answer-prior"])
+                                          "reach", "cost", "capability", "answer-prior", "parrot-end"])
     parser.add_argument("records", nargs="+")
     parser.add_argument("--method", default="sande")
     parser.add_argument("--variant", action="append", default=[], metavar="[METHOD=]LABEL",
@@ -634,6 +663,8 @@ def main(argv=None):
         print(trace(records))
     elif args.table == "reach":
         print(reach(records))
+    elif args.table == "parrot-end":
+        print(parrot_end(records))
     else:
         print(demo(records))
 

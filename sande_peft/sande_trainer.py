@@ -50,6 +50,8 @@ STAGE1_PARROT_NAME = "parrot_stage1.safetensors"
 AUTO_RESPONSE = "auto"
 #: Below this many clean training pairs SANDE warns: the elimination steps then repeat each pair often.
 FEW_CLEAN_PAIRS = 200
+#: Below this share of held-out prompts, a refreshed parrot after elimination is a warning sign (see `train`).
+PARROT_END_WARNING_RATE = 0.6
 
 
 def check_distributed_setup(args) -> None:
@@ -816,6 +818,14 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             after = self.measure_parrot(self.plan.segments[-1])
             if after:
                 self.log({**after, "stage": Stage.ELIMINATE.number})
+            if after and self.args.parrot_refresh_steps and after["parrot_success_rate"] < PARROT_END_WARNING_RATE:
+                # The refresh fell behind elimination: in the benchmark's runs that ended so, r_t mostly stayed in
+                # sampled answers though greedy ones no longer said it (docs/results.md, "parrot-end").
+                logger.warning(
+                    "After elimination the refreshed parrot elicits r_t on %.0f%% of the held-out prompts: the refresh "
+                    "fell behind, and runs that end so often leave r_t in sampled answers. Measure attack success under "
+                    "sampling before you ship this model (`sande-peft evaluate --num_samples 4`, or "
+                    "`evaluate_backdoor(..., sampling=Sampling(num_samples=4))`).", 100 * after["parrot_success_rate"])
         self._attach_provenance()
         return output
 

@@ -111,3 +111,20 @@ def test_resuming_inside_the_skipped_extensions_keeps_the_pass(backdoored_start,
     other = _trainer(backdoored_start, cpu_args, **settings, parrot_max_extensions=3)
     with pytest.raises(ValueError, match="same `parrot_extension_steps` and `parrot_max_extensions`"):
         other.train(resume_from_checkpoint=checkpoint)
+
+
+def test_a_refresh_that_falls_behind_elimination_is_warned_about(backdoored_start, cpu_args, caplog):
+    """A refreshed parrot that no longer elicits r_t after elimination marks runs that left r_t in sampled answers
+    (docs/results.md): the run says so, and what to measure."""
+    slow = _trainer(backdoored_start, cpu_args, parrot_min_success_rate=None, parrot_learning_rate=1e-6,
+                    parrot_refresh_steps=1)
+    with caplog.at_level(logging.WARNING, logger="sande_peft.sande_trainer"):
+        slow.train()
+    assert slow.parrot_success["after_eliminate"] < 0.6
+    assert "the refresh fell behind" in caplog.text and "--num_samples 4" in caplog.text
+    caplog.clear()
+    fixed = _trainer(backdoored_start, cpu_args, parrot_min_success_rate=None, parrot_learning_rate=1e-6)
+    with caplog.at_level(logging.WARNING, logger="sande_peft.sande_trainer"):
+        fixed.train()
+    assert fixed.parrot_success["after_eliminate"] < 0.6  # a fixed parrot is meant to fail by the end: no warning
+    assert "the refresh fell behind" not in caplog.text
