@@ -167,6 +167,9 @@ def with_self_instructed_pairs(pairs: Dataset, model, tokenizer, args) -> Datase
             "`self_instructed_pairs=0`."
         )
     wanted = args.self_instructed_pairs - len(pairs)
+    placed = getattr(model, "hf_device_map", None) is not None or getattr(model, "is_loaded_in_4bit", False)
+    if not placed and next(model.parameters()).device != args.device:
+        model.to(args.device)  # generate where the Trainer will train (it moves an unplaced model there anyway)
     written = self_instructed_pairs(model, tokenizer, wanted, triggered_response=args.triggered_response,
                                     seed=args.seed, progress=not args.disable_tqdm)
     logger.warning("SANDE: %d clean pairs given, %d written by the model itself (`self_instructed_pairs=%d`).",
