@@ -200,3 +200,19 @@ def test_the_main_table_keeps_the_runs_that_trained_as_todays_defaults():
     assert not kept({**run("new", reached=0.9), "sande_settings": {"parrot_space": "input", "clean_ratio": 0.5,
                                                                    "parrot_min_success_rate": None}})
     assert not kept(run("new", {"parrot_min_success_rate": None}, reached=0.9))
+
+
+def test_the_parrot_end_table_bands_runs_by_their_refreshed_parrot_and_names_the_sampled_misses():
+    table = _benchmark_module(COMMON.parent / "results_table.py")
+
+    def run(case, end, sampled, method="sande", merged=False):
+        reading = {"sampled_attack_success_rate": sampled}
+        return {"case": case, "method": method, "seed": 0, "variant": "default", "parrot_success": {"after_eliminate": end},
+                "commit": "c", "machine": "m", **({"merged_full_precision": reading} if merged else reading)}
+
+    records = [run("a", 0.25, 0.15), run("b", 0.5, 0.0), run("c", 1.0, 0.0), run("d", 0.95, 0.2, merged=True),
+               run("e", 0.1, 0.9, method="adapter"), {"case": "f", "method": "sande"}]
+    rows = table.parrot_end(records).splitlines()
+    assert rows[2] == "| 0% to 60% | 2 | 1 of 2 | a s0 default (15%) |"  # the adapter re-measure is not a run
+    assert rows[3] == "| 60% to 90% | 0 | 0 of 0 | - |"
+    assert rows[4] == "| 90% to 100% | 2 | 1 of 2 | d s0 default (20%) |"  # a merged reading counts
