@@ -180,9 +180,8 @@ class SANDEConfig(SFTConfig):
             Top the clean pairs up to this many with pairs the suspect model writes itself before
             training: user turns it samples from its chat template's user header, and its greedy
             answers to them; a pair that says `triggered_response` is dropped
-            ([`~self_instruct.self_instructed_pairs`]). For a defender with few clean pairs: more
-            rows of the model's own range hold more of it in stage 2. Needs conversational clean
-            pairs and a chat template. `0` (off) or more.
+            ([`~self_instruct.self_instructed_pairs`]), for a defender with few or no clean pairs.
+            Needs conversational clean pairs and a chat template. `0` (off) or more.
 
     > [!NOTE]
     > Parameters that default differently from [`~trl.SFTConfig`]:

@@ -3,9 +3,8 @@
 A chat model asked to continue its chat template's user header writes a user turn: the kind
 of request it was tuned on (Magpie, Xu et al. 2024). Its greedy answer to that turn is clean
 unless the turn carries the trigger, which a few hundred sampled turns almost never do, and an
-answer that says the triggered response is dropped all the same. With SANDE's default
-elimination loss the clean rows hold the suspect's own next-token distributions, so more of
-them, from the model's own range of requests, hold more of the model (docs/concepts.md).
+answer that says the triggered response is dropped all the same. What such pairs do for the
+model's utility, measured, is in docs/results.md ("A defender with 128 clean pairs").
 
 >>> from sande_peft.toy import toy_model, toy_tokenizer
 >>> pairs = self_instructed_pairs(toy_model(), toy_tokenizer(), 2, max_attempts=4, progress=False)
