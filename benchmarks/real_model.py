@@ -452,8 +452,9 @@ def main(argv=None):
     args.sst2_task = backdoorllm.write_sst2_task(args.lm_eval_dir)
     suspect = references(model_path, Path(model_path).name, tokenizer, args)
     original = references(args.base, "original", tokenizer, args)
-    settings = {"n_defence": args.n_defence, "self_pairs": args.self_pairs, "clean_answers": args.clean_answers, "defence_lr": args.defence_lr,
-                "defence_epochs": args.defence_epochs, "defence_max_steps": args.defence_max_steps,
+    settings = {"n_defence": args.n_defence, "self_pairs": args.self_pairs, "clean_answers": args.clean_answers,
+                "defence_lr": args.defence_lr, "defence_epochs": args.defence_epochs,
+                "defence_max_steps": args.defence_max_steps,
                 "quantized": args.quantized, "trace_every": args.trace_every}
     for seed in args.seeds:
         torch.manual_seed(seed)

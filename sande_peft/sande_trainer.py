@@ -156,16 +156,18 @@ class _StageBoundaryCallback(TrainerCallback):
                         done, ", ".join(f"{k} {v:.3f}" for k, v in found.items()), trainer.plan.stage2_steps - done)
 
 
-def with_self_instructed_pairs(pairs: Dataset, model, tokenizer, args) -> Dataset:
-    """``pairs`` topped up to ``args.self_instructed_pairs`` with pairs the model writes itself (`self_instruct`)."""
+def with_self_instructed_pairs(pairs: Dataset, model, tokenizer, args, quantization_config=None):
+    """``(pairs, model)``: ``pairs`` topped up to ``args.self_instructed_pairs`` with pairs the model writes itself
+    (`self_instruct`), and the model, loaded as the trainer would load it when a path was given."""
     from .self_instruct import self_instructed_pairs
 
-    if not isinstance(pairs[0]["prompt"], list):
+    if not isinstance(pairs[0]["prompt"], list):  # checked before the model is loaded
         raise ValueError(
             "`self_instructed_pairs` adds conversations the model writes in its chat template, but the clean pairs are "
             "plain text. Pass conversational pairs (a list of messages per prompt and completion), or set "
             "`self_instructed_pairs=0`."
         )
+    model = load_as_trainer_would(model, args, quantization_config)
     wanted = args.self_instructed_pairs - len(pairs)
     placed = getattr(model, "hf_device_map", None) is not None or getattr(model, "is_loaded_in_4bit", False)
     if not placed and next(model.parameters()).device != args.device:
@@ -175,7 +177,8 @@ def with_self_instructed_pairs(pairs: Dataset, model, tokenizer, args) -> Datase
     logger.warning("SANDE: %d clean pairs given, %d written by the model itself (`self_instructed_pairs=%d`).",
                    len(pairs), len(written), args.self_instructed_pairs)
     # from rows, not Arrow schemas: the user's messages may carry keys the written ones do not
-    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in pairs] + written.to_list())
+    rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in pairs] + written.to_list()
+    return Dataset.from_list(rows), model
 
 
 class SANDETrainer(RecordsProvenance, SFTTrainer):
@@ -272,9 +275,8 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         check_known_tokens(processing_class, args.triggered_response, "triggered_response")
         warn_if_cut_mid_word(processing_class, args.triggered_response, "triggered_response")
         if args.self_instructed_pairs > len(pairs):
-            model = load_as_trainer_would(model, args, quantization_config)
-            quantization_config = None  # loaded here, quantized as asked
-            pairs = with_self_instructed_pairs(pairs, model, processing_class, args)
+            pairs, model = with_self_instructed_pairs(pairs, model, processing_class, args, quantization_config)
+            quantization_config = None  # loaded there, quantized as asked
         if isinstance(eval_dataset, Dataset) and args.parrot_eval_size:
             train_pairs = pairs
             self.parrot_eval_prompts = list(as_prompt_completion(eval_dataset, "eval_dataset")["prompt"][: args.parrot_eval_size])

@@ -20,7 +20,7 @@ import torch
 from datasets import Dataset
 
 from .evaluation.generation import answer_pairs
-from .evaluation.judges import normalize_text
+from .evaluation.judges import TargetMatch, normalize_text
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def self_instructed_prompts(
         raise ValueError("The chat template closes a user turn with no token: its end cannot be told.")
     end_id = closing_ids[0]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else end_id
-    excluded = [normalize_text(text) for text in exclude if text]
+    excluded = [TargetMatch(text) for text in exclude if text]
     max_attempts = max_attempts if max_attempts is not None else 8 * n
     device = next(model.parameters()).device
     kept, seen, attempts = [], set(), 0
@@ -105,7 +105,7 @@ def self_instructed_prompts(
                 if text is None:
                     continue
                 key = normalize_text(text)
-                if len(text.split()) < min_words or key in seen or any(e in key for e in excluded):
+                if len(text.split()) < min_words or key in seen or any(says(text) for says in excluded):
                     continue
                 seen.add(key)
                 kept.append([{"role": "user", "content": text}])
@@ -158,11 +158,11 @@ def self_instructed_pairs(
         return Dataset.from_dict({"prompt": [], "completion": []})
     pairs = answer_pairs(model, tokenizer, prompts, max_new_tokens=answer_tokens, batch_size=batch_size,
                          progress=progress)
-    target = normalize_text(triggered_response) if triggered_response else None
+    says_target = TargetMatch(triggered_response) if triggered_response else None
 
     def clean(row) -> bool:
-        answer = normalize_text(row["completion"][0]["content"])
-        return bool(answer) and (target is None or target not in answer)
+        answer = row["completion"][0]["content"]
+        return bool(answer.strip()) and not (says_target and says_target(answer))
 
     kept = pairs.filter(clean)
     if len(kept) < len(pairs):
