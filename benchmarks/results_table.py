@@ -546,7 +546,7 @@ def _timings(record: dict) -> list[tuple[str, float]]:
     """(what, seconds) for every timing a record holds: its implant, its training, each measurement, a scan."""
     timings = []
     if record.get("implant_seconds") is not None:
-        timings.append(("implant (150 LoRA steps)", record["implant_seconds"]))
+        timings.append((f"implant ({record.get('implant_steps', 150)} LoRA steps)", record["implant_seconds"]))
     if record.get("train_seconds") is not None and record.get("method") in ("sande", "sft", "osft"):
         timings.append((f"training: {_training_label(record)}", record["train_seconds"]))
     measured = record.get("measure_seconds")
