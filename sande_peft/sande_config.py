@@ -95,15 +95,6 @@ class SANDEConfig(SFTConfig):
             Rows per device (and per accumulated micro-batch) in each refresh step: the first rows
             of its batch. `None` means `per_device_train_batch_size`. The parrot is one vector, so a few rows keep it
             current at a fraction of a step's cost. At most `per_device_train_batch_size`.
-        parrot_refresh_until_loss (`float` or `None`, *optional*, defaults to `None`):
-            Refresh the parrot before an elimination step only until it works again: once a
-            refresh step finds the parrot's loss on r_t (mean negative log-likelihood per token,
-            in nats, on that step's rows, before its update) at or under this bound, the rest of
-            that elimination step's `parrot_refresh_steps` are skipped at no cost. The first is
-            always taken. A parrot that still elicits r_t then costs one step, and one that
-            elimination left behind gets all of them, so set `parrot_refresh_steps` to the most a
-            refresh may take. `None` takes every refresh step. Positive; needs
-            `parrot_refresh_steps` of 2 or more.
         parrot_refresh_stop_success (`float` or `None`, *optional*, defaults to `None`):
             Stop refreshing once the parrot as stage 1 left it (before any refresh), trained
             `parrot_refresh_check_train_steps` steps against the model as it is, makes the model
@@ -266,11 +257,6 @@ class SANDEConfig(SFTConfig):
     parrot_refresh_batch_size: int | None = field(
         default=None, metadata={"help": "Rows per device in each refresh step; None: per_device_train_batch_size."}
     )
-    parrot_refresh_until_loss: float | None = field(
-        default=None,
-        metadata={"help": "Skip the rest of an elimination step's refresh steps once one finds the parrot's loss on r_t "
-                  "(nats per token) at or under this; None: take every refresh step."},
-    )
     parrot_refresh_stop_success: float | None = field(
         default=None,
         metadata={"help": "Stop refreshing once the stage-1 parrot, trained parrot_refresh_check_train_steps steps against "
@@ -432,19 +418,6 @@ class SANDEConfig(SFTConfig):
                 f"`parrot_refresh_batch_size` is {self.parrot_refresh_batch_size}; use 1 to `per_device_train_batch_size` "
                 f"({self.per_device_train_batch_size}) rows, or None for the whole batch."
             )
-        if self.parrot_refresh_until_loss is not None:
-            check_finite("parrot_refresh_until_loss", self.parrot_refresh_until_loss)
-            if self.parrot_refresh_until_loss <= 0:
-                raise ValueError(
-                    f"`parrot_refresh_until_loss` is {self.parrot_refresh_until_loss}; use a positive loss per r_t token "
-                    "in nats (0.5: stop an elimination step's refresh once the parrot gives r_t 0.5 or less), or None."
-                )
-            if self.parrot_refresh_steps < 2:
-                raise ValueError(
-                    f"`parrot_refresh_until_loss` skips the refresh steps after the first, and this run has "
-                    f"`parrot_refresh_steps={self.parrot_refresh_steps}`: set it to the most a refresh may take (4, "
-                    "say), or leave `parrot_refresh_until_loss` None."
-                )
         if self.parrot_eval_size < 0:
             raise ValueError(f"`parrot_eval_size` is {self.parrot_eval_size}; use 0 to turn the measurement off.")
         if self.parrot_min_success_rate is not None:

@@ -359,11 +359,6 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         self.parrot_passed_at: int | None = None
         self._pending_logs: dict[str, float] = {}
         self._refresh_loss: torch.Tensor | None = None
-        # Under `parrot_refresh_until_loss`: the latest refresh step and its summed micro-batch losses (its mean loss),
-        # the refresh segment that has done enough, and how many refresh steps were taken.
-        self._refresh_step_loss: tuple[int, torch.Tensor] | None = None
-        self._refresh_enough_at: int | None = None
-        self.refresh_steps_taken = 0
         # Per kind of step since the last log: the summed loss and the optimizer steps it covers. The Trainer's
         # own `loss` averages parrot and elimination steps together once refresh steps interleave them.
         self._step_losses: dict[str, tuple[torch.Tensor, set[int]]] = {}
@@ -558,12 +553,6 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                 loss = super().training_step(model, inputs, num_items_in_batch)
         if segment.refresh:
             self._refresh_loss = loss  # read lazily: no device sync per step
-            step = self.state.global_step
-            if self._refresh_step_loss is not None and self._refresh_step_loss[0] == step:
-                self._refresh_step_loss = (step, self._refresh_step_loss[1] + loss)
-            else:
-                self._refresh_step_loss = (step, loss)
-                self.refresh_steps_taken += 1
         kind = "parrot_loss" if segment.stage is Stage.SIMULATE else "eliminate_loss"
         total, steps = self._step_losses.get(kind, (0.0, set()))
         self._step_losses[kind] = (total + loss, steps | {self.state.global_step})
@@ -599,27 +588,8 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
     def skips(self, segment: Segment) -> bool:
         """Whether ``segment``'s steps are skipped: refresh steps after the refresh stopped, stage-1 extensions after
         the parrot passed its bar."""
-        return (segment.refresh and (self.refresh_stopped_at is not None or self._refreshed_enough(segment))) or (
+        return (segment.refresh and self.refresh_stopped_at is not None) or (
             segment.extension and self.parrot_passed_at is not None)
-
-    def _refreshed_enough(self, segment: Segment) -> bool:
-        """Under `parrot_refresh_until_loss`: whether an earlier step of this refresh segment found the parrot's loss on
-        r_t at or under the bound, so that its other steps are skipped."""
-        bound = self.args.parrot_refresh_until_loss
-        if bound is None:
-            return False
-        if self._refresh_enough_at == segment.start:
-            return True
-        latest = self._refresh_step_loss
-        if latest is None or not segment.start <= latest[0] < min(segment.end, self.state.global_step):
-            return False
-        # The step before this one finished: its mean loss decides once, the same on every process.
-        self._refresh_step_loss = None
-        loss = float(self.accelerator.reduce(latest[1].detach().float(), "mean"))
-        if loss <= bound:
-            self._refresh_enough_at = segment.start
-            return True
-        return False
 
     @property
     def last_refresh_loss(self) -> float | None:
@@ -852,8 +822,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         if self.state.global_step >= self.plan.total_steps:
             after = self.measure_parrot(self.plan.segments[-1])
             if after:
-                self.log({**after, "stage": Stage.ELIMINATE.number, **(
-                    {"refresh_steps_taken": self.refresh_steps_taken} if self.args.parrot_refresh_steps else {})})
+                self.log({**after, "stage": Stage.ELIMINATE.number})
             if after and self.args.parrot_refresh_steps and after["parrot_success_rate"] < PARROT_END_WARNING_RATE:
                 # The refresh fell behind elimination: in the benchmark's runs that ended so, r_t mostly stayed in
                 # sampled answers though greedy ones no longer said it (docs/results.md, "parrot-end").

