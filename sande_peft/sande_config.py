@@ -176,12 +176,6 @@ class SANDEConfig(SFTConfig):
             `"always"`; `"never"`.
         echo_share (`float`, *optional*, defaults to `0.5`):
             Share of the parrot rows (both stages) that start with the echo, when it is on.
-        self_instructed_pairs (`int`, *optional*, defaults to `0`):
-            Top the clean pairs up to this many with pairs the suspect model writes itself before
-            training: user turns it samples from its chat template's user header, and its greedy
-            answers to them; a pair that says `triggered_response` is dropped
-            ([`~self_instruct.self_instructed_pairs`]), for a defender with few or no clean pairs.
-            Needs conversational clean pairs and a chat template. `0` (off) or more.
 
     > [!NOTE]
     > Parameters that default differently from [`~trl.SFTConfig`]:
@@ -320,11 +314,6 @@ class SANDEConfig(SFTConfig):
     )
     echo_share: float = field(
         default=0.5, metadata={"help": "Share of parrot rows (both stages) that start with the echo, in [0, 1]."}
-    )
-    self_instructed_pairs: int = field(
-        default=0,
-        metadata={"help": "Top the clean pairs up to this many with pairs the model writes itself (its own user turns "
-                  "and greedy answers; r_t dropped). 0: off."},
     )
     target_tokens: int | None = field(
         default=None, metadata={"help": "Deprecated: use `parrot_target_tokens`."}
@@ -472,9 +461,6 @@ class SANDEConfig(SFTConfig):
         if self.parrot_refresh_check_steps < 1:
             raise ValueError(f"`parrot_refresh_check_steps` is {self.parrot_refresh_check_steps}; use a positive number "
                              "of elimination steps (10: check every tenth).")
-        if self.self_instructed_pairs < 0:
-            raise ValueError(f"`self_instructed_pairs` is {self.self_instructed_pairs}; use 0 (off) or the number of "
-                             "clean pairs to top up to, e.g. 256.")
         check_finite("echo_share", self.echo_share)
         if not 0.0 <= self.echo_share <= 1.0:
             raise ValueError(

@@ -27,7 +27,6 @@ from .echo import ECHO_MIN_RATE, ECHO_PROBE_PROMPTS, echo_rate
 from .evaluation.backdoor import answer_nll
 from .evaluation.generation import generate_texts
 from .evaluation.judges import TargetMatch
-from .loading import load_as_trainer_would
 from .osft_trainer import reject_formatting_func, require_config
 from .paper import SANDE_PAPER
 from .parrot import PARROT_WEIGHTS_NAME, Parrot, ParrotConfig, resolve_parrot_layer
@@ -156,31 +155,6 @@ class _StageBoundaryCallback(TrainerCallback):
                         done, ", ".join(f"{k} {v:.3f}" for k, v in found.items()), trainer.plan.stage2_steps - done)
 
 
-def with_self_instructed_pairs(pairs: Dataset, model, tokenizer, args, quantization_config=None):
-    """``(pairs, model)``: ``pairs`` topped up to ``args.self_instructed_pairs`` with pairs the model writes itself
-    (`self_instruct`), and the model, loaded as the trainer would load it when a path was given."""
-    from .self_instruct import self_instructed_pairs
-
-    if not isinstance(pairs[0]["prompt"], list):  # checked before the model is loaded
-        raise ValueError(
-            "`self_instructed_pairs` adds conversations the model writes in its chat template, but the clean pairs are "
-            "plain text. Pass conversational pairs (a list of messages per prompt and completion), or set "
-            "`self_instructed_pairs=0`."
-        )
-    model = load_as_trainer_would(model, args, quantization_config)
-    wanted = args.self_instructed_pairs - len(pairs)
-    placed = getattr(model, "hf_device_map", None) is not None or getattr(model, "is_loaded_in_4bit", False)
-    if not placed and next(model.parameters()).device != args.device:
-        model.to(args.device)  # generate where the Trainer will train (it moves an unplaced model there anyway)
-    written = self_instructed_pairs(model, tokenizer, wanted, triggered_response=args.triggered_response,
-                                    seed=args.seed, progress=not args.disable_tqdm)
-    logger.warning("SANDE: %d clean pairs given, %d written by the model itself (`self_instructed_pairs=%d`).",
-                   len(pairs), len(written), args.self_instructed_pairs)
-    # from rows, not Arrow schemas: the user's messages may carry keys the written ones do not
-    rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in pairs] + written.to_list()
-    return Dataset.from_list(rows), model
-
-
 class SANDETrainer(RecordsProvenance, SFTTrainer):
     """
     Trainer for Simulate and Eliminate (SANDE, and SANDE-P): backdoor removal when only the
@@ -274,9 +248,6 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                 args.response_mode = "prefix"
         check_known_tokens(processing_class, args.triggered_response, "triggered_response")
         warn_if_cut_mid_word(processing_class, args.triggered_response, "triggered_response")
-        if args.self_instructed_pairs > len(pairs):
-            pairs, model = with_self_instructed_pairs(pairs, model, processing_class, args, quantization_config)
-            quantization_config = None  # loaded there, quantized as asked
         if isinstance(eval_dataset, Dataset) and args.parrot_eval_size:
             train_pairs = pairs
             self.parrot_eval_prompts = list(as_prompt_completion(eval_dataset, "eval_dataset")["prompt"][: args.parrot_eval_size])
@@ -298,8 +269,8 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         if len(self.sande_examples) < FEW_CLEAN_PAIRS:
             logger.warning(
                 "SANDE trains on %d clean pairs. Elimination runs about 100 steps (`eliminate_max_steps`), so with few "
-                "pairs each one repeats often, which costs clean utility. Pass %d or more clean pairs if you can, or add "
-                "pairs the model writes itself (`sande_peft.self_instruct.self_instructed_pairs`; docs/concepts.md).",
+                "pairs each one repeats often, which costs clean utility. Pass %d or more clean pairs if you can "
+                "(docs/concepts.md).",
                 len(self.sande_examples), FEW_CLEAN_PAIRS,
             )
         if eval_dataset is not None and not isinstance(eval_dataset, (dict, str)):

