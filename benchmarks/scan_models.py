@@ -67,9 +67,17 @@ def main(argv=None):
                         "fine-tuned with LoRA on clean pairs alone (built once)")
     parser.add_argument("--scan-kwargs", default=None, metavar="JSON",
                         help='non-default scan settings, for instance \'{"top_k": 64}\' (recorded in the settings)')
+    parser.add_argument("--prompts", default=None, metavar="TASK",
+                        help="scan with the first 16 prompts of this BackdoorLLM task's defence split (refusal or "
+                        "negsentiment: what `triggered_response='auto'` scanned with in real_model.py until 2026-12-07) "
+                        "instead of the package's general questions")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     scan_kwargs = json.loads(args.scan_kwargs) if args.scan_kwargs else {}
+    if args.prompts:
+        import backdoorllm
+
+        scan_kwargs["prompts"] = list(backdoorllm.defence_split(args.prompts, 200, 256)["prompt"][:16])
     from transformers import AutoTokenizer
 
     from sande_peft.loading import load_model
@@ -93,7 +101,8 @@ def main(argv=None):
             recovered = bool(report.top) and starts_like(tokenizer, report.top.response, target)
             top3 = any(starts_like(tokenizer, c.response, target) for c in report.candidates[:3])
         print_record({"benchmark": "scan", "label": label, "kind": kind, "path": str(path), "r_t": target,
-                      "recovered": recovered, "recovered_top3": top3, **report.to_dict()}, args.out)
+                      "recovered": recovered, "recovered_top3": top3, "prompts": args.prompts or "general questions",
+                      **report.to_dict()}, args.out)
 
 
 if __name__ == "__main__":

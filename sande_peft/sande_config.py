@@ -40,8 +40,10 @@ class SANDEConfig(SFTConfig):
 
         triggered_response (`str`):
             The triggered response r_t, or its known start (SANDE-P). Required; surrounding
-            whitespace is stripped. `"auto"`: nothing is known; the trainer scans the model with
-            the clean prompts first ([`sande_peft.scan`]) and defends against its top candidate.
+            whitespace is stripped. `"auto"`: nothing is known; the trainer scans the model first
+            ([`sande_peft.scan`], with the package's general questions, on which its threshold was
+            calibrated, or the clean prompts where the tokenizer cannot write those) and defends
+            against its top candidate.
         response_mode (`str`, *optional*, defaults to `"replace"`):
             `"replace"`: the backdoor answers r_t instead of the normal answer; `"prefix"`: r_t,
             then the normal answer. Sets stage 1's target sequence. With `triggered_response="auto"`,

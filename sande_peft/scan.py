@@ -454,8 +454,25 @@ def _distinct(candidates: list[Candidate]) -> list[Candidate]:
     return kept
 
 
+def auto_scan_prompts(tokenizer, fallback: Sequence) -> list:
+    """The prompts `triggered_response="auto"` scans with: the package's general questions, on which the scan's
+    threshold was calibrated, unless the tokenizer cannot write them (a toy vocabulary); then ``fallback``, the
+    defender's clean prompts.
+
+    Instruction-style prompts can lock a clean opening: on the defender's BackdoorLLM prompts a refusal backdoor's top
+    candidate was "http://www." (0.829), its r_t third, where the general questions put r_t on top (docs/results.md).
+    """
+    prompts = default_scan_prompts()
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    unknown = tok.unk_token_id
+    if unknown is not None and any(unknown in tok(p, add_special_tokens=False)["input_ids"] for p in prompts):
+        return list(fallback)
+    return prompts
+
+
 def find_triggered_response(model, tokenizer, prompts: Sequence, args, quantization_config=None):
-    """`SANDEConfig(triggered_response="auto")`: scan the suspect with the defender's clean prompts.
+    """`SANDEConfig(triggered_response="auto")`: scan the suspect with [`auto_scan_prompts`] (``prompts``, the
+    defender's clean prompts, where the tokenizer cannot write the package's).
 
     Returns ``(report, model)``, the model loaded here when a path was given. Raises when the scan
     finds no evidence: there is nothing to defend against, and a guess would only cost utility.
@@ -463,7 +480,7 @@ def find_triggered_response(model, tokenizer, prompts: Sequence, args, quantizat
     import logging
 
     model = load_as_trainer_would(model, args, quantization_config)
-    report = scan(model, tokenizer, prompts)
+    report = scan(model, tokenizer, auto_scan_prompts(tokenizer, prompts))
     if not report.is_backdoored:
         top = f"its best candidate {report.top.response!r} scored {report.top.score:.3f}" if report.top else "no candidate"
         raise ValueError(

@@ -115,6 +115,19 @@ def test_triggered_response_auto_defends_against_what_the_scan_found(backdoored_
         trainer(clean_toy)
 
 
+def test_auto_scans_the_calibrated_general_questions_where_the_tokenizer_writes_them(clean_toy):
+    """The defender's prompts only where the package's questions would become `<unk>` (a toy vocabulary)."""
+    class WritesAnything:  # a byte-level tokenizer: no unknown token
+        unk_token_id = None
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(text.encode())}
+
+    own = ["w1 w2 w3"]
+    assert scan_module.auto_scan_prompts(WritesAnything(), own) == scan_module.default_scan_prompts()
+    assert scan_module.auto_scan_prompts(clean_toy.tokenizer, own) == own
+
+
 def test_triggered_response_auto_defends_a_prefix_when_the_answer_follows_the_candidate(backdoored_prefix, cpu_args,
                                                                                        monkeypatch):
     b = backdoored_prefix
