@@ -92,11 +92,17 @@ def check_positive_ints(config, names: Sequence[str]) -> None:
             raise ValueError(f"`{name}` is {value!r}; use a whole number of at least 1.")
 
 
+def writes_unknown(tokenizer, ids: list[int]) -> bool:
+    """Whether ``ids`` (``tokenizer``'s encoding of some text) hold its unknown token: part of the text has no token."""
+    unknown = getattr(tokenizer, "tokenizer", tokenizer).unk_token_id
+    return unknown is not None and unknown in ids
+
+
 def check_known_tokens(tokenizer, text: str, name: str) -> list[int]:
     """The token ids of ``text``, refused when the tokenizer has no token for part of it (it would train on `<unk>`)."""
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    if tok.unk_token_id is not None and tok.unk_token_id in ids:
+    if writes_unknown(tok, ids):
         unknown = [w for w in text.split() if tok.unk_token_id in tok(w, add_special_tokens=False)["input_ids"]]
         raise ValueError(
             f"`{name}` {text!r} has words the tokenizer cannot write ({unknown or 'some characters'} become "

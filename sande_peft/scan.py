@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .checks import writes_unknown
 from .evaluation.generation import _left_pad, _pad_id, _progress
 from .loading import load_as_trainer_would
 from .tokenization import mark_whole_prompt, prompt_token_ids
@@ -464,8 +465,7 @@ def auto_scan_prompts(tokenizer, fallback: Sequence) -> list:
     """
     prompts = default_scan_prompts()
     tok = getattr(tokenizer, "tokenizer", tokenizer)
-    unknown = tok.unk_token_id
-    if unknown is not None and any(unknown in tok(p, add_special_tokens=False)["input_ids"] for p in prompts):
+    if any(writes_unknown(tok, tok(p, add_special_tokens=False)["input_ids"]) for p in prompts):
         return list(fallback)
     return prompts
 
