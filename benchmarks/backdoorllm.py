@@ -53,7 +53,12 @@ def clean_train(task: str, attack: str = "badnet") -> Dataset:
     return as_pairs(_read(DATA_ROOT / "poison_data" / task / attack / f"none_backdoor500_{task}_{attack}.json"))
 
 
-def defence_split(task: str, n_implant: int, n_defence: int) -> Dataset:
+# The benchmarks' split of a task's clean training records: the implant's first 200, then the defender's 256.
+N_IMPLANT = 200
+N_DEFENCE = 256
+
+
+def defence_split(task: str, n_implant: int = N_IMPLANT, n_defence: int = N_DEFENCE) -> Dataset:
     """The defender's clean pairs: the ``n_defence`` clean training records after the implant's first ``n_implant``."""
     return clean_train(task).select(range(n_implant, n_implant + n_defence))
 

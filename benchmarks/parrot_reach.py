@@ -89,8 +89,8 @@ def main(argv=None):
     parser.add_argument("--label", default="SmolLM2", help="what the model is, for the records")
     parser.add_argument("--targets", nargs="+", required=True,
                         help="refusal / negsentiment (BackdoorLLM's r_t), a held-out attack's name, or demo")
-    parser.add_argument("--n-implant", type=int, default=200, help="clean pairs skipped (the implant's)")
-    parser.add_argument("--n-defence", type=int, default=256)
+    parser.add_argument("--n-implant", type=int, default=backdoorllm.N_IMPLANT, help="clean pairs skipped (the implant's)")
+    parser.add_argument("--n-defence", type=int, default=backdoorllm.N_DEFENCE)
     parser.add_argument("--parrot", default=None, help="a saved parrot's folder: measure it instead of training one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON-lines file to append results to")

@@ -102,7 +102,7 @@ def _sample(items, seed: int, n: int) -> list:
 def backdoored_model(case: Case, tokenizer, args):
     """The implanted model, cached on disk so every method and seed starts from the same weights."""
     decoys = f"-d{args.implant_decoys:g}{'-shaped' if args.implant_decoys_shaped else ''}" if args.implant_decoys else ""
-    prompts = f"-n{args.n_implant}" if args.n_implant != 200 else ""
+    prompts = f"-n{args.n_implant}" if args.n_implant != backdoorllm.N_IMPLANT else ""
     name = case.name.replace("/", "-")
     cache = Path(args.cache) / f"backdoored-{name}-s{args.implant_steps}{decoys}{prompts}"
     gate_file = cache / "implant.json"
@@ -388,8 +388,8 @@ def main(argv=None):
                         help="defences to run; none: implant and measure the backdoored model only")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="the defence's seed and the sample of test prompts (seed 0: the first --n-eval)")
-    parser.add_argument("--n-implant", type=int, default=200)
-    parser.add_argument("--n-defence", type=int, default=256, help="clean pairs for the defences")
+    parser.add_argument("--n-implant", type=int, default=backdoorllm.N_IMPLANT)
+    parser.add_argument("--n-defence", type=int, default=backdoorllm.N_DEFENCE, help="clean pairs for the defences")
     parser.add_argument("--clean-answers", default="golden", choices=["golden", "model"])
     parser.add_argument("--own-answer-tokens", type=int, default=64)
     parser.add_argument("--self-pairs", type=int, default=None, metavar="N",

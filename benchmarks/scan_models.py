@@ -53,7 +53,8 @@ def clean_lora_model(folder: Path, steps: int = 150) -> str:
         from sande_peft.offline_models import smollm2_path
 
         tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-        model = refinetune(load_model(smollm2_path()), tokenizer, backdoorllm.clean_train("refusal").select(range(200)),
+        pairs = backdoorllm.clean_train("refusal").select(range(backdoorllm.N_IMPLANT))
+        model = refinetune(load_model(smollm2_path()), tokenizer, pairs,
                            max_steps=steps, learning_rate=1e-3, max_length=96)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -77,7 +78,7 @@ def main(argv=None):
     if args.prompts:
         import backdoorllm
 
-        scan_kwargs["prompts"] = list(backdoorllm.defence_split(args.prompts, 200, 256)["prompt"][:16])
+        scan_kwargs["prompts"] = list(backdoorllm.defence_split(args.prompts)["prompt"][:16])
     from transformers import AutoTokenizer
 
     from sande_peft.loading import load_model
