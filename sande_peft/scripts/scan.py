@@ -20,7 +20,9 @@ class ScanArguments:
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "The suspect model (folder or hub id)."})
     dataset_name: str | None = field(default=None, metadata={
-        "help": "Clean prompts (.json/.jsonl/...); default: the package's own general questions."})
+        "help": "Clean prompts (.json/.jsonl/...); default: the package's own general questions, on which the threshold "
+                "was calibrated. Prompts of one narrow style can make a clean opening look locked (a URL on "
+                "instruction prompts): keep the default unless the tokenizer cannot write it."})
     output_dir: str | None = field(default=None, metadata={"help": "Where scan_report.json goes (optional)."})
     max_prompts: int = field(default=16, metadata={"help": "Clean prompts used."})
     top_k: int = field(default=64, metadata={"help": "Opening tokens taken from each prompt's first-token distribution."})
