@@ -3,7 +3,8 @@
 For each (task, attack):
 1. implant: clean training prompts, poisoned with the attack's trigger and target side by side,
    train a LoRA backdoor that is merged into the model. It must pass the quality gate (>= 90%
-   attack success, <= 10% false trigger) or the case is skipped. Cached on disk;
+   attack success, <= 10% false trigger) or the case is skipped (``--ignore-gate``: defended anyway, its records
+   marked ``implant_failed_gate``). Cached on disk;
 2. defend, for each seed (the defence's seed and the sample of test prompts), with each method
    from the same backdoored model and the same clean pairs: plain SFT, OSFT (told the trigger),
    SANDE (told only the triggered response), and variants;
@@ -422,6 +423,8 @@ def main(argv=None):
                         help="measure these saved adapters (a run's checkpoints, say) of this case's suspect instead of "
                              "training; the record's variant names the run they come from")
     parser.add_argument("--skip-baseline", action="store_true", help="do not measure the backdoored model")
+    parser.add_argument("--ignore-gate", action="store_true",
+                        help="defend an implant that failed the quality gate too (its implant record says passed: false)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the long budget")
@@ -440,13 +443,14 @@ def main(argv=None):
     model_path, gate = backdoored_model(case, tokenizer, args)
     head = {"case": case.name, "task": case.task, "attack": case.attack.name, "held_out": case.held_out,
             **({"heldout_group": case.heldout_group} if case.held_out else {}),
-            "model": "SmolLM2-135M-Instruct", "implant": Path(model_path).name}
+            "model": "SmolLM2-135M-Instruct", "implant": Path(model_path).name,
+            **({} if gate["passed"] else {"implant_failed_gate": True})}  # defended anyway: --ignore-gate
 
     def emit(record):
         print_record({**head, **record}, args.out)
 
     emit({"method": "implant", **gate})
-    if not gate["passed"] or not (args.methods or not args.skip_baseline):
+    if (not gate["passed"] and not args.ignore_gate) or not (args.methods or not args.skip_baseline):
         return
     args.lm_eval_dir = str(Path(args.cache) / "lm_eval_tasks")
     args.sst2_task = backdoorllm.write_sst2_task(args.lm_eval_dir)
