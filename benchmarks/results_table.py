@@ -252,7 +252,9 @@ def defaults(records: list[dict], is_ancestor=git_is_ancestor) -> str:
             runs_read = merged if key.startswith("merged_") else full
             cells.append(_cell([_value(r, key) for r in runs_read], kind) if runs_read else "-")
         seeds = f"{len(full)}" + (f" (4-bit: {len(merged)})" if merged else "")
-        rows.append([case, seeds] + cells)
+        # A leaky implant (`real_model.py --ignore-gate`): its row measures a backdoor that fires without its trigger too.
+        label = case + (" (implant failed its gate)" if any(r.get("implant_failed_gate") for r in group) else "")
+        rows.append([label, seeds] + cells)
     header = ["backdoor", "seeds"] + [title for title, _, _ in DEFAULTS_COLUMNS]
     return _table(header, rows) + _footer(_shown(groups))
 

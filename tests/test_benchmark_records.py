@@ -200,6 +200,9 @@ def test_the_main_table_keeps_the_runs_that_trained_as_todays_defaults():
     assert not kept({**run("new", reached=0.9), "sande_settings": {"parrot_space": "input", "clean_ratio": 0.5,
                                                                    "parrot_min_success_rate": None}})
     assert not kept(run("new", {"parrot_min_success_rate": None}, reached=0.9))
+    # A row defended on an implant that failed its gate (real_model.py --ignore-gate) says so.
+    leaky = table.defaults([{**run("new"), "case": "b", "implant_failed_gate": True}], is_ancestor)
+    assert "| b (implant failed its gate) | 1 |" in leaky and "| a " not in leaky
 
 
 def test_the_parrot_end_table_bands_runs_by_their_refreshed_parrot_and_names_the_sampled_misses():
