@@ -103,7 +103,7 @@ def check_known_tokens(tokenizer, text: str, name: str) -> list[int]:
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if writes_unknown(tok, ids):
-        unknown = [w for w in text.split() if tok.unk_token_id in tok(w, add_special_tokens=False)["input_ids"]]
+        unknown = [w for w in text.split() if writes_unknown(tok, tok(w, add_special_tokens=False)["input_ids"])]
         raise ValueError(
             f"`{name}` {text!r} has words the tokenizer cannot write ({unknown or 'some characters'} become "
             f"{tok.unk_token!r}), so the model never says or reads them: check the text against the model's tokenizer."
