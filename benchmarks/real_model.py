@@ -33,6 +33,7 @@ the steps it had done.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -230,6 +231,11 @@ def _answered_pairs(model_path, tokenizer, case: Case, args):
     return Dataset.from_list(pairs)
 
 
+def defence_lora(args):
+    """The defences' adapter: [`lora_config`] with ``--lora-overrides`` applied (and checked by peft)."""
+    return dataclasses.replace(lora_config(), **json.loads(args.lora_overrides or "{}"))
+
+
 def defend(method, model_path, tokenizer, case: Case, seed: int, args, output_dir):
     """Train one defence; returns (trainer, seconds)."""
     data = defence_pairs(model_path, tokenizer, case, args)
@@ -246,7 +252,7 @@ def defend(method, model_path, tokenizer, case: Case, seed: int, args, output_di
                                           bnb_4bit_compute_dtype=torch.float32)
         common["model_init_kwargs"] = {"dtype": torch.float32}
     model = model_path if args.quantized else load_model(model_path)
-    kwargs = dict(model=model, train_dataset=data, processing_class=tokenizer, peft_config=lora_config(),
+    kwargs = dict(model=model, train_dataset=data, processing_class=tokenizer, peft_config=defence_lora(args),
                   quantization_config=quantization)
     if method == "sft":
         from datasets import concatenate_datasets
@@ -405,6 +411,8 @@ def main(argv=None):
     parser.add_argument("--defence-lr", type=float, default=None)
     parser.add_argument("--defence-max-steps", type=int, default=None)
     parser.add_argument("--sande-overrides", default=None, help="JSON of SANDEConfig fields for the sande methods")
+    parser.add_argument("--lora-overrides", default=None,
+                        help='JSON of LoraConfig fields for every defence, e.g. \'{"layers_to_transform": [0, 1, 2]}\'')
     parser.add_argument("--variant", default="default", help="a label for non-default settings in the records")
     parser.add_argument("--samples", type=int, default=3, help="sampled answers per triggered prompt (0: off)")
     parser.add_argument("--variant-prompts", type=int, default=32, help="prompts per trigger variant (0: off)")
@@ -433,6 +441,10 @@ def main(argv=None):
     parser.add_argument("--cache", default=str(REPO / ".cache" / "real_model"))
     parser.add_argument("--out", default=None, help="JSON-lines file to append results to")
     args = parser.parse_args(argv)
+    try:  # before any implant or training, with peft's own checks (it refuses layers_to_transform with "all-linear")
+        defence_lora(args)
+    except (TypeError, ValueError) as error:
+        parser.error(f"--lora-overrides: {error}")
     if not backdoorllm.available():
         raise SystemExit(f"BackdoorLLM data not found in {backdoorllm.DATA_ROOT}.")
     args.base = args.base or smollm2_path()
@@ -480,7 +492,9 @@ def main(argv=None):
             trainer, seconds = defend(method, model_path, tokenizer, case, seed, args, run_dir)
             record = {"method": method, "variant": args.variant, "seed": seed, "train_seconds": seconds,
                       "defence_settings": {**settings, "sande_overrides": json.loads(args.sande_overrides or "{}")
-                                           if method.startswith("sande") else None},
+                                           if method.startswith("sande") else None,
+                                           **({"lora_overrides": json.loads(args.lora_overrides)}
+                                              if args.lora_overrides else {})},
                       **trainer_facts(trainer)}
             if args.quantized:
                 record.update(merged_measurements(trainer, model_path, tokenizer, case, seed, args, suspect, original))
