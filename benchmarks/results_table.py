@@ -202,6 +202,8 @@ def trains_as_todays_defaults(record: dict, is_ancestor=git_is_ancestor) -> bool
     overrides = dict(settings.get("sande_overrides") or {})
     if record.get("method") != "sande" or any(settings.get(k) != v for k, v in _BENCHMARK_DEFAULTS.items()):
         return False
+    if settings.get("lora_overrides"):  # another adapter than the benchmarks' (`--lora-overrides`)
+        return False
     as_run = record.get("sande_settings") or {}  # recorded since 2026-12-06: no history needed
     for key, (today, other_spans) in TODAYS_DEFAULTS.items():
         overridden = overrides.pop(key, _UNSET)

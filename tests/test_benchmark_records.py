@@ -180,6 +180,7 @@ def test_the_main_table_keeps_the_runs_that_trained_as_todays_defaults():
     assert kept(run("old", {"parrot_space": "input", "parrot_min_success_rate": 1.0}, reached=0.9))
     assert not kept(run("new", {"triggered_response": "auto"}))  # told nothing: another row
     assert not kept(run("new", n_defence=128))  # fewer pairs
+    assert not kept(run("new", lora_overrides={"layers_to_transform": [0]}))  # another adapter
     assert not kept({**run("new"), "method": "osft"})
 
     records = [{"case": "a", "method": "none", "seed": 0, "attack_success_rate": 1.0, "commit": "old", "machine": "m"},
