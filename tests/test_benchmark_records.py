@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 COMMON = Path(__file__).resolve().parents[1] / "benchmarks" / "common.py"
@@ -220,3 +222,14 @@ def test_the_parrot_end_table_bands_runs_by_their_refreshed_parrot_and_names_the
     assert rows[2] == "| 0% to 60% | 2 | 1 of 2 | a s0 default (15%) |"  # the adapter re-measure is not a run
     assert rows[3] == "| 60% to 90% | 0 | 0 of 0 | - |"
     assert rows[4] == "| 90% to 100% | 2 | 1 of 2 | d s0 default (20%) |"  # a merged reading counts
+
+
+def test_real_model_refuses_lora_overrides_peft_would_reject_before_any_work(capsys):
+    real_model = _benchmark_module(COMMON.parent / "real_model.py")
+    for overrides, named in (('{"layers_to_transfrm": [0]}', "layers_to_transfrm"),
+                             ('{"layers_to_transform": [0]}', "target_modules")):  # peft's own check: "all-linear"
+        with pytest.raises(SystemExit):
+            real_model.main(["--lora-overrides", overrides, "--cache", "/nonexistent/cache"])
+        assert named in capsys.readouterr().err
+    adapter = real_model.defence_lora(argparse.Namespace(lora_overrides='{"r": 4, "target_modules": ["q_proj"]}'))
+    assert (adapter.r, adapter.target_modules) == (4, {"q_proj"})
