@@ -134,7 +134,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
-    print("sande-peft demo: SmolLM2-135M-Instruct, offline. Expect about 16 minutes on 2 CPU cores "
+    print("sande-peft demo: SmolLM2-135M-Instruct, offline. Expect 6 to 16 minutes on 2 CPU cores "
           f"({'reduced run' if settings != DemoSettings() else 'full run'}).", flush=True)
 
     _log("1/5 loading SmolLM2-135M-Instruct and answering the shipped prompts with it", start)
