@@ -174,7 +174,8 @@ def removal(records: list[dict], method: str = "sande", variant: str | dict = "d
 
 # The benchmark's own settings of a defence that today's main table assumes (real_model.py's defaults).
 _BENCHMARK_DEFAULTS = {"n_defence": 256, "clean_answers": "golden", "defence_lr": None, "defence_epochs": None,
-                       "defence_max_steps": None, "self_pairs": None}
+                       "defence_max_steps": None, "self_pairs": None,
+                       "lora_overrides": None}  # `real_model.py --lora-overrides`: another adapter than the benchmarks'
 
 
 def _in_range(commit: str, span: str, is_ancestor) -> bool:
@@ -201,8 +202,6 @@ def trains_as_todays_defaults(record: dict, is_ancestor=git_is_ancestor) -> bool
     settings = record.get("defence_settings") or {}
     overrides = dict(settings.get("sande_overrides") or {})
     if record.get("method") != "sande" or any(settings.get(k) != v for k, v in _BENCHMARK_DEFAULTS.items()):
-        return False
-    if settings.get("lora_overrides"):  # another adapter than the benchmarks' (`--lora-overrides`)
         return False
     as_run = record.get("sande_settings") or {}  # recorded since 2026-12-06: no history needed
     for key, (today, other_spans) in TODAYS_DEFAULTS.items():
