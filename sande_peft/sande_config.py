@@ -156,6 +156,14 @@ class SANDEConfig(SFTConfig):
             prompt, a document), which the chat-formatted rows never show it. Each clean row runs
             one more forward pass. `0` turns it off. Not negative; needs `eliminate_loss_type`
             `"distill"` or `"hybrid"`, and `parrot_space="input"`.
+        eliminate_null_space (`float`, *optional*, defaults to `0.0`):
+            Keep each LoRA layer's `A` off the directions the clean rows' inputs use: per layer, the
+            top eigenvectors of the suspect's inputs' second moment over the clean elimination rows
+            that carry this share of its trace are projected out of `A` before training and after
+            every optimizer step (a null-space constraint, as AlphaEdit's;
+            [`sande_peft.null_space`]). On inputs inside those directions the adapter changes
+            nothing. `0` turns it off. In [0, 1); needs a peft LoRA adapter; one extra forward pass
+            over the clean rows when training starts.
         eliminate_target_tokens (`int` or `None`, *optional*, defaults to `None`):
             How many answer tokens stage 2 trains on. `None` means the whole answer. The
             paper's reference code uses 10.
@@ -297,6 +305,11 @@ class SANDEConfig(SFTConfig):
                   "text, without the chat template (per row: the mean, counted as its answer tokens); 0: off. Needs "
                   "'distill' or 'hybrid' and parrot_space='input'."},
     )
+    eliminate_null_space: float = field(
+        default=0.0,
+        metadata={"help": "Share of the clean inputs' second moment (per LoRA layer) whose directions LoRA's A may not "
+                  "read; 0: off. In [0, 1); needs a LoRA adapter."},
+    )
     eliminate_target_tokens: int | None = field(
         default=None, metadata={"help": "Answer tokens trained in stage 2; None: the whole answer."}
     )
@@ -383,6 +396,10 @@ class SANDEConfig(SFTConfig):
                 f"parrot, which a latent parrot (`parrot_space={self.parrot_space!r}`) would still steer. Use "
                 "parrot_space='input' (the default), or set `eliminate_retain_plain=0`."
             )
+        check_finite("eliminate_null_space", self.eliminate_null_space)
+        if not 0 <= self.eliminate_null_space < 1:
+            raise ValueError(f"`eliminate_null_space` is {self.eliminate_null_space}; use 0 (off) or a share of the clean "
+                             "inputs' second moment in (0, 1), e.g. 0.9.")
         check_finite("eliminate_sam_rho", self.eliminate_sam_rho)
         if self.eliminate_sam_rho < 0:
             raise ValueError(f"`eliminate_sam_rho` is {self.eliminate_sam_rho}; use 0 (off) or a radius above 0, "

@@ -27,6 +27,7 @@ from .echo import ECHO_MIN_RATE, ECHO_PROBE_PROMPTS, echo_rate
 from .evaluation.backdoor import answer_nll
 from .evaluation.generation import generate_texts
 from .evaluation.judges import TargetMatch
+from .null_space import clean_input_bases, project_adapter_
 from .osft_trainer import reject_formatting_func, require_config
 from .paper import SANDE_PAPER
 from .parrot import PARROT_WEIGHTS_NAME, Parrot, ParrotConfig, resolve_parrot_layer
@@ -153,6 +154,21 @@ class _StageBoundaryCallback(TrainerCallback):
             logger.info("The parrot as stage 1 left it, trained %d steps against the model as it is, after %d elimination "
                         "steps: %s. The parrot stays as it is for the other %d.", args.parrot_refresh_check_train_steps,
                         done, ", ".join(f"{k} {v:.3f}" for k, v in found.items()), trainer.plan.stage2_steps - done)
+
+
+class _NullSpaceCallback(TrainerCallback):
+    """With `eliminate_null_space`: after every optimizer step, LoRA's A projected back off the clean inputs'
+    directions (projected gradient descent; a parrot step leaves A as it is, and the projection then changes
+    nothing)."""
+
+    def __init__(self, trainer: SANDETrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer.null_space_bases is not None:
+            project_adapter_(trainer.accelerator.unwrap_model(trainer.model), trainer.null_space_bases)
+        return control
 
 
 class SANDETrainer(RecordsProvenance, SFTTrainer):
@@ -334,6 +350,9 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         # own `loss` averages parrot and elimination steps together once refresh steps interleave them.
         self._step_losses: dict[str, tuple[torch.Tensor, set[int]]] = {}
         self.add_callback(_StageBoundaryCallback(self))
+        self.null_space_bases: dict[str, torch.Tensor] | None = None
+        if args.eliminate_null_space > 0:
+            self.add_callback(_NullSpaceCallback(self))
 
     # ---- Set-up -------------------------------------------------------------------------------------------
 
@@ -421,6 +440,26 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                 self._plain_rows = dataset.plain_rows()
                 self.plain_teacher = compute_teacher_targets(model, self._plain_rows, self._filler_id,
                                                              batch_size=self.args.per_device_train_batch_size)
+
+    def _measure_clean_inputs(self) -> None:
+        """With `eliminate_null_space`: the directions each LoRA layer's input takes on the clean rows (the suspect's,
+        adapter off), and the adapter's `A` projected off them; `_NullSpaceCallback` keeps it there."""
+        if self.args.eliminate_null_space <= 0 or self.null_space_bases is not None:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if not is_peft_model(model):
+            raise ValueError(
+                f"`eliminate_null_space={self.args.eliminate_null_space}` constrains a LoRA adapter's A matrices, and "
+                "this model trains without one. Pass `peft_config=LoraConfig(...)`, or set `eliminate_null_space=0`."
+            )
+        rows = self._parrot_dataset().teacher_rows().values()
+        with model.disable_adapter():
+            self.null_space_bases = clean_input_bases(model, rows, self.args.eliminate_null_space, self._filler_id,
+                                                      batch_size=self.args.per_device_train_batch_size)
+        project_adapter_(model, self.null_space_bases)
+        kept = [1 - basis.shape[1] / basis.shape[0] for basis in self.null_space_bases.values()]
+        logger.info("eliminate_null_space=%s: LoRA's A reads %.1f%% of each layer's input directions on average.",
+                    self.args.eliminate_null_space, 100 * sum(kept) / len(kept))
 
     def get_train_dataloader(self) -> DataLoader:
         dataset = self._parrot_dataset()
@@ -786,6 +825,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             self._restore_plan_state(resume_from_checkpoint)
         self._decide_echo_rows()
         self._build_teacher(resuming=bool(resume_from_checkpoint))
+        self._measure_clean_inputs()
         restore_trainable_4bit_layout(self.model)
         output = super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs

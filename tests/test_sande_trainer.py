@@ -282,6 +282,8 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
         ({"triggered_response": "i", "eliminate_retain_plain": 1.0, "parrot_space": "latent"}, "parrot_space='input'"),
         ({"triggered_response": "i", "eliminate_sam_rho": -0.1}, "eliminate_sam_rho"),
         ({"triggered_response": "i", "eliminate_sam_rho": float("inf")}, "eliminate_sam_rho"),
+        ({"triggered_response": "i", "eliminate_null_space": 1.0}, "eliminate_null_space"),
+        ({"triggered_response": "i", "eliminate_null_space": -0.1}, "eliminate_null_space"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
@@ -645,3 +647,31 @@ def test_sharpness_aware_elimination_takes_its_gradient_at_the_moved_adapter(bac
         assert torch.equal(p, start[n])
         torch.testing.assert_close(p.grad, earlier[n] + moved[n], rtol=1e-4, atol=1e-6)
     assert max((moved[n] - plain[n]).abs().max().item() for n in params) > 1e-4  # the move changed the gradient
+
+
+def test_null_space_keeps_the_adapter_off_the_clean_inputs_directions(backdoored_start, cpu_args):
+    from sande_peft.null_space import lora_layers
+
+    trainer = sande(backdoored_start, cpu_args, eliminate_null_space=0.9)
+    bases = trainer.null_space_bases
+    layers = lora_layers(trainer.model)
+    assert bases and set(bases) == set(layers)
+    assert all(0 < b.shape[1] < b.shape[0] for b in bases.values())  # some directions kept out, not all
+    for name, module in layers.items():
+        a = module.lora_A["default"].weight.detach().float()
+        assert a.norm() > 0  # it trained...
+        assert (a @ bases[name]).abs().max() < 1e-5  # ...and never reads what the clean rows' inputs use
+    after = backdoored_start.measure(trainer.model)
+    before = backdoored_start.measure(backdoored_start.model)
+    assert after.clean_exact_match >= before.clean_exact_match - 0.05
+    print("null-space toy: attack success", after.attack_success_rate)
+
+
+def test_null_space_needs_a_lora_adapter(backdoored_start, cpu_args):
+    config = SANDEConfig(triggered_response=backdoored_start.task.response, eliminate_null_space=0.9,
+                         **{**cpu_args, **SANDE_STEPS})
+    trainer = SANDETrainer(model=backdoored_start.fresh_model(), args=config,
+                           train_dataset=backdoored_start.clean_data(), processing_class=backdoored_start.tokenizer)
+    with pytest.raises(ValueError, match="peft_config=LoraConfig"):
+        trainer.train()
+    assert trainer.state.global_step == 0
