@@ -661,10 +661,11 @@ def test_null_space_keeps_the_adapter_off_the_clean_inputs_directions(backdoored
         a = module.lora_A["default"].weight.detach().float()
         assert a.norm() > 0  # it trained...
         assert (a @ bases[name]).abs().max() < 1e-5  # ...and never reads what the clean rows' inputs use
+    # Elimination found the trigger's route in the directions left to it, and the clean task stayed.
     after = backdoored_start.measure(trainer.model)
     before = backdoored_start.measure(backdoored_start.model)
+    assert before.attack_success_rate >= 0.9 and after.attack_success_rate <= 0.05
     assert after.clean_exact_match >= before.clean_exact_match - 0.05
-    print("null-space toy: attack success", after.attack_success_rate)
 
 
 def test_null_space_needs_a_lora_adapter(backdoored_start, cpu_args):
