@@ -36,18 +36,15 @@ def project_rows_(weight: torch.Tensor, basis: torch.Tensor) -> None:
 
 
 def lora_layers(model) -> dict[str, torch.nn.Module]:
-    """The model's LoRA layers by name: modules with a ``base_layer`` and ``lora_A`` for the active adapter."""
-    layers = {}
-    for name, module in model.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if lora_a is not None and hasattr(module, "base_layer") and len(lora_a) > 0:
-            layers[name] = module
-    return layers
+    """The model's LoRA layers with an ``A`` matrix (peft's `LoraLayer`s other than embeddings), by name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and len(module.lora_A) > 0}
 
 
 def _active_lora_a(module) -> Iterable[torch.Tensor]:
-    names = module.active_adapters if hasattr(module, "active_adapters") else list(module.lora_A)
-    return [module.lora_A[name].weight for name in names if name in module.lora_A]
+    return [module.lora_A[name].weight for name in module.active_adapters if name in module.lora_A]
 
 
 @contextmanager
