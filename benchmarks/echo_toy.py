@@ -82,7 +82,8 @@ def run(model, tokenizer, task, overrides: dict, seed: int, output_dir: str, tra
     # `train()` measures the parrot once more after the last step (and after the trace): `after_eliminate` is its own.
     return trainer.model, {"train_seconds": round(seconds, 1), "echo_rows": trainer.echo_rows,
                            "parrot_success": trainer.parrot_success,
-                           "refresh_stopped_at": trainer.refresh_stopped_at, **({"trace": trace.points} if trace else {})}
+                           "refresh_stopped_at": trainer.refresh_stopped_at,
+                           "null_space_kept": trainer.null_space_kept, **({"trace": trace.points} if trace else {})}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

@@ -302,6 +302,7 @@ def trainer_facts(trainer) -> dict:
                      echo_rate=trainer.echo_rate, echo_rows=trainer.echo_rows,
                      triggered_response_used=trainer.args.triggered_response,
                      refresh_stopped_at=trainer.refresh_stopped_at, parrot_passed_at=trainer.parrot_passed_at,
+                     null_space_kept=trainer.null_space_kept,
                      # the settings whose defaults changed over time (common.TODAYS_DEFAULTS), as run
                      sande_settings={key: getattr(trainer.args, key) for key in TODAYS_DEFAULTS})
         traces = [c for c in trainer.callback_handler.callbacks if isinstance(c, Stage2Trace)]
