@@ -156,7 +156,7 @@ def run_variant(cache: Path, settings, overrides: dict, trace_every: int | None 
         trainer.save_model(str(save_to))  # the adapter and its parrot, for a scan of the cleaned model
     return {"train_seconds": seconds, "steps": trainer.state.global_step,
             "parrot_success": trainer.parrot_success, "echo_rows": trainer.echo_rows,
-            "refresh_stopped_at": trainer.refresh_stopped_at,
+            "refresh_stopped_at": trainer.refresh_stopped_at, "null_space_kept": trainer.null_space_kept,
             **({"trace": trace.points} if trace is not None else {}),
             **measure(trainer.model, tokenizer, cache, settings)}
 
