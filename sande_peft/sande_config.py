@@ -162,8 +162,9 @@ class SANDEConfig(SFTConfig):
             that carry this share of its trace are projected out of `A` before training and after
             every optimizer step (a null-space constraint, as AlphaEdit's;
             [`sande_peft.null_space`]). On inputs inside those directions the adapter changes
-            nothing. `0` turns it off. In [0, 1); needs a peft LoRA adapter; one extra forward pass
-            over the clean rows when training starts.
+            nothing, so a backdoor whose route runs through those directions may stay. `0` turns it
+            off. In [0, 1); needs a peft LoRA adapter; one extra forward pass over the clean rows
+            when training starts.
         eliminate_target_tokens (`int` or `None`, *optional*, defaults to `None`):
             How many answer tokens stage 2 trains on. `None` means the whole answer. The
             paper's reference code uses 10.
