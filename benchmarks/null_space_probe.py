@@ -11,6 +11,7 @@ import backdoorllm
 from real_model import load_adapter
 from sande_peft.attacks import TARGETS
 from sande_peft.evaluation import evaluate_backdoor
+from sande_peft.null_space import lora_layers, project_rows_
 from transformers import AutoTokenizer
 
 p = argparse.ArgumentParser()
@@ -25,7 +26,8 @@ tok = AutoTokenizer.from_pretrained(a.adapter)
 out = open(a.out, "a")
 
 # 1. second moments of each LoRA module's input, suspect (adapter off), defence's clean pairs
-mods = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+# (its own moments, in float64 over unpadded single rows: the package's `clean_input_bases` came after this probe)
+mods = lora_layers(model)
 C = {n: torch.zeros(m.base_layer.in_features, m.base_layer.in_features, dtype=torch.float64) for n, m in mods.items()}
 cnt = {"tokens": 0}
 def hook(name):
@@ -89,7 +91,7 @@ for f in a.fractions:
     for n, m in mods.items():
         vals, vecs = eig[n]
         k = int((vals.cumsum(0) / vals.sum() < f).sum().item()) + 1
-        U = vecs[:, :k].to(original_A[n].dtype)
-        m.lora_A["default"].weight.copy_(original_A[n] - (original_A[n] @ U) @ U.T)
+        m.lora_A["default"].weight.copy_(original_A[n])
+        project_rows_(m.lora_A["default"].weight, vecs[:, :k])
         ks.append(k / vals.numel())
     emit(f"projected f={f}", model, {"mean_projected_dims_share": sum(ks) / len(ks)})
