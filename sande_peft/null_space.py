@@ -9,10 +9,6 @@ Per LoRA layer, ``C = E[x x^T]`` over the suspect model's inputs to it on the cl
 the top eigenvectors of ``C`` that carry ``share`` of its trace; ``A`` is kept at ``A (I - U U^T)``:
 projected once before training and again after every optimizer step (projected gradient descent).
 
-The converse, `parrot_direction_bases`: ``A`` may read only the few directions along which the trained parrot
-moves the layer's input most for the clean inputs' spread along them (``A <- A Q Q^T``), so that the adapter acts
-where the parrot (the trigger's stand-in) acts and little elsewhere, even where the two share dominant directions.
-
 >>> import torch
 >>> from torch import nn
 >>> basis = torch.tensor([[1.0], [0.0]])  # clean inputs use the first direction only
@@ -37,15 +33,6 @@ def project_rows_(weight: torch.Tensor, basis: torch.Tensor) -> None:
         w = weight.float()
         u = basis.to(device=weight.device, dtype=torch.float32)
         weight.copy_((w - (w @ u) @ u.T).to(weight.dtype))
-
-
-def keep_rows_(weight: torch.Tensor, basis: torch.Tensor) -> None:
-    """In place: ``weight <- weight basis basis^T``, so that ``weight @ x`` reads only ``x``'s part in ``basis``
-    (orthonormal columns; none: ``weight`` becomes zero)."""
-    with torch.no_grad():
-        w = weight.float()
-        u = basis.to(device=weight.device, dtype=torch.float32)
-        weight.copy_(((w @ u) @ u.T).to(weight.dtype))
 
 
 def lora_layers(model) -> dict[str, torch.nn.Module]:
@@ -114,100 +101,9 @@ def clean_input_bases(model, rows: Iterable[dict], share: float, pad_id: int, ba
     return bases
 
 
-@contextmanager
-def _paired_moments(layers: dict[str, torch.nn.Module], mask_holder: dict):
-    """Over doubled batches (the rows without the parrot, then the same rows with it): per layer, ``sum d d^T`` of
-    the parrot's displacement ``d`` of each unpadded token's input, and ``sum x x^T`` of the inputs without it."""
-    moved: dict[str, torch.Tensor] = {}
-    plain: dict[str, torch.Tensor] = {}
-
-    def add(sums, name, moment):
-        sums[name] = sums[name] + moment.cpu() if name in sums else moment.cpu()
-
-    def hook(name):
-        def accumulate(module, inputs):
-            x = inputs[0]
-            half = x.shape[0] // 2
-            mask = mask_holder["mask"].reshape(-1).to(x.device)
-            without = x[:half].reshape(-1, x.shape[-1])[mask].float()
-            delta = x[half:].reshape(-1, x.shape[-1])[mask].float() - without
-            add(moved, name, delta.T @ delta)
-            add(plain, name, without.T @ without)
-        return accumulate
-
-    handles = [module.base_layer.register_forward_pre_hook(hook(name)) for name, module in layers.items()]
-    try:
-        yield moved, plain
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-#: Displacement below this share of the clean inputs' energy along a direction is rounding, not the parrot: a
-#: layer below a latent parrot sees the same inputs with and without it.
-_MIN_DISPLACEMENT = 1e-6
-
-
-def leading_displacement_basis(displacement: torch.Tensor, clean: torch.Tensor, rank: int) -> torch.Tensor:
-    """The ``rank`` directions ``v`` with the largest ``v^T D v / v^T C v`` (``D``: the parrot's displacement moment,
-    ``C``: the clean inputs' moment plus its mean eigenvalue times the identity), orthonormalized, as a ``(d, k)``
-    matrix with ``k <= rank`` (fewer where the parrot moves the inputs along fewer directions, none where it does not
-    move them). The added mean eigenvalue makes directions clean text uses less than average count as equally free:
-    without it the ratio picks directions where both are near zero, and ``A`` reads little of what the parrot moves.
-
-    >>> clean = torch.diag(torch.tensor([100.0, 1.0, 1.0]))   # clean inputs use the first direction most
-    >>> moved = torch.diag(torch.tensor([10.0, 5.0, 0.0]))    # the parrot moves the first two
-    >>> leading_displacement_basis(moved, clean, 1).abs().squeeze(1).tolist()
-    [0.0, 1.0, 0.0]
-    """
-    d = clean.shape[0]
-    c = clean.double()
-    c = c + (c.trace() / d + 1e-12) * torch.eye(d, dtype=torch.float64)
-    lower = torch.linalg.cholesky(c)
-    whitened = torch.linalg.solve_triangular(lower, displacement.double(), upper=False)
-    whitened = torch.linalg.solve_triangular(lower, whitened.T, upper=False).T  # L^-1 D L^-T
-    values, vectors = torch.linalg.eigh((whitened + whitened.T) / 2)
-    values, vectors = values.flip(0), vectors.flip(1)
-    k = min(rank, int((values > _MIN_DISPLACEMENT).sum()))
-    directions = torch.linalg.solve_triangular(lower.T, vectors[:, :k], upper=True)  # back from the whitened space
-    return torch.linalg.qr(directions)[0].float().contiguous() if k else torch.zeros(d, 0)
-
-
-@torch.no_grad()
-def parrot_direction_bases(model, paired_batches: Iterable[tuple[dict, torch.Tensor]], rank: int,
-                           forward) -> dict[str, torch.Tensor]:
-    """Per LoRA layer of ``model``: `leading_displacement_basis` of the parrot's displacement of its inputs.
-
-    ``paired_batches`` yields ``(batch, mask)``: a batch whose second half is its first half carrying the parrot, and
-    the first half's attention mask; ``forward(batch)`` runs the model on it with the parrot in place. Run it with
-    the adapter off: the directions are the suspect's.
-    """
-    if rank < 1:
-        raise ValueError(f"`rank` is {rank}; use the number of directions each LoRA layer's A may read, e.g. 16.")
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("The model has no LoRA layers: the parrot-direction constraint needs a peft LoRA adapter.")
-    holder = {}
-    with _paired_moments(layers, holder) as (moved, plain):
-        for batch, mask in paired_batches:
-            holder["mask"] = mask.bool()
-            forward(batch)
-    return {name: leading_displacement_basis(moved[name], plain[name], rank) for name in moved}
-
-
-def project_adapter_(model, bases: dict[str, torch.Tensor], keep: bool = False, rescale: bool = False) -> None:
-    """Keep each LoRA layer's ``A`` off its basis: ``A <- A (I - U U^T)``, for the active adapter(s); with ``keep``,
-    on it: ``A <- A U U^T``. ``rescale``: each row of ``A`` then gets back the norm it had (where it keeps any), as
-    LoRA's initialization set it; a few directions out of hundreds would otherwise leave ``A x``, and with it the
-    gradient of ``B`` (zero at the start), too small to learn from."""
-    project = keep_rows_ if keep else project_rows_
+def project_adapter_(model, bases: dict[str, torch.Tensor]) -> None:
+    """Keep each LoRA layer's ``A`` off its basis: ``A <- A (I - U U^T)``, for the active adapter(s)."""
     for name, module in lora_layers(model).items():
         if name in bases:
             for weight in _active_lora_a(module):
-                before = weight.detach().float().norm(dim=1, keepdim=True)
-                project(weight, bases[name])
-                if rescale:
-                    with torch.no_grad():
-                        after = weight.float().norm(dim=1, keepdim=True)
-                        scale = torch.where(after > 1e-12, before / after.clamp(min=1e-12), torch.ones_like(after))
-                        weight.copy_((weight.float() * scale).to(weight.dtype))
+                project_rows_(weight, bases[name])

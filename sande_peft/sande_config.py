@@ -165,15 +165,6 @@ class SANDEConfig(SFTConfig):
             nothing, so a backdoor whose route runs through those directions may stay. `0` turns it
             off. In [0, 1); needs a peft LoRA adapter; one extra forward pass over the clean rows
             when training starts.
-        eliminate_parrot_directions (`int`, *optional*, defaults to `0`):
-            Let each LoRA layer's `A` read only this many directions of its input: those along which
-            the parrot, as stage 1 leaves it, moves the suspect's inputs most for the clean inputs'
-            spread along them (generalized eigenvectors of the two second moments over the parrot
-            rows, with and without the parrot; [`sande_peft.null_space`]). `A` is projected onto
-            them when elimination starts and after every optimizer step; a layer the parrot does
-            not move (below a latent parrot) is left as it was. `0` turns it off. Not negative; not
-            with `eliminate_null_space`; needs a peft LoRA adapter; two forward passes over up to
-            128 parrot rows when elimination starts.
         eliminate_target_tokens (`int` or `None`, *optional*, defaults to `None`):
             How many answer tokens stage 2 trains on. `None` means the whole answer. The
             paper's reference code uses 10.
@@ -320,11 +311,6 @@ class SANDEConfig(SFTConfig):
         metadata={"help": "Share of the clean inputs' second moment (per LoRA layer) whose directions LoRA's A may not "
                   "read; 0: off. In [0, 1); needs a LoRA adapter."},
     )
-    eliminate_parrot_directions: int = field(
-        default=0,
-        metadata={"help": "Input directions (per LoRA layer) LoRA's A may read: those the stage-1 parrot moves most for "
-                  "the clean inputs' spread; 0: off. Needs a LoRA adapter; not with eliminate_null_space."},
-    )
     eliminate_target_tokens: int | None = field(
         default=None, metadata={"help": "Answer tokens trained in stage 2; None: the whole answer."}
     )
@@ -415,15 +401,6 @@ class SANDEConfig(SFTConfig):
         if not 0 <= self.eliminate_null_space < 1:
             raise ValueError(f"`eliminate_null_space` is {self.eliminate_null_space}; use 0 (off) or a share of the clean "
                              "inputs' second moment in (0, 1), e.g. 0.9.")
-        if self.eliminate_parrot_directions < 0:
-            raise ValueError(f"`eliminate_parrot_directions` is {self.eliminate_parrot_directions}; use 0 (off) or the "
-                             "number of input directions each LoRA layer's A may read, e.g. 16.")
-        if self.eliminate_parrot_directions > 0 and self.eliminate_null_space > 0:
-            raise ValueError(
-                f"`eliminate_parrot_directions={self.eliminate_parrot_directions}` lets A read only the parrot's "
-                f"directions, and `eliminate_null_space={self.eliminate_null_space}` keeps it off the clean inputs' "
-                "directions: use one of them, and set the other to 0."
-            )
         check_finite("eliminate_sam_rho", self.eliminate_sam_rho)
         if self.eliminate_sam_rho < 0:
             raise ValueError(f"`eliminate_sam_rho` is {self.eliminate_sam_rho}; use 0 (off) or a radius above 0, "

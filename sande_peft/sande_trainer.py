@@ -27,7 +27,7 @@ from .echo import ECHO_MIN_RATE, ECHO_PROBE_PROMPTS, echo_rate
 from .evaluation.backdoor import answer_nll
 from .evaluation.generation import generate_texts
 from .evaluation.judges import TargetMatch
-from .null_space import clean_input_bases, parrot_direction_bases, project_adapter_
+from .null_space import clean_input_bases, project_adapter_
 from .osft_trainer import reject_formatting_func, require_config
 from .paper import SANDE_PAPER
 from .parrot import PARROT_WEIGHTS_NAME, Parrot, ParrotConfig, resolve_parrot_layer
@@ -46,10 +46,6 @@ SANDE_STATE_NAME = "sande_state.json"
 #: The parrot as stage 1 left it, in checkpoints of runs with a refresh stop (`parrot_refresh_stop_success` or
 #: `parrot_refresh_stop_nll`).
 STAGE1_PARROT_NAME = "parrot_stage1.safetensors"
-#: The LoRA layers' input directions of `eliminate_parrot_directions`, in checkpoints saved during elimination.
-PARROT_DIRECTIONS_NAME = "parrot_directions.safetensors"
-#: At most this many parrot rows (one per example) measure the parrot's directions (`eliminate_parrot_directions`).
-PARROT_DIRECTION_ROWS = 128
 #: `triggered_response` that asks the trainer to find r_t itself (see `sande_peft.scan`).
 AUTO_RESPONSE = "auto"
 #: Below this many clean training pairs SANDE warns: the elimination steps then repeat each pair often.
@@ -163,24 +159,15 @@ class _StageBoundaryCallback(TrainerCallback):
 class _NullSpaceCallback(TrainerCallback):
     """With `eliminate_null_space`: after every optimizer step, LoRA's A projected back off the clean inputs'
     directions (projected gradient descent; a parrot step leaves A as it is, and the projection then changes
-    nothing). With `eliminate_parrot_directions`: the parrot's directions measured when elimination starts, and A
-    projected onto them then and after every optimizer step."""
+    nothing)."""
 
     def __init__(self, trainer: SANDETrainer):
         self.trainer = trainer
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        if (args.eliminate_parrot_directions > 0 and trainer.null_space_bases is None
-                and state.global_step >= trainer.plan.stage1_end):
-            trainer.measure_parrot_directions()
-        return control
-
     def on_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
         if trainer.null_space_bases is not None:
-            project_adapter_(trainer.accelerator.unwrap_model(trainer.model), trainer.null_space_bases,
-                             keep=args.eliminate_parrot_directions > 0)
+            project_adapter_(trainer.accelerator.unwrap_model(trainer.model), trainer.null_space_bases)
         return control
 
 
@@ -366,7 +353,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         self.null_space_bases: dict[str, torch.Tensor] | None = None
         # With `eliminate_null_space`: the share of each LoRA layer's input directions A may read, averaged.
         self.null_space_kept: float | None = None
-        if args.eliminate_null_space > 0 or args.eliminate_parrot_directions > 0:
+        if args.eliminate_null_space > 0:
             self.add_callback(_NullSpaceCallback(self))
 
     # ---- Set-up -------------------------------------------------------------------------------------------
@@ -459,15 +446,14 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
     def _measure_clean_inputs(self) -> None:
         """With `eliminate_null_space`: the directions each LoRA layer's input takes on the clean rows (the suspect's,
         adapter off), and the adapter's `A` projected off them; `_NullSpaceCallback` keeps it there."""
-        model = self.accelerator.unwrap_model(self.model)
-        for name in ("eliminate_null_space", "eliminate_parrot_directions"):
-            if getattr(self.args, name) > 0 and not is_peft_model(model):
-                raise ValueError(
-                    f"`{name}={getattr(self.args, name)}` constrains a LoRA adapter's A matrices, and this model trains "
-                    f"without one. Pass `peft_config=LoraConfig(...)`, or set `{name}=0`."
-                )
         if self.args.eliminate_null_space <= 0 or self.null_space_bases is not None:
             return
+        model = self.accelerator.unwrap_model(self.model)
+        if not is_peft_model(model):
+            raise ValueError(
+                f"`eliminate_null_space={self.args.eliminate_null_space}` constrains a LoRA adapter's A matrices, and "
+                "this model trains without one. Pass `peft_config=LoraConfig(...)`, or set `eliminate_null_space=0`."
+            )
         rows = self._parrot_dataset().teacher_rows().values()
         with model.disable_adapter():
             self.null_space_bases = clean_input_bases(model, rows, self.args.eliminate_null_space, self._filler_id,
@@ -477,53 +463,6 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         self.null_space_kept = sum(kept) / len(kept)
         logger.info("eliminate_null_space=%s: LoRA's A reads %.1f%% of each layer's input directions on average.",
                     self.args.eliminate_null_space, 100 * self.null_space_kept)
-
-    def measure_parrot_directions(self) -> None:
-        """With `eliminate_parrot_directions`: per LoRA layer, the input directions the parrot as it now is moves most
-        for the clean inputs' spread (the suspect's, adapter off), over up to `PARROT_DIRECTION_ROWS` elimination rows
-        that carry it, one per example; A is projected onto them, and `_NullSpaceCallback` keeps it there."""
-        model = self.accelerator.unwrap_model(self.model)
-        dataset = self._parrot_dataset()
-        start = self.plan.stage1_end * self.get_total_train_batch_size(self.args)
-        picked, seen = [], set()
-        for slot in range(start, len(dataset)):
-            row = dataset.rows[slot]
-            if row.parrot and row.index not in seen and len(picked) < PARROT_DIRECTION_ROWS:
-                seen.add(row.index)
-                picked.append(slot)
-        rows = [{key: dataset[slot][key] for key in ("input_ids", "labels", "parrot_index")} for slot in picked]
-        size, device = self.args.per_device_train_batch_size, self.args.device
-
-        def paired_batches():
-            for first in range(0, len(rows), size):
-                chunk = rows[first : first + size]
-                plain = [{**row, "parrot_index": [-1] * len(row["input_ids"])} for row in chunk]
-                batch = self.data_collator(plain + chunk)
-                yield batch, batch["attention_mask"][: len(chunk)]
-
-        def forward(batch):
-            ids, mask, index = (batch[key].to(device) for key in ("input_ids", "attention_mask", "parrot_index"))
-            if self.parrot.is_latent:
-                with self.parrot.steer(model, index):
-                    model(input_ids=ids, attention_mask=mask)
-            else:
-                model(inputs_embeds=self.parrot.embed(model, ids, index), attention_mask=mask)
-
-        training = model.training
-        model.eval()  # no dropout: the two halves differ by the parrot alone
-        try:
-            with model.disable_adapter():
-                self.null_space_bases = parrot_direction_bases(model, paired_batches(),
-                                                               self.args.eliminate_parrot_directions, forward)
-        finally:
-            model.train(training)
-        project_adapter_(model, self.null_space_bases, keep=True, rescale=True)
-        kept = [basis.shape[1] / basis.shape[0] for basis in self.null_space_bases.values()]
-        self.null_space_kept = sum(kept) / len(kept)
-        moved = sum(basis.shape[1] > 0 for basis in self.null_space_bases.values())
-        logger.info("eliminate_parrot_directions=%d: the parrot moves the inputs of %d of %d LoRA layers; A reads "
-                    "%.2f%% of each layer's input directions on average.", self.args.eliminate_parrot_directions,
-                    moved, len(kept), 100 * self.null_space_kept)
 
     def get_train_dataloader(self) -> DataLoader:
         dataset = self._parrot_dataset()
@@ -938,11 +877,6 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                     and self.state.global_step < self.plan.total_steps):
                 save_file({"weight": self.stage1_parrot.float().cpu().contiguous()},
                           os.path.join(output_dir, STAGE1_PARROT_NAME))
-            if (self.args.eliminate_parrot_directions > 0 and self.null_space_bases is not None
-                    and self.state.global_step < self.plan.total_steps):
-                # Measured with the parrot as stage 1 left it, which the checkpoint no longer holds.
-                save_file({name: basis.contiguous() for name, basis in self.null_space_bases.items()},
-                          os.path.join(output_dir, PARROT_DIRECTIONS_NAME))
             last = max(self.state.global_step - 1, 0)
             state = {**self.plan.to_dict(), "global_step": self.state.global_step,
                      "stage": self.plan.stage_at(last).value, "parrot_success": self.parrot_success,
@@ -979,11 +913,6 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
               and self.state.global_step > self.plan.stage1_end):
             logger.warning("%s holds no %s (saved without a refresh stop): the parrot is refreshed to "
                            "the end.", resume_from_checkpoint, STAGE1_PARROT_NAME)
-        directions = os.path.join(resume_from_checkpoint, PARROT_DIRECTIONS_NAME)
-        if self.args.eliminate_parrot_directions > 0 and os.path.isfile(directions):
-            self.null_space_bases = load_file(directions)
-            kept = [basis.shape[1] / basis.shape[0] for basis in self.null_space_bases.values()]
-            self.null_space_kept = sum(kept) / len(kept)
         # The reloaded adapter trains in the dtype it had before the interruption (bf16 under QLoRA).
         for name, param in self.model.named_parameters():
             dtype = self._model_param_dtypes.get(name)

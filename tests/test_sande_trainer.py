@@ -284,8 +284,6 @@ def test_save_and_load_restore_adapter_and_parrot(backdoored_start, cpu_args, tm
         ({"triggered_response": "i", "eliminate_sam_rho": float("inf")}, "eliminate_sam_rho"),
         ({"triggered_response": "i", "eliminate_null_space": 1.0}, "eliminate_null_space"),
         ({"triggered_response": "i", "eliminate_null_space": -0.1}, "eliminate_null_space"),
-        ({"triggered_response": "i", "eliminate_parrot_directions": -1}, "eliminate_parrot_directions"),
-        ({"triggered_response": "i", "eliminate_parrot_directions": 16, "eliminate_null_space": 0.9}, "use one of them"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(overrides, match, tmp_path):
@@ -683,26 +681,6 @@ def test_null_space_keeps_the_adapter_off_the_clean_inputs_directions(backdoored
         assert a.norm() > 0  # it trained...
         assert (a @ bases[name]).abs().max() < 1e-5  # ...and never reads what the clean rows' inputs use
     # Elimination found the trigger's route in the directions left to it, and the clean task stayed.
-    after = backdoored_start.measure(trainer.model)
-    before = backdoored_start.measure(backdoored_start.model)
-    assert before.attack_success_rate >= 0.9 and after.attack_success_rate <= 0.05
-    assert after.clean_exact_match >= before.clean_exact_match - 0.05
-
-
-def test_parrot_directions_keep_the_adapter_on_what_the_parrot_moves(backdoored_start, cpu_args):
-    from sande_peft.null_space import lora_layers
-
-    trainer = sande(backdoored_start, cpu_args, eliminate_parrot_directions=4)
-    bases = trainer.null_space_bases
-    layers = lora_layers(trainer.model)
-    assert bases and set(bases) == set(layers)
-    assert all(b.shape[1] <= 4 for b in bases.values()) and any(b.shape[1] > 0 for b in bases.values())
-    assert trainer.null_space_kept == pytest.approx(sum(b.shape[1] / b.shape[0] for b in bases.values()) / len(bases))
-    for name, module in layers.items():
-        a = module.lora_A["default"].weight.detach().float()
-        basis = bases[name]
-        # A reads only the parrot's directions: nothing of it is left outside them.
-        assert (a - (a @ basis) @ basis.T).abs().max() < 1e-5
     after = backdoored_start.measure(trainer.model)
     before = backdoored_start.measure(backdoored_start.model)
     assert before.attack_success_rate >= 0.9 and after.attack_success_rate <= 0.05
