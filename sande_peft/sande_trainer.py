@@ -157,16 +157,17 @@ class _StageBoundaryCallback(TrainerCallback):
 
 
 class _NullSpaceCallback(TrainerCallback):
-    """With `eliminate_null_space`: after every optimizer step, LoRA's A projected back off the clean inputs'
-    directions (projected gradient descent; a parrot step leaves A as it is, and the projection then changes
-    nothing)."""
+    """With `eliminate_null_space`: after every elimination step, LoRA's A projected back off the clean inputs'
+    directions (projected gradient descent; a parrot step leaves A as it is, so it is not projected again)."""
 
     def __init__(self, trainer: SANDETrainer):
         self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
-        if trainer.null_space_bases is not None:
+        # Called before `global_step` counts the step just taken: `segment_at` reads the step's own segment.
+        if (trainer.null_space_bases is not None
+                and trainer.plan.segment_at(state.global_step).stage is Stage.ELIMINATE):
             project_adapter_(trainer.accelerator.unwrap_model(trainer.model), trainer.null_space_bases)
         return control
 
