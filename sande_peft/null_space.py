@@ -7,7 +7,7 @@ AlphaEdit (Fang et al., ICLR 2025) edits knowledge under the same constraint.
 
 Per LoRA layer, ``C = E[x x^T]`` over the suspect model's inputs to it on the clean rows; ``U`` holds
 the top eigenvectors of ``C`` that carry ``share`` of its trace; ``A`` is kept at ``A (I - U U^T)``:
-projected once before training and again after every optimizer step (projected gradient descent).
+projected once before training and again after every elimination step (projected gradient descent).
 
 >>> import torch
 >>> from torch import nn

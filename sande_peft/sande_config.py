@@ -160,7 +160,7 @@ class SANDEConfig(SFTConfig):
             Keep each LoRA layer's `A` off the directions the clean rows' inputs use: per layer, the
             top eigenvectors of the suspect's inputs' second moment over the clean elimination rows
             that carry this share of its trace are projected out of `A` before training and after
-            every optimizer step (a null-space constraint, as AlphaEdit's;
+            every elimination step (a null-space constraint, as AlphaEdit's;
             [`sande_peft.null_space`]). On inputs inside those directions the adapter changes
             nothing, so a backdoor whose route runs through those directions may stay. `0` turns it
             off. In [0, 1); needs a peft LoRA adapter; one extra forward pass over the clean rows
