@@ -352,8 +352,6 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         self._step_losses: dict[str, tuple[torch.Tensor, set[int]]] = {}
         self.add_callback(_StageBoundaryCallback(self))
         self.null_space_bases: dict[str, torch.Tensor] | None = None
-        # With `eliminate_null_space`: the share of each LoRA layer's input directions A may read, averaged.
-        self.null_space_kept: float | None = None
         if args.eliminate_null_space > 0:
             self.add_callback(_NullSpaceCallback(self))
 
@@ -460,10 +458,17 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             self.null_space_bases = clean_input_bases(model, rows, self.args.eliminate_null_space, self._filler_id,
                                                       batch_size=self.args.per_device_train_batch_size)
         project_adapter_(model, self.null_space_bases)
-        kept = [1 - basis.shape[1] / basis.shape[0] for basis in self.null_space_bases.values()]
-        self.null_space_kept = sum(kept) / len(kept)
         logger.info("eliminate_null_space=%s: LoRA's A reads %.1f%% of each layer's input directions on average.",
                     self.args.eliminate_null_space, 100 * self.null_space_kept)
+
+    @property
+    def null_space_kept(self) -> float | None:
+        """With `eliminate_null_space`, once training has started: the share of each LoRA layer's input directions A
+        may read, averaged over the layers; otherwise None."""
+        if not self.null_space_bases:
+            return None
+        kept = [1 - basis.shape[1] / basis.shape[0] for basis in self.null_space_bases.values()]
+        return sum(kept) / len(kept)
 
     def get_train_dataloader(self) -> DataLoader:
         dataset = self._parrot_dataset()
