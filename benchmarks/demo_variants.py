@@ -157,6 +157,7 @@ def run_variant(cache: Path, settings, overrides: dict, trace_every: int | None 
     return {"train_seconds": seconds, "steps": trainer.state.global_step,
             "parrot_success": trainer.parrot_success, "echo_rows": trainer.echo_rows,
             "refresh_stopped_at": trainer.refresh_stopped_at, "null_space_kept": trainer.null_space_kept,
+            "removal_check": trainer.removal_check.to_dict() if trainer.removal_check else None,
             **({"trace": trace.points} if trace is not None else {}),
             **measure(trainer.model, tokenizer, cache, settings)}
 

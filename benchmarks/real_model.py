@@ -303,6 +303,7 @@ def trainer_facts(trainer) -> dict:
                      triggered_response_used=trainer.args.triggered_response,
                      refresh_stopped_at=trainer.refresh_stopped_at, parrot_passed_at=trainer.parrot_passed_at,
                      null_space_kept=trainer.null_space_kept,
+                     removal_check=trainer.removal_check.to_dict() if trainer.removal_check else None,
                      # the settings whose defaults changed over time (common.TODAYS_DEFAULTS), as run
                      sande_settings={key: getattr(trainer.args, key) for key in TODAYS_DEFAULTS})
         traces = [c for c in trainer.callback_handler.callbacks if isinstance(c, Stage2Trace)]

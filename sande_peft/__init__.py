@@ -12,7 +12,7 @@ from .osft_trainer import OSFTTrainer
 from .parrot import Parrot, ParrotConfig
 from .sande_config import SANDEConfig
 from .sande_trainer import SANDETrainer
-from .scan import ScanReport, scan
+from .scan import RemovalCheck, ScanReport, removal_check, scan
 from .schedule import Stage, StagePlan
 from .triggers import insert_trigger
 
@@ -25,12 +25,14 @@ __all__ = [
     "Parrot",
     "ParrotConfig",
     "SANDEConfig",
+    "RemovalCheck",
     "SANDETrainer",
     "ScanReport",
     "Stage",
     "StagePlan",
     "insert_trigger",
     "merge_and_export",
+    "removal_check",
     "scan",
     "__version__",
 ]

@@ -154,6 +154,8 @@ def sande_provenance(trainer) -> dict[str, Any]:
         settings.update(parrot_min_success_rate=args.parrot_min_success_rate,
                         parrot_extension_steps=plan.extension_steps, parrot_max_extensions=plan.extensions)
         found["parrot_passed_at"] = trainer.parrot_passed_at  # stage-1 steps; None: never passed the bar
+    if trainer.removal_check is not None:
+        found["removal_check"] = trainer.removal_check.to_dict()
     return trainer_provenance(trainer, "SANDE", len(trainer.sande_examples), settings,
                               triggered_response=args.triggered_response, response_mode=args.response_mode,
                               parrot_success=trainer.parrot_success, echo_rate=trainer.echo_rate, **found)

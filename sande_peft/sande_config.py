@@ -128,6 +128,13 @@ class SANDEConfig(SFTConfig):
         parrot_eval_size (`int`, *optional*, defaults to `32`):
             Clean prompts held out of `train_dataset` (or taken from `eval_dataset`) to log the
             parrot's success after each stage. `0` turns the measurement off.
+        removal_check_steps (`int`, *optional*, defaults to `12`):
+            After training, a fresh latent parrot (one vector half-way up, Adam at 0.1) trains this
+            many steps to make the cleaned model say r_t on the held-out prompts, as the scan's
+            trigger check does ([`removal_check`]); the share whose answer then says r_t is
+            `trainer.removal_check` and is logged as `removal_check_rate`, with a warning at half or
+            more (r_t is as near as a backdoor's target). The model does not change. `0` turns it off;
+            it also needs `parrot_eval_size` above 0.
 
         > Parameters that control stage 2 (eliminate)
 
@@ -283,6 +290,12 @@ class SANDEConfig(SFTConfig):
     parrot_eval_size: int = field(
         default=32, metadata={"help": "Held-out clean prompts to measure the parrot after each stage; 0: off."}
     )
+    removal_check_steps: int = field(
+        default=12,
+        metadata={"help": "After training, steps of a fresh latent parrot trained against the cleaned model to say r_t "
+                  "on the held-out prompts (the scan's trigger check); its success is logged as removal_check_rate. "
+                  "0: off."},
+    )
     eliminate_max_steps: int | None = field(
         default=100,
         metadata={"help": "Most stage-2 steps when max_steps is not set (epochs or this, whichever is fewer); "
@@ -427,6 +440,9 @@ class SANDEConfig(SFTConfig):
                 f"`parrot_refresh_batch_size` is {self.parrot_refresh_batch_size}; use 1 to `per_device_train_batch_size` "
                 f"({self.per_device_train_batch_size}) rows, or None for the whole batch."
             )
+        if self.removal_check_steps < 0:
+            raise ValueError(f"`removal_check_steps` is {self.removal_check_steps}; use 0 (off) or a number of parrot "
+                             "steps, e.g. 12 (the scan's trigger check).")
         if self.parrot_eval_size < 0:
             raise ValueError(f"`parrot_eval_size` is {self.parrot_eval_size}; use 0 to turn the measurement off.")
         if self.parrot_min_success_rate is not None:

@@ -34,6 +34,7 @@ from .parrot import PARROT_WEIGHTS_NAME, Parrot, ParrotConfig, resolve_parrot_la
 from .parrot_data import ParrotCollator, ScheduledParrotDataset, first_rows
 from .provenance import RecordsProvenance, sande_provenance
 from .sande_config import DEFAULT_PARROT_MIN_SUCCESS_RATE, SANDEConfig
+from .scan import RemovalCheck, removal_check
 from .schedule import Segment, Stage, StagePlan
 from .teacher import TeacherTargets, compute_teacher_targets, distill_loss
 from .tokenization import encode_sande_examples
@@ -339,6 +340,7 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             logger.info("Stage 2 runs %d steps (`eliminate_max_steps`); set it to None to run every epoch.",
                         self.plan.stage2_steps)
         self.parrot_success: dict[str, float] = {}
+        self.removal_check: RemovalCheck | None = None  # set by `train()` (`removal_check_steps`)
         # A refresh stop: the parrot as stage 1 left it, and after how many elimination steps the
         # refresh stopped (None: it has not).
         self.stage1_parrot: torch.Tensor | None = None
@@ -851,8 +853,28 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
                     "fell behind, and runs that end so often leave r_t in sampled answers. Measure attack success under "
                     "sampling before you ship this model (`sande-peft evaluate --num_samples 4`, or "
                     "`evaluate_backdoor(..., sampling=Sampling(num_samples=4))`).", 100 * after["parrot_success_rate"])
+            self._check_removal()
         self._attach_provenance()
         return output
+
+    def _check_removal(self) -> None:
+        """With `removal_check_steps`: a parrot trained afresh against the cleaned model ([`removal_check`]), logged,
+        with a warning where it finds r_t as near as a backdoor's target."""
+        if not self.args.removal_check_steps or not self.parrot_eval_prompts:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        self.removal_check = removal_check(model, self.processing_class, self.args.triggered_response,
+                                           self.parrot_eval_prompts, steps=self.args.removal_check_steps)
+        self.log({"removal_check_rate": self.removal_check.rate, "stage": Stage.ELIMINATE.number})
+        if self.removal_check.route_open:
+            # Where `eliminate_null_space` left the demo's backdoor in place this check found r_t's route; after every
+            # run that removed a backdoor it did not (docs/results.md, "A fresh parrot after elimination").
+            fix = ("`eliminate_null_space` may have kept the adapter off the trigger's route: train again with "
+                   "`eliminate_null_space=0`." if self.args.eliminate_null_space else
+                   "Measure attack success on triggered prompts before you ship this model.")
+            logger.warning("A parrot trained afresh for %d steps against the cleaned model makes it say r_t on %.0f%% of "
+                           "the held-out prompts, as near as a backdoor's target: the backdoor may still be there. %s",
+                           self.args.removal_check_steps, 100 * self.removal_check.rate, fix)
 
     # ---- Saving and resuming ------------------------------------------------------------------------------
 
@@ -887,7 +909,8 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
             state = {**self.plan.to_dict(), "global_step": self.state.global_step,
                      "stage": self.plan.stage_at(last).value, "parrot_success": self.parrot_success,
                      "echo_rows": self.echo_rows, "echo_rate": self.echo_rate,
-                     "refresh_stopped_at": self.refresh_stopped_at, "parrot_passed_at": self.parrot_passed_at}
+                     "refresh_stopped_at": self.refresh_stopped_at, "parrot_passed_at": self.parrot_passed_at,
+                     "removal_check": self.removal_check.to_dict() if self.removal_check else None}
             with open(os.path.join(output_dir, SANDE_STATE_NAME), "w") as f:
                 json.dump(state, f, indent=2)
         self._write_provenance(output_dir)

@@ -155,6 +155,13 @@ def _as_messages(prompt) -> list[dict]:
 
 
 @torch.no_grad()
+def _eos_ids(model, tokenizer) -> list[int]:
+    """The tokens that end an answer: the tokenizer's and the generation config's."""
+    configured = model.generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [configured]
+    return [t for t in {tokenizer.eos_token_id, *configured} if t is not None]
+
+
 def _first_token_logprobs(model, rows: list[list[int]], pad: int, batch_size: int) -> torch.Tensor:
     device = next(model.parameters()).device
     out = []
@@ -295,8 +302,7 @@ def scan(
         raise ValueError("A scan needs at least 2 clean prompts (16 or more give a steadier verdict).")
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     pad = _pad_id(tokenizer)
-    eos = [t for t in {tok.eos_token_id, *(model.generation_config.eos_token_id if isinstance(
-        model.generation_config.eos_token_id, list) else [model.generation_config.eos_token_id])} if t is not None]
+    eos = _eos_ids(model, tok)
     rows = [prompt_token_ids(tokenizer, p) for p in prompts]
     # The trigger check's answers may first repeat the prompt: room for the longest user text, and a few more.
     echo_tokens = max(len(tok(_user_text(p), add_special_tokens=False)["input_ids"]) for p in prompts) + ECHO_SLACK
@@ -366,6 +372,77 @@ def scan(
                 "check_echo_tokens": echo_tokens, "check_full_share": CHECK_FULL_SHARE, "check_reads_inside": True,
                 "sentence_then_answer": True}
     return ScanReport(candidates, threshold, len(prompts), len(openings), round(time.time() - start, 1), settings)
+
+
+@dataclass
+class RemovalCheck:
+    """What [`removal_check`] found: how often a fresh parrot of ``steps`` steps makes the model say r_t.
+
+    Attributes:
+        rate: the share of ``n_prompts`` whose greedy answer, with the parrot, says r_t's opening.
+        steps / learning_rate: the parrot's Adam steps and rate.
+        n_prompts: the clean prompts it trained and answered on.
+        answers: those answers, in the prompts' order.
+        seconds: what the check took.
+    """
+
+    rate: float
+    steps: int
+    learning_rate: float
+    n_prompts: int
+    answers: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def route_open(self) -> bool:
+        """True when the rate reaches [`CHECK_FULL_SHARE`]: r_t is one small perturbation away, as a backdoor's is."""
+        return self.rate >= CHECK_FULL_SHARE
+
+    def to_dict(self) -> dict:
+        return {"rate": self.rate, "route_open": self.route_open, "steps": self.steps,
+                "learning_rate": self.learning_rate, "n_prompts": self.n_prompts, "seconds": self.seconds}
+
+
+def removal_check(model, tokenizer, triggered_response: str, prompts: Sequence | None = None, *, steps: int = 12,
+                  learning_rate: float = 0.1) -> RemovalCheck:
+    """Is ``triggered_response`` still one small perturbation away in ``model``? The scan's trigger check with r_t
+    known: a latent parrot trained afresh (one vector added half-way up, ``steps`` Adam steps at ``learning_rate``)
+    to make the model say r_t on ``prompts``, then the share of them whose greedy answer says its opening.
+
+    On a backdoored model such a parrot finds the trigger's route within the scan's 12 steps; on a model whose
+    backdoor is gone, as on one that never had it, it needs more (docs/results.md, "A fresh parrot after
+    elimination"). ``model``'s weights stay as they are; a peft model is checked with its adapter on.
+
+    Args:
+        model: a loaded causal LM (plain, peft or 4-bit).
+        tokenizer: its tokenizer (or processor).
+        triggered_response: r_t, the text the backdoor answered.
+        prompts: clean user texts (or conversations); by default the package's 16 general questions.
+        steps / learning_rate: the parrot's budget; the defaults are the scan's (`verify_steps`, `verify_learning_rate`).
+    """
+    if not triggered_response or not triggered_response.strip():
+        raise ValueError("`removal_check` needs the triggered response r_t (a non-empty text).")
+    if steps < 1:
+        raise ValueError(f"`steps` must be at least 1, got {steps}.")
+    start = time.time()
+    # As the scan asks its questions (a chat turn); given prompts as they come (plain text stays plain).
+    prompts = [_as_messages(p) for p in default_scan_prompts()] if prompts is None else list(prompts)
+    if not prompts:
+        raise ValueError("`removal_check` needs at least one clean prompt.")
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    rows = [prompt_token_ids(tokenizer, p) for p in prompts]
+    target = tok(triggered_response, add_special_tokens=False)["input_ids"]
+    user_texts = [p if isinstance(p, str) else _user_text(p) for p in prompts]
+    echo_tokens = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in user_texts) + ECHO_SLACK
+    eos = _eos_ids(model, tok)
+    was_training = model.training
+    model.eval()
+    try:
+        rate, answers = _parrot_check(model, tok, rows, target, _pad_id(tokenizer), eos, steps, learning_rate,
+                                      echo_tokens)
+    finally:
+        model.train(was_training)
+    return RemovalCheck(rate, steps, learning_rate, len(rows), answers, round(time.time() - start, 1))
 
 
 def _parrot_check(model, tokenizer, rows: list[list[int]], target: list[int], pad: int, eos: list[int], steps: int,

@@ -190,6 +190,7 @@ def test_cases_cover_at_least_sixty_distinct_bad_inputs():
         (SANDEConfig, {"triggered_response": 123}, TypeError, "must be text"),
         (SANDEConfig, {"triggered_response": "x", "echo_share": float("nan")}, ValueError, "echo_share"),
         (SANDEConfig, {"triggered_response": "x", "target_tokens": 0}, ValueError, "positive number of tokens"),
+        (SANDEConfig, {"triggered_response": "x", "removal_check_steps": -1}, ValueError, "removal_check_steps"),
         (OSFTConfig, {"trigger": 123}, TypeError, "must be text"),
         (OSFTConfig, {"trigger": ["cf", None]}, ValueError, "empty trigger"),
         (OSFTConfig, {"trigger": "cf", "learning_rate": float("inf")}, ValueError, "learning_rate"),

@@ -75,6 +75,8 @@ def test_sande_removes_an_unknown_trigger(backdoored_start, cpu_args):
         trainer.parrot_success["after_simulate"],
         trainer.parrot_success["after_eliminate"],
     ]
+    # After training, a parrot trained afresh against the cleaned model (`removal_check_steps`): logged and kept.
+    assert [log["removal_check_rate"] for log in logs if "removal_check_rate" in log] == [trainer.removal_check.rate]
 
 
 def test_paper_setting_soft_prompt_is_eliminated_with_the_trigger(backdoored_start, cpu_args):

