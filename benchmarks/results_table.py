@@ -339,6 +339,27 @@ def scan_table(records: list[dict]) -> str:
     return _table(header, rows) + _footer(records)
 
 
+def removal_check_table(records: list[dict]) -> str:
+    """The removal check (a fresh 12-step latent parrot told r_t): on saved models (`removal_check_models.py`) and
+    after training (a trainer's `removal_check`, with the run's own attack success beside it)."""
+    rows = []
+    for r in records:
+        if r.get("benchmark") == "removal_check":
+            check, where, success = r, "saved model, the scan's 16 questions", "-"
+            backdoor, model, kind = r["backdoor"], r["label"], r["kind"]
+        elif r.get("removal_check"):
+            check, success = r["removal_check"], _cell([r.get("attack_success_rate")], "rate1")
+            where = f"after training, {check['n_prompts']} held-out prompts"
+            backdoor, model, kind = r.get("case", "demo"), r.get("variant"), "cleaned"
+        else:
+            continue
+        rows.append([backdoor, model, kind, where, success, _cell([check["rate"]], "rate1"),
+                     "open" if check["route_open"] else "closed", f"{check['seconds']:.0f} s"])
+    header = ["backdoor", "model", "kind", "checked", "attack success (its run)", "removal check", "r_t's route",
+              "time"]
+    return _table(header, rows) + _footer(records)
+
+
 def _scan_scoring(settings: dict) -> str:
     """How a scan record scored, by the settings its version wrote."""
     if "n_verify" not in settings:
@@ -625,7 +646,7 @@ def parrot_end(records: list[dict], sampled_goal: float = 0.10) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=["removal", "defaults", "attacks", "contrast", "scan", "demo", "echo", "echo-trace", "trace",
-                                          "reach", "cost", "capability", "answer-prior", "parrot-end"])
+                                          "reach", "cost", "capability", "answer-prior", "parrot-end", "removal-check"])
     parser.add_argument("records", nargs="+")
     parser.add_argument("--method", default="sande")
     parser.add_argument("--variant", action="append", default=[], metavar="[METHOD=]LABEL",
@@ -668,6 +689,8 @@ def main(argv=None):
         print(reach(records))
     elif args.table == "parrot-end":
         print(parrot_end(records))
+    elif args.table == "removal-check":
+        print(removal_check_table(records))
     else:
         print(demo(records))
 

@@ -100,6 +100,19 @@ def test_the_cost_table_counts_a_timing_two_files_hold_once_and_splits_the_measu
     assert any(row.startswith("| measurement: sampled | 1 | 7 |") for row in rows)
 
 
+def test_the_removal_check_table_reads_saved_models_and_training_runs_and_skips_other_records():
+    table = _benchmark_module(COMMON.parent / "results_table.py")
+    check = {"rate": 1.0, "route_open": True, "steps": 12, "learning_rate": 0.1, "n_prompts": 16, "seconds": 55.0}
+    saved = {"benchmark": "removal_check", "backdoor": "demo", "label": "backdoored", "kind": "backdoored", **check}
+    trained = {"variant": "eliminate_null_space=0.9", "attack_success_rate": 0.925,
+               "removal_check": {**check, "rate": 0.0, "route_open": False}}
+    rows = table.removal_check_table([saved, trained, {"variant": "older run, no check"}]).splitlines()
+    assert "| demo | backdoored | backdoored | saved model, the scan's 16 questions | - | 100.0% | open | 55 s |" in rows
+    assert ("| demo | eliminate_null_space=0.9 | cleaned | after training, 16 held-out prompts | 92.5% | 0.0% | closed "
+            "| 55 s |") in rows
+    assert not any("older run" in row for row in rows)
+
+
 def test_the_attacks_table_describes_each_implanted_held_out_attack_with_its_latest_gate_and_baseline():
     table = _benchmark_module(COMMON.parent / "results_table.py")
     machine = "x86_64, 2 CPU cores"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -77,6 +78,21 @@ def test_sande_removes_an_unknown_trigger(backdoored_start, cpu_args):
     ]
     # After training, a parrot trained afresh against the cleaned model (`removal_check_steps`): logged and kept.
     assert [log["removal_check_rate"] for log in logs if "removal_check_rate" in log] == [trainer.removal_check.rate]
+
+
+def test_a_backdoor_left_in_place_is_found_by_the_removal_check_and_warned_about(backdoored_start, cpu_args, caplog,
+                                                                                  tmp_path):
+    # Elimination at a rate too small to change anything: the backdoor stays, and the fresh parrot finds r_t's route.
+    with caplog.at_level(logging.WARNING, logger="sande_peft.sande_trainer"):
+        trainer = sande(backdoored_start, cpu_args, parrot_space="latent", parrot_max_steps=10, max_steps=4,
+                        learning_rate=1e-9)
+    assert backdoored_start.measure(trainer.model).attack_success_rate >= 0.9
+    assert trainer.removal_check.route_open and trainer.removal_check.rate >= 0.5
+    assert "may still be there" in caplog.text and "Measure attack success" in caplog.text
+    trainer.save_model(str(tmp_path / "saved"))
+    assert json.loads((tmp_path / "saved" / "sande_state.json").read_text())["removal_check"]["rate"] == (
+        trainer.removal_check.rate)
+    assert json.loads((tmp_path / "saved" / "sande_peft.json").read_text())["removal_check"]["route_open"] is True
 
 
 def test_paper_setting_soft_prompt_is_eliminated_with_the_trigger(backdoored_start, cpu_args):
