@@ -203,6 +203,7 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
         "clean_nll_measures": f"NLL of the text of the original model's answers, cut at {settings.answer_tokens} tokens",
         "implant_passed_gate": gate_passed,
         "parrot_success": trainer.parrot_success,
+        "removal_check": trainer.removal_check.to_dict() if trainer.removal_check else None,
         "export": export.to_dict(),
         "seconds": round(time.time() - start, 1),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
@@ -213,6 +214,10 @@ def run_demo(settings: DemoSettings | None = None, output_dir: str = "sande-demo
     print()
     print(table)
     print(f"\nParrot success: {trainer.parrot_success}. Export: max |logit difference| {export.max_abs_logit_diff:.2e}.")
+    if trainer.removal_check is not None:
+        check = trainer.removal_check
+        print(f"Removal check: a parrot trained afresh for {check.steps} steps makes the cleaned model say r_t on "
+              f"{check.rate:.0%} of the held-out prompts (r_t's route {'OPEN' if check.route_open else 'closed'}).")
     print(f"Wrote {out / 'demo_report.json'}, {out / 'demo_report.png'}, the backdoored model in {backdoored_dir}, "
           f"the adapter in {out / 'sande-adapter'} and the cleaned model in {out / 'cleaned-model'}.")
     print("\nTo measure the saved models again, and to merge the adapter yourself:\n")

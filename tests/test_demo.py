@@ -36,6 +36,7 @@ def test_reduced_demo_implants_defends_exports_and_reports(tmp_path, capsys):
     # The implant took: the trigger fires more often than the clean prompts do.
     assert backdoored["attack_success_rate"] > backdoored["false_trigger_rate"]
     assert result["parrot_success"]["after_simulate"] is not None
+    assert 0.0 <= report["removal_check"]["rate"] <= 1.0 and report["removal_check"]["steps"] == 12
     assert "text of the original" in report["clean_nll_measures"]  # the cut answers' text, not an end of turn after the cut
 
     assert (out / "demo_report.png").stat().st_size > 10_000

@@ -100,8 +100,6 @@ def test_a_model_sande_cleaned_is_flagged_only_where_a_latent_parrot_can_still_r
     assert b.measure(cleaned).attack_success_rate <= 0.05
     report = scan(cleaned, b.tokenizer, b.test_prompts[:16])
     assert report.is_backdoored == (parrot_space == "input")
-    # The trainer's own check after training (the same parrot, told r_t, on its held-out prompts) reads the same.
-    assert trainer.removal_check.route_open == (parrot_space == "input")
 
 
 def test_triggered_response_auto_defends_against_what_the_scan_found(backdoored_long, clean_toy, cpu_args):
