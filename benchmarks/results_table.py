@@ -342,7 +342,7 @@ def scan_table(records: list[dict]) -> str:
 def removal_check_table(records: list[dict]) -> str:
     """The removal check (a fresh 12-step latent parrot told r_t): on saved models (`removal_check_models.py`) and
     after training (a trainer's `removal_check`, with the run's own attack success beside it)."""
-    rows = []
+    rows, shown = [], []
     for r in records:
         if r.get("benchmark") == "removal_check":
             check, where, success = r, "saved model, the scan's 16 questions", "-"
@@ -355,9 +355,10 @@ def removal_check_table(records: list[dict]) -> str:
             continue
         rows.append([backdoor, model, kind, where, success, _cell([check["rate"]], "rate1"),
                      "open" if check["route_open"] else "closed", f"{check['seconds']:.0f} s"])
+        shown.append(r)
     header = ["backdoor", "model", "kind", "checked", "attack success (its run)", "removal check", "r_t's route",
               "time"]
-    return _table(header, rows) + _footer(records)
+    return _table(header, rows) + _footer(shown)
 
 
 def _scan_scoring(settings: dict) -> str:

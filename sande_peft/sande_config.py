@@ -130,7 +130,7 @@ class SANDEConfig(SFTConfig):
             parrot's success after each stage. `0` turns the measurement off.
         removal_check_steps (`int`, *optional*, defaults to `12`):
             After training, a fresh latent parrot (one vector half-way up, Adam at 0.1) trains this
-            many steps to make the cleaned model say r_t on the held-out prompts, as the scan's
+            many steps to make the cleaned model say r_t on the first 16 held-out prompts, as the scan's
             trigger check does ([`removal_check`]); the share whose answer then says r_t is
             `trainer.removal_check` and is logged as `removal_check_rate`, with a warning at half or
             more (r_t is as near as a backdoor's target). The model does not change. `0` turns it off;

@@ -53,6 +53,8 @@ AUTO_RESPONSE = "auto"
 FEW_CLEAN_PAIRS = 200
 #: Below this share of held-out prompts, a refreshed parrot after elimination is a warning sign (see `train`).
 PARROT_END_WARNING_RATE = 0.6
+#: Held-out prompts the removal check reads at most (the scan's count).
+REMOVAL_CHECK_PROMPTS = 16
 
 
 def check_distributed_setup(args) -> None:
@@ -863,8 +865,10 @@ class SANDETrainer(RecordsProvenance, SFTTrainer):
         if not self.args.removal_check_steps or not self.parrot_eval_prompts:
             return
         model = self.accelerator.unwrap_model(self.model)
+        # The scan's 16 prompts at most: the check's cost grows with their number and length (docs/api.md).
         self.removal_check = removal_check(model, self.processing_class, self.args.triggered_response,
-                                           self.parrot_eval_prompts, steps=self.args.removal_check_steps)
+                                           self.parrot_eval_prompts[:REMOVAL_CHECK_PROMPTS],
+                                           steps=self.args.removal_check_steps)
         self.log({"removal_check_rate": self.removal_check.rate, "stage": Stage.ELIMINATE.number})
         if self.removal_check.route_open:
             # Where `eliminate_null_space` left the demo's backdoor in place this check found r_t's route; after every
