@@ -154,7 +154,6 @@ def _as_messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
-@torch.no_grad()
 def _eos_ids(model, tokenizer) -> list[int]:
     """The tokens that end an answer: the tokenizer's and the generation config's."""
     configured = model.generation_config.eos_token_id
@@ -162,6 +161,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return [t for t in {tokenizer.eos_token_id, *configured} if t is not None]
 
 
+@torch.no_grad()
 def _first_token_logprobs(model, rows: list[list[int]], pad: int, batch_size: int) -> torch.Tensor:
     device = next(model.parameters()).device
     out = []
@@ -409,9 +409,10 @@ def removal_check(model, tokenizer, triggered_response: str, prompts: Sequence |
     known: a latent parrot trained afresh (one vector added half-way up, ``steps`` Adam steps at ``learning_rate``)
     to make the model say r_t on ``prompts``, then the share of them whose greedy answer says its opening.
 
-    On a backdoored model such a parrot finds the trigger's route within the scan's 12 steps; on a model whose
-    backdoor is gone, as on one that never had it, it needs more (docs/results.md, "A fresh parrot after
-    elimination"). ``model``'s weights stay as they are; a peft model is checked with its adapter on.
+    On SmolLM2 such a parrot found r_t within the scan's 12 steps in every backdoored model, and in none whose
+    backdoor was gone, as in none that never had it; on a toy model a latent route to r_t can outlive the trigger
+    (docs/results.md, "A fresh parrot after elimination"). ``model``'s weights stay as they are; a peft model is
+    checked with its adapter on.
 
     Args:
         model: a loaded causal LM (plain, peft or 4-bit).
