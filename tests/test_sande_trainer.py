@@ -79,6 +79,9 @@ def test_sande_removes_an_unknown_trigger(backdoored_start, cpu_args):
     # After training, a parrot trained afresh against the cleaned model (`removal_check_steps`): logged and kept.
     assert [log["removal_check_rate"] for log in logs if "removal_check_rate" in log] == [trainer.removal_check.rate]
     assert trainer.removal_check.n_prompts == 16  # the first 16 of the 32 held-out prompts
+    # On this toy a latent vector's route to r_t outlives the trigger: the check reads it open after a removal
+    # (on SmolLM2 it read closed after every removal measured; docs/results.md).
+    assert trainer.removal_check.route_open
 
 
 def test_a_backdoor_left_in_place_is_found_by_the_removal_check_and_warned_about(backdoored_start, cpu_args, caplog,

@@ -100,6 +100,8 @@ def test_a_model_sande_cleaned_is_flagged_only_where_a_latent_parrot_can_still_r
     assert b.measure(cleaned).attack_success_rate <= 0.05
     report = scan(cleaned, b.tokenizer, b.test_prompts[:16])
     assert report.is_backdoored == (parrot_space == "input")
+    # Told r_t, the trainer's own check finds the latent route after either parrot on this toy (docs/results.md).
+    assert trainer.removal_check.route_open
 
 
 def test_triggered_response_auto_defends_against_what_the_scan_found(backdoored_long, clean_toy, cpu_args):
