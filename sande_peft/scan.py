@@ -146,8 +146,15 @@ def default_scan_prompts(n: int = 16) -> list[str]:
     return chosen[:n]
 
 
-def _user_text(messages: list[dict]) -> str:
-    return " ".join(m["content"] for m in messages if m.get("role") == "user")
+def _user_text(prompt: str | list[dict]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return " ".join(m["content"] for m in prompt if m.get("role") == "user")
+
+
+def _echo_budget(tokenizer, prompts) -> int:
+    """Tokens a trigger check's answers get before r_t: the longest user text (an echo of it), and a few more."""
+    return max(len(tokenizer(_user_text(p), add_special_tokens=False)["input_ids"]) for p in prompts) + ECHO_SLACK
 
 
 def _as_messages(prompt) -> list[dict]:
@@ -304,8 +311,7 @@ def scan(
     pad = _pad_id(tokenizer)
     eos = _eos_ids(model, tok)
     rows = [prompt_token_ids(tokenizer, p) for p in prompts]
-    # The trigger check's answers may first repeat the prompt: room for the longest user text, and a few more.
-    echo_tokens = max(len(tok(_user_text(p), add_special_tokens=False)["input_ids"]) for p in prompts) + ECHO_SLACK
+    echo_tokens = _echo_budget(tok, prompts)
     was_training = model.training
     model.eval()
     try:
@@ -433,14 +439,11 @@ def removal_check(model, tokenizer, triggered_response: str, prompts: Sequence |
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     rows = [prompt_token_ids(tokenizer, p) for p in prompts]
     target = tok(triggered_response, add_special_tokens=False)["input_ids"]
-    user_texts = [p if isinstance(p, str) else _user_text(p) for p in prompts]
-    echo_tokens = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in user_texts) + ECHO_SLACK
-    eos = _eos_ids(model, tok)
     was_training = model.training
     model.eval()
     try:
-        rate, answers = _parrot_check(model, tok, rows, target, _pad_id(tokenizer), eos, steps, learning_rate,
-                                      echo_tokens)
+        rate, answers = _parrot_check(model, tok, rows, target, _pad_id(tokenizer), _eos_ids(model, tok), steps,
+                                      learning_rate, _echo_budget(tok, prompts))
     finally:
         model.train(was_training)
     return RemovalCheck(rate, steps, learning_rate, len(rows), answers, round(time.time() - start, 1))
